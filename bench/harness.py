@@ -1,0 +1,251 @@
+"""Shared benchmark harness: timing, peak memory, peers, and reports (table of ratios, JSON, PNG).
+
+A benchmark script defines cases and hands them to :func:`run_cases`::
+
+    cases = [Case("naive torch", setup_naive), Case("moca triton", setup_ours)]
+    run_cases("masked_patch_loss fwd+bwd", cases, flops=..., bytes_moved=..., baseline="naive torch")
+
+``setup()`` allocates inputs and returns a zero-argument function that does the timed work. Each case runs
+in isolation: its inputs are freed before the next case, peak memory is measured above what was allocated
+after setup, and a case that fails (out of memory, peer missing) is reported with its reason, not dropped.
+
+Timing: CUDA events around each call after warm-up, median and 20th/80th percentiles (on CPU a wall clock,
+for smoke runs only). Benchmarks are never run by the test suite's assertions on timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Case:
+    name: str
+    setup: Callable[[], Callable[[], object]]
+    note: str = ""
+
+
+@dataclass
+class Result:
+    name: str
+    median_ms: Optional[float] = None
+    p20_ms: Optional[float] = None
+    p80_ms: Optional[float] = None
+    peak_extra_gib: Optional[float] = None
+    tflops: Optional[float] = None
+    gbps: Optional[float] = None
+    error: Optional[str] = None
+    note: str = ""
+
+
+@dataclass
+class Report:
+    title: str
+    device: str
+    shape: Dict[str, object]
+    flops: Optional[float]
+    bytes_moved: Optional[float]
+    baseline: Optional[str]
+    results: List[Result] = field(default_factory=list)
+    env: Dict[str, str] = field(default_factory=dict)
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def environment() -> Dict[str, str]:
+    env = {"torch": torch.__version__, "python": platform.python_version()}
+    for mod in ("triton", "transformers", "liger_kernel", "cut_cross_entropy", "inf_cl"):
+        try:
+            m = importlib.import_module(mod)
+            env[mod] = getattr(m, "__version__", "installed")
+        except Exception:
+            pass
+    if torch.cuda.is_available():
+        env["cuda"] = str(torch.version.cuda)
+    return env
+
+
+def peer(module: str) -> Optional[str]:
+    """None when ``module`` imports, else the reason it does not (to report instead of a number)."""
+    try:
+        importlib.import_module(module)
+        return None
+    except Exception as exc:
+        return f"{module} not available ({type(exc).__name__}: {str(exc)[:120]})"
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], warmup: int = 5, rep: int = 30, max_seconds: float = 20.0) -> List[float]:
+    """Per-call milliseconds of ``fn`` after warm-up (CUDA events on GPU, wall clock on CPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync()
+    times = []
+    start_all = time.perf_counter()
+    for _ in range(rep):
+        if torch.cuda.is_available():
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() - start_all > max_seconds and len(times) >= 3:
+            break
+    return times
+
+
+def measure(case: Case, warmup: int, rep: int, flops: Optional[float], bytes_moved: Optional[float]) -> Result:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    res = Result(case.name, note=case.note)
+    try:
+        fn = case.setup()
+        _sync()
+        # one call to compile / autotune before the memory measurement
+        fn()
+        _sync()
+        if torch.cuda.is_available():
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            _sync()
+            res.peak_extra_gib = (torch.cuda.max_memory_allocated() - base) / 2**30
+        times = time_fn(fn, warmup, rep)
+        res.median_ms = statistics.median(times)
+        qs = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+        res.p20_ms, res.p80_ms = qs[0], qs[3]
+        if flops:
+            res.tflops = flops / (res.median_ms * 1e-3) / 1e12
+        if bytes_moved:
+            res.gbps = bytes_moved / (res.median_ms * 1e-3) / 1e9
+    except Exception as exc:  # report, never drop
+        msg = f"{type(exc).__name__}: {exc}"
+        res.error = msg.splitlines()[0][:200]
+    finally:
+        fn = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return res
+
+
+def run_cases(title: str, cases: List[Case], *, shape: Dict[str, object], flops: Optional[float] = None,
+              bytes_moved: Optional[float] = None, baseline: Optional[str] = None, warmup: int = 5,
+              rep: int = 30, out: Optional[Path] = None, tag: Optional[str] = None) -> Report:
+    """Measure every case, print a table with ratios against ``baseline``, save JSON and a PNG."""
+    report = Report(title, device_name(), shape, flops, bytes_moved, baseline, env=environment())
+    for case in cases:
+        r = measure(case, warmup, rep, flops, bytes_moved)
+        report.results.append(r)
+        print(f"  {case.name:<42s} " + (f"{r.median_ms:9.3f} ms" if r.median_ms is not None else f"-- {r.error}"),
+              flush=True)
+    print(format_table(report))
+    save(report, out, tag)
+    return report
+
+
+def format_table(report: Report) -> str:
+    base = next((r for r in report.results if r.name == report.baseline and r.median_ms), None)
+    lines = [f"\n{report.title} on {report.device}  " + ", ".join(f"{k}={v}" for k, v in report.shape.items())]
+    head = f"| {'case':<40} | {'median ms':>9} | {'p20-p80 ms':>15} | {'TFLOP/s':>7} | {'GB/s':>7} | {'extra GiB':>9} | {'speed-up':>8} |"
+    lines += [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+    for r in report.results:
+        if r.median_ms is None:
+            lines.append(f"| {r.name:<40} | {'--':>9} | {'':>15} | {'':>7} | {'':>7} | {'':>9} | {'':>8} | {r.error}")
+            continue
+        speed = f"{base.median_ms / r.median_ms:.2f}x" if base else ""
+        lines.append(
+            f"| {r.name:<40} | {r.median_ms:9.3f} | {r.p20_ms:6.3f}-{r.p80_ms:<8.3f} | "
+            f"{(f'{r.tflops:.0f}' if r.tflops else ''):>7} | {(f'{r.gbps:.0f}' if r.gbps else ''):>7} | "
+            f"{(f'{r.peak_extra_gib:.2f}' if r.peak_extra_gib is not None else ''):>9} | {speed:>8} |")
+    return "\n".join(lines)
+
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in s.lower()).strip("-").replace("--", "-")
+
+
+def save(report: Report, out: Optional[Path] = None, tag: Optional[str] = None) -> Path:
+    out = Path(out) if out else RESULTS_DIR / ("scratch" if not torch.cuda.is_available() else _slug(report.device))
+    out.mkdir(parents=True, exist_ok=True)
+    stem = _slug(tag or report.title)
+    path = out / f"{stem}.json"
+    path.write_text(json.dumps(asdict(report), indent=2))
+    try:
+        _plot(report, out / f"{stem}.png")
+    except Exception as exc:  # matplotlib missing or headless trouble: the JSON still stands
+        print(f"  (no plot: {exc})")
+    return path
+
+
+def _plot(report: Report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in report.results if r.median_ms is not None]
+    if not ok:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(ok) + 1.8))
+    names = [r.name for r in ok]
+    axes[0].barh(names, [r.median_ms for r in ok], xerr=[[r.median_ms - r.p20_ms for r in ok],
+                                                         [r.p80_ms - r.median_ms for r in ok]], color="tab:blue")
+    axes[0].set_xlabel("median ms (lower is better)")
+    axes[0].invert_yaxis()
+    mem = [r.peak_extra_gib or 0.0 for r in ok]
+    axes[1].barh(names, mem, color="tab:orange")
+    axes[1].set_xlabel("peak extra memory, GiB")
+    axes[1].invert_yaxis()
+    axes[1].set_yticklabels([])
+    fig.suptitle(f"{report.title}\n{report.device}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def common_args(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="headline shape only, fewer repetitions")
+    p.add_argument("--out", type=Path, default=None, help="directory for JSON and PNG (default bench/results/<device>)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rep", type=int, default=30)
+    return p
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def floor_ms(flops: float = 0.0, bytes_moved: float = 0.0, tflops_peak: float = 738.0, tbps_peak: float = 3.0) -> float:
+    """max(compute, memory) time at the H100 ceilings of DESIGN.md section 4, in ms."""
+    return max(flops / (tflops_peak * 1e12), bytes_moved / (tbps_peak * 1e12)) * 1e3 if (flops or bytes_moved) else math.nan

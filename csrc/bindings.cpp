@@ -1,0 +1,30 @@
+// pybind11 bindings of moca_kernels._C. No torch headers: Python passes data_ptr() integers, sizes, strides,
+// dtype codes (moca_kernels/_ext.py) and torch.cuda.current_stream().cuda_stream.
+#include <pybind11/pybind11.h>
+
+#include <cuda_runtime.h>
+
+#include "kernels.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "moca_kernels CUDA C++ kernels (torch-free launchers; see moca_kernels/_ext.py)";
+
+  m.def("error_string", [](int code) { return std::string(cudaGetErrorString(static_cast<cudaError_t>(code))); },
+        "Text of a cudaError_t code.");
+  m.def("runtime_version", []() {
+    int v = 0;
+    cudaRuntimeGetVersion(&v);
+    return v;
+  }, "CUDA runtime version the extension was built against (e.g. 13000).");
+
+  m.def("masked_patch_loss_fwd", &moca::masked_patch_loss_fwd, py::arg("pred"), py::arg("target"), py::arg("mask"),
+        py::arg("count"), py::arg("grad"), py::arg("row_loss"), py::arg("N"), py::arg("P"), py::arg("stride_pred"),
+        py::arg("stride_target"), py::arg("stride_grad"), py::arg("dtype"), py::arg("eps"), py::arg("norm_pix"),
+        py::arg("write_grad"), py::arg("stream"),
+        "Per-row masked patch loss (divided by count * P) and optionally the fused gradient of pred.");
+  m.def("masked_patch_loss_scale_grad", &moca::masked_patch_loss_scale_grad, py::arg("grad"),
+        py::arg("grad_output"), py::arg("mask"), py::arg("N"), py::arg("P"), py::arg("stride_grad"),
+        py::arg("dtype"), py::arg("stream"), "grad *= grad_output on counted rows (no-op when grad_output == 1).");
+}

@@ -1,0 +1,120 @@
+"""Plain-PyTorch versions of every public op: CPU fallback, test oracle and benchmark baseline.
+
+Kept short and obviously right. They compute in float32 (float64 when given float64, for oracle runs), return
+losses as float32 (float64) scalars and outputs in the input dtype, and differentiate through autograd.
+Inputs are assumed valid: the public ops in ``moca_kernels`` check them first.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ._checks import compute_dtype
+
+
+def masked_attention(q, k, v, mask, scale: Optional[float] = None, return_lse: bool = False):
+    """softmax(q k^T * scale + mask) v, per document of ``mask`` (an AttentionMask).
+
+    q [T, Hq, D], k and v [T, Hkv, D] -> out [T, Hq, D] (input dtype), lse [Hq, T] (float32, float64 for float64).
+    Query head h reads key/value head h // (Hq // Hkv).
+    """
+    cd = compute_dtype(q, k, v)
+    T, Hq, D = q.shape
+    group = Hq // k.shape[1]
+    scale = D ** -0.5 if scale is None else scale
+    outs, lses = [], []
+    end = 0
+    for length in mask.seqlens:
+        start, end = end, end + length
+        if length == 0:
+            continue
+        qd = q[start:end].to(cd).transpose(0, 1)                                   # [Hq, L, D]
+        kd = k[start:end].to(cd).transpose(0, 1).repeat_interleave(group, dim=0)   # [Hq, L, D]
+        vd = v[start:end].to(cd).transpose(0, 1).repeat_interleave(group, dim=0)
+        scores = (qd @ kd.transpose(1, 2)) * scale                                  # [Hq, L, L]
+        if mask.causal:
+            allowed = _doc_mask(mask, start, end).to(q.device)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)                                       # [Hq, L]
+        outs.append((torch.exp(scores - lse[..., None]) @ vd).transpose(0, 1))      # [L, Hq, D]
+        lses.append(lse)
+    out = torch.cat(outs, 0).to(q.dtype)
+    return (out, torch.cat(lses, 1)) if return_lse else out
+
+
+def _doc_mask(mask, start: int, end: int) -> torch.Tensor:
+    """bool [L, L] of one document under the causal (+ blocks) rule."""
+    idx = torch.arange(end - start, device=mask.device)
+    allowed = idx[None, :] <= idx[:, None]
+    if mask.block_ids is not None:
+        b = mask.block_ids[start:end]
+        allowed = allowed | ((b[:, None] == b[None, :]) & (b[:, None] >= 0))
+    return allowed
+
+
+def masked_patch_loss(pred, target, mask=None, norm_pix: bool = False, eps: float = 1e-6):
+    """Mean over counted rows and P of (pred - t)^2; t = target, or per row (target - mean) / sqrt(var + eps)
+    with the unbiased variance (MAE's norm_pix_loss).
+
+    pred, target [N, P]; mask bool [N] (True = counted) or None (all rows). No counted row: 0.
+    """
+    cd = compute_dtype(pred, target)
+    p, t = pred.to(cd), target.to(cd)
+    if norm_pix:
+        t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True, unbiased=True) + eps).sqrt()
+    per_row = (p - t).pow(2).mean(-1)                                               # [N]
+    if mask is None:
+        return per_row.mean()
+    w = mask.to(cd)
+    return (per_row * w).sum() / w.sum().clamp(min=1)
+
+
+def masked_token_loss(hidden, weight, labels, bias=None, ignore_index: int = -100, reduction: str = "mean",
+                      chunk_size: int = 2048):
+    """Cross-entropy of hidden @ weight.T (+ bias) over the vocabulary at rows whose label != ignore_index.
+
+    hidden [N, H], weight [V, H], labels [N] int, bias [V] or None. reduction "mean" (over counted rows; 0 when
+    none), "sum", or "none" ([N], 0 at ignored rows). The logits are formed ``chunk_size`` rows at a time and
+    recomputed in backward (checkpointing), so [N, V] is never held at once.
+    """
+    cd = compute_dtype(hidden, weight, bias)
+    N = hidden.shape[0]
+    keep = (labels != ignore_index).nonzero().squeeze(1)
+    per_row = torch.zeros(N, dtype=cd, device=hidden.device)
+
+    def chunk_loss(h, w, b, y):
+        logits = h.to(cd) @ w.to(cd).T
+        if b is not None:
+            logits = logits + b.to(cd)
+        return F.cross_entropy(logits, y.long(), reduction="none")
+
+    parts = []
+    for s in range(0, keep.numel(), chunk_size):
+        rows = keep[s:s + chunk_size]
+        args = (hidden[rows], weight, bias, labels[rows])
+        grad_needed = torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args[:3])
+        parts.append(checkpoint(chunk_loss, *args, use_reentrant=False) if grad_needed else chunk_loss(*args))
+    if parts:
+        per_row = per_row.index_put((keep,), torch.cat(parts))
+    else:  # keep the graph connected so backward gives zero gradients
+        per_row = per_row + 0.0 * hidden.sum() + 0.0 * weight.sum() + (0.0 * bias.sum() if bias is not None else 0.0)
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    return total if reduction == "sum" else total / max(keep.numel(), 1)
+
+
+def info_nce(query, doc, temperature=0.03, positive_index=None):
+    """mean_i( logsumexp_j(q_i . d_j / t) - q_i . d_pos(i) / t ).
+
+    query [B, D], doc [M, D], positive_index [B] int into doc (default arange(B)), temperature float or tensor.
+    """
+    cd = compute_dtype(query, doc)
+    logits = (query.to(cd) @ doc.to(cd).T) / (temperature.to(cd) if torch.is_tensor(temperature) else temperature)
+    B = query.shape[0]
+    pos = torch.arange(B, device=query.device) if positive_index is None else positive_index.long()
+    return (torch.logsumexp(logits, dim=1) - logits[torch.arange(B, device=query.device), pos]).mean()

@@ -1,0 +1,36 @@
+"""Test setup: Triton runs interpreted on CPU-only machines; GPU tests are marked and skipped without CUDA.
+
+TRITON_INTERPRET must be set before any Triton kernel module is imported (triton reads it when a kernel is
+decorated), so it is set here, at collection, and only when no GPU is present.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests choose backends explicitly; a developer's MOCA_KERNELS_IMPL must not change what they test.
+os.environ.pop("MOCA_KERNELS_IMPL", None)
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    """The device kernel tests run on: cuda when present, else cpu (Triton interpreted)."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
