@@ -1,17 +1,25 @@
 """masked_token_loss: cross-entropy of hidden @ weight.T (+ bias) over the vocabulary at masked positions.
 
-The torch backend is ``reference.masked_token_loss`` (chunked, checkpointed). Fast backends: see its issue.
+MoCa's Stage 1 predicts each masked token at its own position through the LM head (V = 151936 for Qwen2.5-VL).
+The fused backend never materialises the [N, V] logits: rows whose label is ``ignore_index`` are dropped
+first (they cost nothing), a Triton forward keeps an online log-sum-exp per row over vocabulary tiles, and
+the backward recomputes the logit tiles from the saved log-sum-exp, one vocabulary chunk at a time
+(``masked_token_loss_triton`` explains the passes and the memory). The torch backend is
+``reference.masked_token_loss`` (chunked and checkpointed, so also O(chunk x V) memory).
+
+The fused op is a ``torch.library.custom_op`` (forward and backward each), so ``torch.compile`` traces
+through it; the reduction is plain torch on its per-row output.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from .. import reference
-from .._checks import check_float, check_int, check_ndim, check_same_device, check_tensor
-from ..dispatch import Backend, Op
+from .._checks import KERNEL_DTYPES, check_float, check_int, check_ndim, check_same_device
+from ..dispatch import Backend, Op, triton_reasons
 
 _NAME = "masked_token_loss"
 _REDUCTIONS = ("mean", "sum", "none")
@@ -22,23 +30,35 @@ def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
                       impl: Optional[str] = None) -> torch.Tensor:
     """Cross-entropy of the LM head's logits at rows whose label is not ``ignore_index``.
 
+    loss[r] = logsumexp_v(logits[r, v]) - logits[r, labels[r]],  logits = hidden @ weight.T (+ bias),
+    for every counted row r (labels[r] != ignore_index); the [N, V] logits are never held whole.
+
     Args:
-        hidden: [N, H] float32 / float16 / bfloat16, final hidden states.
-        weight: [V, H], same dtype, the LM head (may be tied to the input embedding).
-        labels: [N] integer, the token to predict per row, or ``ignore_index``.
-        bias: [V] or None.
-        reduction: "mean" over counted rows (0 when none), "sum", or "none" ([N] float32, 0 at ignored rows).
-        impl: "cuda", "triton", "torch" or None (automatic).
+        hidden: [N, H] float32 / float16 / bfloat16, final hidden states (any strides).
+        weight: [V, H], same dtype as hidden on the triton backend, the LM head. It may be tied to the input
+            embedding (its gradient adds to the embedding's through autograd) and may be a view with any
+            strides (e.g. the transpose of an [H, V] tensor).
+        labels: [N] integer, the token to predict at each row, or ``ignore_index``. Any other value outside
+            [0, V) raises ValueError.
+        bias: [V] float or None.
+        ignore_index: label value of rows that are skipped (not counted, zero gradient).
+        reduction: "mean" over counted rows, "sum", or "none" ([N], 0 at ignored rows).
+        impl: "triton", "torch" or None (automatic: triton on CUDA tensors, torch otherwise).
 
     Returns:
-        float32 scalar (or [N] with reduction="none"); with every label ignored the loss is 0 and gradients 0.
+        float32 scalar, or float32 [N] with reduction="none" (float64 on the torch backend for float64
+        inputs). With every label ignored the loss is 0 (also for "mean") and every gradient is 0, never NaN.
+
+    Gradients flow to hidden, weight and bias, accumulated in float32. The triton backend needs one host
+    synchronisation per forward and per backward (to count the rows and check the labels).
     """
-    _validate(hidden, weight, labels, bias, ignore_index, reduction)
+    _validate(hidden, weight, labels, bias, reduction)
     return _OP(impl, hidden=hidden, weight=weight, labels=labels, bias=bias, ignore_index=int(ignore_index),
                reduction=reduction)
 
 
-def _validate(hidden, weight, labels, bias, ignore_index, reduction) -> None:
+def _validate(hidden, weight, labels, bias, reduction) -> None:
+    """Checks that need no look at the data (the label range is checked where the labels are read)."""
     check_float("hidden", hidden, _NAME)
     check_float("weight", weight, _NAME)
     check_int("labels", labels, _NAME)
@@ -58,13 +78,150 @@ def _validate(hidden, weight, labels, bias, ignore_index, reduction) -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{_NAME}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     check_same_device(_NAME, hidden=hidden, weight=weight, labels=labels, bias=bias)
+
+
+def _check_label_range(counted_labels: torch.Tensor, V: int, ignore_index: int) -> None:
+    """ValueError naming the first counted label outside [0, V) (one host synchronisation)."""
+    bad = (counted_labels < 0) | (counted_labels >= V)
+    if bool(bad.any()):
+        first = counted_labels[bad][0].item()
+        raise ValueError(f"{_NAME}: label {first} is outside the vocabulary [0, {V}) and is not "
+                         f"ignore_index={ignore_index}")
+
+
+def _reduce(row_loss: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return row_loss
+    total = row_loss.sum()
+    if reduction == "sum":
+        return total
+    return total / (labels != ignore_index).sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fused op (triton) as torch.library custom ops, so torch.compile sees through it.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moca_kernels::masked_token_loss_fwd", mutates_args=())
+def _fused_fwd(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor],
+               ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Returns (loss per row float32 [N], 0 at ignored rows; lse per row float32 [N], 0 at ignored rows)."""
+    from . import masked_token_loss_triton as kernels
+
+    N = hidden.shape[0]
     V = weight.shape[0]
-    counted = labels[labels != ignore_index]
-    if counted.numel() and bool(((counted < 0) | (counted >= V)).any()):  # one host sync
-        bad = counted[(counted < 0) | (counted >= V)][0].item()
-        raise ValueError(f"{_NAME}: label {bad} is outside the vocabulary [0, {V}) and is not ignore_index={ignore_index}")
+    keep = (labels != ignore_index).nonzero().squeeze(1)  # host sync: the grid depends on the count
+    n = keep.numel()
+    row_loss = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+    lse_rows = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+    if n == 0:
+        return row_loss, lse_rows
+    every_row = n == N
+    counted_labels = labels if every_row else labels.index_select(0, keep)
+    _check_label_range(counted_labels, V, ignore_index)
+    h = hidden if every_row else hidden.index_select(0, keep)
+    lse, target = kernels.lse_forward(h, weight, bias, counted_labels.to(torch.int32).contiguous())
+    if every_row:
+        return lse - target, lse.contiguous()
+    row_loss.index_copy_(0, keep, lse - target)
+    lse_rows.index_copy_(0, keep, lse)
+    return row_loss, lse_rows
+
+
+@_fused_fwd.register_fake
+def _(hidden, weight, labels, bias, ignore_index):
+    N = hidden.shape[0]
+    return hidden.new_empty(N, dtype=torch.float32), hidden.new_empty(N, dtype=torch.float32)
+
+
+@torch.library.custom_op("moca_kernels::masked_token_loss_bwd", mutates_args=())
+def _fused_bwd(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+               bias: Optional[torch.Tensor], lse: torch.Tensor, ignore_index: int, need_hidden: bool,
+               need_weight: bool, need_bias: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (d hidden [N, H], d weight [V, H], d bias [V]); an empty tensor for each one not asked for."""
+    from . import masked_token_loss_triton as kernels
+
+    N, H = hidden.shape
+    V = weight.shape[0]
+    keep = (labels != ignore_index).nonzero().squeeze(1)  # host sync
+    n = keep.numel()
+    need_bias = need_bias and bias is not None
+    if n == 0:  # nothing counted: zero gradients
+        dh = torch.zeros(N, H, dtype=hidden.dtype, device=hidden.device) if need_hidden else hidden.new_empty(0)
+        dw = torch.zeros(V, H, dtype=weight.dtype, device=weight.device) if need_weight else weight.new_empty(0)
+        db = torch.zeros(V, dtype=bias.dtype, device=bias.device) if need_bias else hidden.new_empty(0)
+        return dh, dw, db
+    every_row = n == N
+
+    def counted(t):
+        return t if every_row else t.index_select(0, keep)
+
+    dh_c, dw, db = kernels.backward(
+        counted(grad_rows).to(torch.float32).contiguous(), counted(hidden), weight, bias,
+        counted(labels).to(torch.int32).contiguous(), counted(lse).contiguous(), need_hidden, need_weight, need_bias)
+    if not need_hidden:
+        dh = hidden.new_empty(0)
+    elif every_row:
+        dh = dh_c
+    else:
+        dh = torch.zeros(N, H, dtype=hidden.dtype, device=hidden.device)
+        dh.index_copy_(0, keep, dh_c)
+    dw = dw if need_weight else weight.new_empty(0)
+    db = db.to(bias.dtype) if need_bias else hidden.new_empty(0)
+    return dh, dw, db
+
+
+@_fused_bwd.register_fake
+def _(grad_rows, hidden, weight, labels, bias, lse, ignore_index, need_hidden, need_weight, need_bias):
+    dh = hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0)
+    dw = weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)
+    db = bias.new_empty(bias.shape) if (need_bias and bias is not None) else hidden.new_empty(0)
+    return dh, dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, labels, bias, ignore_index = inputs
+    ctx.ignore_index = ignore_index
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(hidden, weight, labels, bias, output[1])
+
+
+def _backward(ctx, grad_rows, _grad_lse):
+    hidden, weight, labels, bias, lse = ctx.saved_tensors
+    need_hidden, need_weight, _, need_bias = ctx.needs_input_grad[:4]
+    dh, dw, db = _fused_bwd(grad_rows, hidden, weight, labels, bias, lse, ctx.ignore_index,
+                            bool(need_hidden), bool(need_weight), bool(need_bias and bias is not None))
+    return (dh if need_hidden else None, dw if need_weight else None, None,
+            db if (need_bias and bias is not None) else None, None)
+
+
+torch.library.register_autograd("moca_kernels::masked_token_loss_fwd", _backward, setup_context=_setup_context)
+
+
+def _run_triton(hidden, weight, labels, bias, ignore_index, reduction):
+    row_loss, _ = _fused_fwd(hidden, weight, labels, bias, ignore_index)
+    return _reduce(row_loss, labels, ignore_index, reduction)
+
+
+def _triton_reasons(hidden, weight, labels, bias, ignore_index, reduction):
+    why = triton_reasons(hidden, weight, labels, bias)
+    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in KERNEL_DTYPES:
+            why.append(f"{name} is {t.dtype}; the fused kernels take float32, float16 and bfloat16")
+    if hidden.dtype != weight.dtype:
+        why.append(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) differ in dtype; the fused kernels take one")
+    return why
+
+
+def _run_torch(hidden, weight, labels, bias, ignore_index, reduction):
+    if not torch.compiler.is_compiling():
+        _check_label_range(labels[labels != ignore_index], weight.shape[0], ignore_index)
+    return reference.masked_token_loss(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
+                                       reduction=reduction)
 
 
 _OP = Op(_NAME, [
-    Backend("torch", lambda **_: [], reference.masked_token_loss),
+    Backend("triton", _triton_reasons, _run_triton),
+    Backend("torch", lambda **_: [], _run_torch),
 ])
