@@ -1,0 +1,143 @@
+"""Records -> samples: tokenise interleaved text and images into one sequence with Qwen's vision tokens.
+
+A record is a dict with ``content``: a list of segments, each ``{"text": str}`` or ``{"image": path}``
+(relative paths are resolved against the record file's folder). Shorthands: ``{"text": ...}``,
+``{"image": ...}``, or both (image first, then text). An image becomes
+``<|vision_start|> <|image_pad|> x n <|vision_end|>`` with n = its merged tokens; the sample ends with
+``<|endoftext|>``.
+
+Problems with a record raise :class:`BadRecord` naming it; the loaders count and skip those when asked.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+from .batch import Sample
+from .images import ImageSpec, load_image, preprocess_image
+from .tokenizer import load_tokenizer, never_masked_ids, special_ids
+
+
+class BadRecord(ValueError):
+    """A record that cannot be used; ``reason`` is a short category for the skip counts."""
+
+    def __init__(self, record_id: str, message: str, reason: str):
+        super().__init__(f"record {record_id}: {message}")
+        self.record_id, self.reason = record_id, reason
+
+
+def segments_of(record: dict, record_id: str) -> List[dict]:
+    """The record's content as a list of {"text"} / {"image"} segments (validated)."""
+    if not isinstance(record, dict):
+        raise BadRecord(record_id, f"expected a JSON object, got {type(record).__name__}", "malformed")
+    if "content" in record:
+        content = record["content"]
+        if not isinstance(content, list):
+            raise BadRecord(record_id, "'content' must be a list of {'text': ...} / {'image': ...} segments", "malformed")
+    else:
+        content = []
+        for key in ("image", "images"):
+            imgs = record.get(key)
+            if imgs:
+                content += [{"image": p} for p in ([imgs] if isinstance(imgs, str) else imgs)]
+        if record.get("text") is not None:
+            content.append({"text": record["text"]})
+    out = []
+    for i, seg in enumerate(content):
+        if not isinstance(seg, dict) or len(seg.keys() & {"text", "image"}) != 1:
+            raise BadRecord(record_id, f"segment {i} must have exactly one of 'text' or 'image', got {seg!r}"[:200],
+                            "malformed")
+        if "text" in seg and not isinstance(seg["text"], str):
+            raise BadRecord(record_id, f"segment {i}: text must be a string", "malformed")
+        if "image" in seg and not isinstance(seg["image"], (str, os.PathLike)):
+            raise BadRecord(record_id, f"segment {i}: image must be a path", "malformed")
+        out.append(seg)
+    if not any("text" in s and s["text"].strip() for s in out):
+        raise BadRecord(record_id, "has no text", "no_text")
+    return out
+
+
+class MocaProcessor:
+    """Tokenizer + image preprocessing of one model (the tiny default, or a checkpoint's own files).
+
+    Attributes:
+        tokenizer: a transformers fast tokenizer with ``<|mask|>``.
+        image_spec: :class:`ImageSpec`.
+        ids: role -> token id (endoftext, vision_start, vision_end, image_pad, video_pad, mask, ...).
+        never_masked: sorted ids that text masking must not touch.
+    """
+
+    def __init__(self, tokenizer, image_spec: ImageSpec):
+        self.tokenizer = tokenizer
+        self.image_spec = image_spec
+        self.ids = special_ids(tokenizer)
+        self.never_masked = never_masked_ids(tokenizer)
+
+    @classmethod
+    def tiny(cls, image_size: int = 112) -> "MocaProcessor":
+        """The shipped tiny tokenizer; images resized to about ``image_size`` squared pixels."""
+        area = image_size * image_size
+        return cls(load_tokenizer(None), ImageSpec(min_pixels=min(area, 56 * 56), max_pixels=area))
+
+    @classmethod
+    def from_pretrained(cls, path) -> "MocaProcessor":
+        """The tokenizer and image settings of a local checkpoint directory (or a moca save of the tiny model)."""
+        return cls(load_tokenizer(str(path)), ImageSpec.from_pretrained(path))
+
+    def save_pretrained(self, path) -> None:
+        import json
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(str(path))
+        (path / "preprocessor_config.json").write_text(json.dumps(self.image_spec.to_preprocessor_config(), indent=2))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def encode_text(self, text: str, record_id: str = "") -> List[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        bad = {self.ids["image_pad"], self.ids["video_pad"], self.ids["vision_start"], self.ids["vision_end"]} & set(ids)
+        if bad:
+            raise BadRecord(record_id, "text contains a vision placeholder token (<|image_pad|>, <|vision_start|>, ...)",
+                            "malformed")
+        return ids
+
+    def process(self, record: dict, record_id: str = "", root: Optional[Path] = None,
+                add_eos: bool = True) -> Sample:
+        """One record -> :class:`Sample`. Raises :class:`BadRecord` (missing/corrupt image, no text, ...)."""
+        segs = segments_of(record, record_id)
+        ids: List[int] = []
+        rows, grids = [], []
+        m2 = self.image_spec.merge_size ** 2
+        for seg in segs:
+            if "text" in seg:
+                ids += self.encode_text(seg["text"], record_id)
+                continue
+            p = Path(seg["image"])
+            if not p.is_absolute() and root is not None:
+                p = root / p
+            if not p.exists():
+                raise BadRecord(record_id, f"image file {p} does not exist", "missing_image")
+            try:
+                img = load_image(p)
+                px, grid = preprocess_image(img, self.image_spec)
+            except (OSError, ValueError, SyntaxError) as exc:
+                raise BadRecord(record_id, f"image {p} cannot be read ({type(exc).__name__}: {exc})"[:300],
+                                "corrupt_image") from exc
+            rows.append(px)
+            grids.append(grid)
+            n = px.shape[0] // m2
+            ids += [self.ids["vision_start"]] + [self.ids["image_pad"]] * n + [self.ids["vision_end"]]
+        if add_eos:
+            ids.append(self.ids["endoftext"])
+        return Sample(torch.tensor(ids, dtype=torch.long),
+                      torch.cat(rows) if rows else None,
+                      torch.tensor(grids, dtype=torch.long) if grids else None,
+                      record_id)
