@@ -108,13 +108,35 @@ def masked_token_loss(hidden, weight, labels, bias=None, ignore_index: int = -10
     return total if reduction == "sum" else total / max(keep.numel(), 1)
 
 
-def info_nce(query, doc, temperature=0.03, positive_index=None):
-    """mean_i( logsumexp_j(q_i . d_j / t) - q_i . d_pos(i) / t ).
+def info_nce(query, doc, temperature=0.03, positive_index=None, hard_negatives=0, hard_negative_scope="batch",
+             symmetric=False, doc_ids=None):
+    """mean_i( logsumexp_{j allowed} (q_i . d_j / t) - q_i . d_pos(i) / t ), dense logits, one process.
 
     query [B, D], doc [M, D], positive_index [B] int into doc (default arange(B)), temperature float or tensor.
+    Options (moca_kernels.info_nce has the full definitions): hard_negative_scope "own" lets query i score only
+    the first M - B k docs and its own k hard negatives (rows M - B k + i k + r); doc_ids [M] leaves out docs
+    sharing the id of the query's positive; symmetric averages in the doc->query direction.
     """
     cd = compute_dtype(query, doc)
     logits = (query.to(cd) @ doc.to(cd).T) / (temperature.to(cd) if torch.is_tensor(temperature) else temperature)
-    B = query.shape[0]
-    pos = torch.arange(B, device=query.device) if positive_index is None else positive_index.long()
-    return (torch.logsumexp(logits, dim=1) - logits[torch.arange(B, device=query.device), pos]).mean()
+    B, M = logits.shape
+    rows, cols = torch.arange(B, device=query.device), torch.arange(M, device=query.device)
+    pos = rows if positive_index is None else positive_index.long()
+    allowed = torch.ones(B, M, dtype=torch.bool, device=query.device)
+    if hard_negative_scope == "own" and hard_negatives:
+        first_hard = M - B * hard_negatives
+        owner = torch.div(cols - first_hard, hard_negatives, rounding_mode="floor")  # query owning each hard negative
+        allowed = (cols[None, :] < first_hard) | (owner[None, :] == rows[:, None])
+    if doc_ids is not None:
+        same = doc_ids[None, :] == doc_ids[pos][:, None]
+        allowed = allowed & (~same | (cols[None, :] == pos[:, None]))
+    loss = (torch.logsumexp(logits.masked_fill(~allowed, float("-inf")), 1) - logits[rows, pos]).mean()
+    if not symmetric:
+        return loss
+    back = logits[:, pos].T                                             # [i, n] = d_pos(i) . q_n / t
+    allowed_back = torch.ones(B, B, dtype=torch.bool, device=query.device)
+    if doc_ids is not None:
+        qid = doc_ids[pos]
+        allowed_back = (qid[None, :] != qid[:, None]) | torch.eye(B, dtype=torch.bool, device=query.device)
+    back_loss = (torch.logsumexp(back.masked_fill(~allowed_back, float("-inf")), 1) - back[rows, rows]).mean()
+    return (loss + back_loss) / 2
