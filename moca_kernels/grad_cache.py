@@ -1,8 +1,241 @@
-"""GradCache: gradient caching for contrastive batches larger than memory (implemented in its own issue)."""
+"""GradCache: contrastive batches far larger than activation memory allows (Gao et al., 2021).
+
+A contrastive loss couples every embedding of the batch, so the batch cannot simply be split into
+micro-batches with gradient accumulation. GradCache splits only the encoder's work:
+
+1. encode every chunk without grad (activations are freed at once), keeping the embeddings [N, D];
+2. compute the loss on the full embedding matrices and its gradient w.r.t. the embeddings (cheap);
+3. re-encode each chunk with grad, under the RNG state of its first pass (identical dropout), and
+   back-propagate the cached embedding gradient of that chunk into the parameters.
+
+Parameter gradients equal those of one backward through the whole batch (same dropout masks), at the cost of
+a second forward. Peak activation memory is that of one chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any, Callable, List, Optional, Sequence, Union
+
+import torch
+
+Encoder = Callable[..., torch.Tensor]
 
 
 class GradCache:
-    """Placeholder so the public name exists; the engine lands with the info_nce/GradCache issue."""
+    """Gradient caching engine: one contrastive step over batches split into chunks.
 
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("GradCache is not implemented yet (see the info_nce/GradCache issue)")
+    Args:
+        encoders: an ``nn.Module`` or any function mapping one chunk to embeddings [n, D], shared by every
+            batch passed to :meth:`step`, or a sequence with one encoder per batch (e.g. a query and a
+            document tower). A chunk that is a tensor is passed as ``encoder(chunk)``, a dict as
+            ``encoder(**chunk)``, a tuple or list as ``encoder(*chunk)``.
+        loss_fn: ``loss_fn(*embeddings, **loss_kwargs) -> scalar tensor``, called once per step with the
+            full embedding matrices, in the order the batches were given (e.g. ``mk.info_nce`` with any of
+            its options, ``group=`` included). Tensors it closes over that require grad (a learnable
+            temperature) receive their gradient directly.
+        chunk_sizes: rows per chunk: one int for every batch, or one per batch (queries and documents may
+            differ).
+        split_fn: ``split_fn(batch, chunk_size) -> list of chunks``. The default splits a tensor, or every
+            tensor of a dict / tuple / list, along dim 0 (other values are repeated in every chunk). Give
+            your own when rows are not along dim 0 (e.g. Qwen2-VL's flattened ``pixel_values``).
+        scaler: a ``torch.amp.GradScaler`` (fp16 AMP): the embedding gradient is taken of
+            ``scaler.scale(loss)``, so parameter gradients come out scaled, ready for
+            ``scaler.step(optimizer)``. Mixed precision itself: call :meth:`step` inside ``torch.autocast``;
+            both passes run under it.
+        sync_modules: DistributedDataParallel modules whose gradient all-reduce must wait for the last
+            chunk. Encoders that are DDP modules are found without this (each syncs on the last chunk it
+            encodes); name the DDP module here when the encoder is a function that calls it (it is then
+            assumed to run in every chunk and syncs on the very last one). Every chunk but that one runs
+            under ``no_sync()``, so gradients are all-reduced once per step. Every rank must run the same
+            number of chunks.
+
+    Example (Stage 2: one model for queries and documents, 2 hard negatives per query, documents
+    gathered across GPUs)::
+
+        import torch.nn.functional as F
+        import moca_kernels as mk
+
+        model = DDP(backbone)                                     # or a plain nn.Module on one GPU
+
+        def encode(batch):                                        # a chunk of tokenised samples -> [n, D]
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+        def loss_fn(q, d):                                        # d: B positives, then 2 negatives per query
+            return mk.info_nce(q, d, temperature=0.03, hard_negatives=2, hard_negative_scope="own",
+                               group=torch.distributed.group.WORLD)
+
+        cache = mk.GradCache(encode, loss_fn, chunk_sizes=(64, 32), sync_modules=[model])
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = cache.step(query_batch, doc_batch)             # every parameter's .grad is now set
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    The returned loss is detached. Gradients accumulate into ``.grad`` as a normal backward would.
+    """
+
+    def __init__(self, encoders: Union[Encoder, Sequence[Encoder]], loss_fn: Callable[..., torch.Tensor],
+                 chunk_sizes: Union[int, Sequence[int]], *,
+                 split_fn: Optional[Callable[[Any, int], List[Any]]] = None, scaler=None,
+                 sync_modules: Sequence[torch.nn.Module] = ()):
+        if isinstance(encoders, (list, tuple)):
+            if not encoders or not all(callable(e) for e in encoders):
+                raise TypeError("GradCache: encoders must be a callable or a non-empty sequence of callables")
+        elif not callable(encoders):
+            raise TypeError(f"GradCache: encoders must be callable, got {type(encoders).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"GradCache: loss_fn must be callable, got {type(loss_fn).__name__}")
+        sizes = [chunk_sizes] if isinstance(chunk_sizes, int) else list(chunk_sizes)
+        if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+            raise ValueError(f"GradCache: chunk_sizes must be an int >= 1 or a sequence of them, got {chunk_sizes!r}")
+        self.encoders = encoders
+        self.loss_fn = loss_fn
+        self.chunk_sizes = chunk_sizes
+        self.split_fn = split_fn or split_batch
+        self.scaler = scaler
+        self.sync_modules = list(sync_modules)
+
+    def __call__(self, *batches, **loss_kwargs) -> torch.Tensor:
+        return self.step(*batches, **loss_kwargs)
+
+    def step(self, *batches, **loss_kwargs) -> torch.Tensor:
+        """Encode, compute the loss, and back-propagate it into every encoder's parameters; returns the loss.
+
+        batches: one per embedding matrix the loss takes (e.g. queries, documents). loss_kwargs go to loss_fn.
+        """
+        encoders = self._per_batch(self.encoders, len(batches), "encoders")
+        sizes = self._per_batch(self.chunk_sizes, len(batches), "chunk_sizes")
+        if not batches:
+            raise ValueError("GradCache.step: no batch given")
+        chunks = [list(self.split_fn(b, s)) for b, s in zip(batches, sizes)]
+        if any(len(c) == 0 for c in chunks):
+            raise ValueError("GradCache.step: a batch split into no chunks (empty batch?)")
+
+        # 1. every chunk without grad, remembering the RNG state each one started from
+        states: List[List[_RngState]] = []
+        rows: List[List[int]] = []
+        embeddings = []
+        with torch.no_grad():
+            for enc, batch_chunks in zip(encoders, chunks):
+                outs, rng = [], []
+                for chunk in batch_chunks:
+                    rng.append(_RngState.capture())
+                    outs.append(_embedding(_call(enc, chunk)))
+                states.append(rng)
+                rows.append([o.shape[0] for o in outs])
+                embeddings.append(torch.cat(outs).detach().requires_grad_(True))
+
+        # 2. the loss on the whole batch, and its gradient w.r.t. the embeddings
+        loss = self.loss_fn(*embeddings, **loss_kwargs)
+        if not torch.is_tensor(loss) or loss.numel() != 1:
+            raise TypeError("GradCache: loss_fn must return a scalar tensor")
+        if not loss.requires_grad:
+            raise RuntimeError("GradCache: the loss does not depend on the embeddings (no grad_fn)")
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+        # 3. re-encode each chunk with grad under its first-pass RNG state; push the cached gradient through it.
+        # Batches whose embeddings got no gradient (the loss ignores them) are not re-encoded.
+        work = [(b, i) for b in range(len(batches)) if embeddings[b].grad is not None for i in range(len(chunks[b]))]
+        grads = [e.grad.split(r) if e.grad is not None else None for e, r in zip(embeddings, rows)]
+        quiet = self._sync_modules(encoders)
+        # a DDP encoder syncs on the last chunk it encodes; modules named in sync_modules on the last chunk of all
+        last_use = [max(n for n, (b, _) in enumerate(work) if encoders[b] is m or _named(m, self.sync_modules))
+                    if work else -1 for m in quiet]
+        for n, (b, i) in enumerate(work):
+            grad = grads[b][i]
+            with contextlib.ExitStack() as stack:
+                for m, last in zip(quiet, last_use):
+                    if n != last:
+                        stack.enter_context(m.no_sync())
+                stack.enter_context(states[b][i].replay())
+                out = _embedding(_call(encoders[b], chunks[b][i]))
+                if out.shape != grad.shape:
+                    raise RuntimeError(f"GradCache: chunk {i} of batch {b} re-encoded to shape {tuple(out.shape)}, "
+                                       f"its first pass gave {tuple(grad.shape)}")
+                out.backward(grad.to(out.dtype))
+        return loss.detach()
+
+    # -----------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _per_batch(value, n: int, name: str) -> list:
+        if isinstance(value, (list, tuple)):
+            if len(value) != n:
+                raise ValueError(f"GradCache: {len(value)} {name} for {n} batches")
+            return list(value)
+        return [value] * n
+
+    def _sync_modules(self, encoders) -> list:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        mods = list(self.sync_modules)
+        for e in encoders:
+            if isinstance(e, DDP) and all(e is not m for m in mods):
+                mods.append(e)
+        for m in mods:
+            if not hasattr(m, "no_sync"):
+                raise TypeError(f"GradCache: sync_modules entries need no_sync() (DDP), got {type(m).__name__}")
+        return mods
+
+
+def _named(module, modules) -> bool:
+    return any(module is m for m in modules)
+
+
+class _RngState:
+    """The CPU and CUDA generator states a chunk's first pass started from."""
+
+    def __init__(self, cpu: torch.Tensor, cuda: Optional[List[torch.Tensor]]):
+        self.cpu, self.cuda = cpu, cuda
+
+    @classmethod
+    def capture(cls) -> "_RngState":
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        return cls(torch.get_rng_state(), cuda)
+
+    @contextlib.contextmanager
+    def replay(self):
+        """Run with the captured states; the generators are restored afterwards, as if nothing had drawn."""
+        devices = list(range(len(self.cuda))) if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state_all(self.cuda)
+            yield
+
+
+def _call(encoder, chunk):
+    if isinstance(chunk, Mapping):
+        return encoder(**chunk)
+    if isinstance(chunk, (tuple, list)):
+        return encoder(*chunk)
+    return encoder(chunk)
+
+
+def _embedding(out) -> torch.Tensor:
+    if not torch.is_tensor(out) or out.dim() < 1:
+        raise TypeError(f"GradCache: an encoder must return a tensor of embeddings [n, D], got {type(out).__name__}"
+                        " (wrap the model in a function that pools its output)")
+    return out
+
+
+def split_batch(batch, size: int) -> list:
+    """Split a tensor, or the tensors of a dict / tuple / list, into chunks of ``size`` rows along dim 0."""
+    if torch.is_tensor(batch):
+        return list(batch.split(size))
+    if isinstance(batch, Mapping):
+        keys = list(batch)
+        parts = split_batch([batch[k] for k in keys], size)
+        return [dict(zip(keys, p)) for p in parts]
+    if isinstance(batch, (tuple, list)):
+        lengths = {v.shape[0] for v in batch if torch.is_tensor(v) and v.dim() > 0}
+        if len(lengths) != 1:
+            raise ValueError(f"GradCache: cannot split a batch whose tensors have {sorted(lengths) or 'no'} row counts "
+                             "along dim 0; pass split_fn")
+        n = lengths.pop()
+        return [type(batch)(v[s:s + size] if torch.is_tensor(v) and v.dim() > 0 else v for v in batch)
+                for s in range(0, n, size)]
+    raise TypeError(f"GradCache: cannot split a {type(batch).__name__}; pass split_fn")
