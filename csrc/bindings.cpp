@@ -27,4 +27,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("masked_patch_loss_scale_grad", &moca::masked_patch_loss_scale_grad, py::arg("grad"),
         py::arg("grad_output"), py::arg("mask"), py::arg("N"), py::arg("P"), py::arg("stride_grad"),
         py::arg("dtype"), py::arg("stream"), "grad *= grad_output on counted rows (no-op when grad_output == 1).");
+  m.def("attention_row_spans", &moca::attention_row_spans, py::arg("cu_seqlens"), py::arg("n_docs"),
+        py::arg("block_ids"), py::arg("T"), py::arg("causal"), py::arg("spans"), py::arg("scratch"), py::arg("stream"),
+        "masked_attention mask metadata: per-token key spans int32 [2, T] (scratch: int32 [ceil(T / 256)]).");
+  m.def("attention_tile_tables", &moca::attention_tile_tables, py::arg("spans"), py::arg("T"), py::arg("q_tile"),
+        py::arg("k_tile"), py::arg("tables"), py::arg("stream"),
+        "masked_attention mask metadata: per-tile key/query ranges and largest-first orders.");
 }

@@ -22,16 +22,26 @@ tokens of its own document, and within it:
                                i   x x x x .
                                t   x x x x x
 
-Only O(T) data is held: cumulative document lengths, per-token document ids and optional block ids.
+  Each block must be one contiguous run of tokens of one document (an image), checked at construction.
+
+Only O(T) data is held: cumulative document lengths, optional block ids, and the per-token key spans the
+kernels use (``spans``, see ``metadata.py``), built once at construction on the mask's device. Per-tile
+tables are built on first use for each tile size and cached on the mask, so every layer, forward and
+backward, reuses them; no attention call synchronises with the host.
+
+Padded batches: :meth:`AttentionMask.from_padding_mask` turns an HF-style ``attention_mask [B, S]`` into a
+mask with one document per row, and :func:`pack` / :func:`unpack` move tensors between [B, S, ...] and the
+packed [T, ...] layout.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 from .._checks import as_int_list
+from . import metadata
 
 _OP = "AttentionMask.from_seqlens"
 
@@ -40,39 +50,63 @@ class AttentionMask:
     """Mask description of a packed sequence (see the module docstring for the semantics).
 
     Attributes:
-        cu_seqlens: int32 [n_docs + 1], cumulative document lengths starting at 0 (on ``device``).
         seqlens: tuple of the n_docs document lengths (host ints).
+        cu_seqlens: int32 [n_docs + 1], cumulative document lengths starting at 0 (on ``device``).
         block_ids: int32 [T] or None; tokens of one document sharing an id >= 0 form a bidirectional block.
         causal: bool.
         total_len: T = sum(seqlens).
+        device: where the tensors live.
+        spans: int32 [2, T]; query i attends to keys [spans[0, i], spans[1, i]).
+        padding_shape: (B, S) when built by :meth:`from_padding_mask`, else None.
+        padding_index: int64 [T] flat indices of the real tokens in the [B * S] grid (from_padding_mask only).
     """
 
     def __init__(self, seqlens: Sequence[int], block_ids: Optional[torch.Tensor], causal: bool,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, *, spans: Optional[torch.Tensor] = None,
+                 cu_seqlens: Optional[torch.Tensor] = None):
         self.seqlens = tuple(int(s) for s in seqlens)
         self.total_len = sum(self.seqlens)
         self.causal = bool(causal)
         device = torch.device(device) if device is not None else (
             block_ids.device if block_ids is not None else torch.device("cpu"))
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
-        cu = [0]
-        for s in self.seqlens:
-            cu.append(cu[-1] + s)
-        self.cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=device)
+        if cu_seqlens is None:
+            cu = [0]
+            for s in self.seqlens:
+                cu.append(cu[-1] + s)
+            cu_seqlens = _to_device(torch.tensor(cu, dtype=torch.int32), device)
+        self.cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
         self.block_ids = None if block_ids is None else block_ids.to(device=device, dtype=torch.int32).contiguous()
+        if spans is None:
+            spans = metadata.row_spans(self.cu_seqlens, self.block_ids, self.total_len, self.causal)
+        self.spans = spans.to(device)
+        self.padding_shape: Optional[Tuple[int, int]] = None
+        self.padding_index: Optional[torch.Tensor] = None
+        self._tables = {}
+        self._copies = {}
         self._doc_ids = None
+
+    # -- construction --------------------------------------------------------------------------------------
 
     @classmethod
     def from_seqlens(cls, seqlens: Union[Sequence[int], torch.Tensor], block_ids: Optional[torch.Tensor] = None,
-                     causal: bool = False, device: Optional[Union[str, torch.device]] = None) -> "AttentionMask":
+                     causal: bool = False, device: Optional[Union[str, torch.device]] = None,
+                     check_blocks: bool = True) -> "AttentionMask":
         """Describe a packed sequence.
 
         Args:
-            seqlens: lengths of the packed documents, ints or a 1-D integer tensor; each >= 0, sum = T > 0.
+            seqlens: lengths of the packed documents, ints or a 1-D integer tensor (a GPU tensor costs one host
+                sync: the lengths are kept on the host too); each >= 0, sum = T > 0.
             block_ids: optional integer tensor [T]; within a document, tokens with the same id >= 0 form a
-                block that attends bidirectionally (only meaningful with ``causal=True``).
+                block that attends bidirectionally (only read with ``causal=True``). Each block must be one
+                contiguous run of tokens (give each image its own id).
             causal: False = bidirectional within each document; True = causal within each document, plus blocks.
             device: where the O(T) metadata lives (default: block_ids' device, else seqlens' device, else CPU).
+                Build masks on the device of q/k/v: a mask on another device is copied once, then cached.
+            check_blocks: verify that blocks are contiguous runs (one host sync when ``causal`` and block_ids
+                are given); pass False only for block ids known to be contiguous.
         """
         if device is None and isinstance(seqlens, torch.Tensor):
             device = seqlens.device
@@ -89,13 +123,81 @@ class AttentionMask:
                 raise TypeError(f"{_OP}: block_ids must be an integer tensor [T]")
             if block_ids.dim() != 1 or block_ids.numel() != total:
                 raise ValueError(f"{_OP}: block_ids must have shape [{total}] (= sum(seqlens)), got {tuple(block_ids.shape)}")
+        if causal and block_ids is not None and check_blocks:
+            why = metadata.check_blocks(block_ids, lens)
+            if why:
+                raise ValueError(f"{_OP}: {why}")
         return cls(lens, block_ids, causal, device)
 
+    @classmethod
+    def from_padding_mask(cls, attention_mask: torch.Tensor, block_ids: Optional[torch.Tensor] = None,
+                          causal: bool = False, device: Optional[Union[str, torch.device]] = None) -> "AttentionMask":
+        """One document per row of an HF-style padded batch (one host sync for the row lengths).
+
+        Args:
+            attention_mask: [B, S] bool or integer, nonzero = real token. Real tokens need not be contiguous
+                (left or right padding both work): each row's real tokens, in order, form its document.
+            block_ids: optional integer [B, S] (image blocks, see :meth:`from_seqlens`); padding is dropped.
+            causal: as in :meth:`from_seqlens`.
+            device: default attention_mask's device.
+
+        Use :func:`pack` / :func:`unpack` with the returned mask to move [B, S, ...] tensors to the packed
+        [T, ...] layout of ``masked_attention`` and back.
+        """
+        op = "AttentionMask.from_padding_mask"
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+            raise ValueError(f"{op}: attention_mask must be a [B, S] tensor, got "
+                             f"{tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__}")
+        if attention_mask.is_floating_point():
+            raise TypeError(f"{op}: attention_mask must be bool or integer (1 = real token), got {attention_mask.dtype}")
+        device = torch.device(device) if device is not None else attention_mask.device
+        real = attention_mask.to(device) != 0
+        B, S = real.shape
+        lens = real.sum(1).tolist()
+        if sum(lens) == 0:
+            raise ValueError(f"{op}: every position is padding; there is no token to attend")
+        index = real.reshape(-1).nonzero().squeeze(1)
+        packed_blocks = None
+        if block_ids is not None:
+            if not isinstance(block_ids, torch.Tensor) or block_ids.shape != (B, S):
+                raise ValueError(f"{op}: block_ids must be a [{B}, {S}] tensor like attention_mask")
+            packed_blocks = block_ids.to(device).reshape(-1)[index]
+        mask = cls.from_seqlens(lens, packed_blocks, causal, device)
+        mask.padding_shape = (B, S)
+        mask.padding_index = index
+        return mask
+
+    # -- metadata ----------------------------------------------------------------------------------------------
+
+    def tile_metadata(self, q_tile: int, k_tile: int) -> torch.Tensor:
+        """int32 flat per-tile tables for query tiles of ``q_tile`` and key tiles of ``k_tile`` tokens, built
+        on first use (no host sync) and cached on this mask (see ``metadata.py`` for the layout)."""
+        key = (int(q_tile), int(k_tile))
+        tables = self._tables.get(key)
+        if tables is None:
+            tables = metadata.tile_tables_op(self.spans, key[0], key[1])
+            self._tables[key] = tables
+        return tables
+
+    def tiles(self, q_tile: int, k_tile: int) -> metadata.TileTables:
+        """The cached tables of :meth:`tile_metadata` as named views (q_table, q_order, k_table, k_order)."""
+        return metadata.split_tables(self.tile_metadata(q_tile, k_tile), self.total_len, q_tile, k_tile)
+
     def to(self, device: Union[str, torch.device]) -> "AttentionMask":
+        """This mask on ``device`` (itself when already there; copies are made once and cached)."""
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         if device == self.device:
             return self
-        return AttentionMask(self.seqlens, self.block_ids, self.causal, device)
+        copy = self._copies.get(device)
+        if copy is None:
+            copy = AttentionMask(self.seqlens, self.block_ids, self.causal, device,
+                                 spans=_to_device(self.spans, device), cu_seqlens=_to_device(self.cu_seqlens, device))
+            copy.padding_shape = self.padding_shape
+            copy.padding_index = None if self.padding_index is None else self.padding_index.to(device)
+            self._copies[device] = copy
+        return copy
 
     def document_ids(self) -> torch.Tensor:
         """int32 [T]: the index of each token's document."""
@@ -105,7 +207,8 @@ class AttentionMask:
         return self._doc_ids
 
     def to_dense(self, rows: Optional[slice] = None) -> torch.Tensor:
-        """bool [T, T] (or [rows, T]): True where query i may attend key j. For tests and references only."""
+        """bool [T, T] (or [rows, T]): True where query i may attend key j, from the definition (not from the
+        spans). For tests and references only."""
         T = self.total_len
         qi = torch.arange(T, device=self.device)[rows if rows is not None else slice(None)]
         kj = torch.arange(T, device=self.device)
@@ -124,3 +227,52 @@ class AttentionMask:
         shown = list(self.seqlens[:8]) + (["..."] if n > 8 else [])
         return (f"AttentionMask(T={self.total_len}, docs={n} {shown}, causal={self.causal}, "
                 f"blocks={'yes' if self.block_ids is not None else 'no'}, device={self.device})")
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> GPU copies from pinned memory without blocking the host."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _packing(mask: AttentionMask, op: str) -> Tuple[int, int, torch.Tensor]:
+    if not isinstance(mask, AttentionMask):
+        raise TypeError(f"{op}: mask must be an AttentionMask, got {type(mask).__name__}")
+    if mask.padding_shape is None or mask.padding_index is None:
+        raise ValueError(f"{op}: the mask was not built by AttentionMask.from_padding_mask, so it knows no [B, S] layout")
+    B, S = mask.padding_shape
+    return B, S, mask.padding_index
+
+
+def pack(x: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """[B, S, ...] -> [T, ...]: the real tokens of a padded batch, row by row (differentiable).
+
+    Args:
+        x: [B, S, ...] any dtype, on the mask's device (the batch layout of ``mask.padding_shape``).
+        mask: built by :meth:`AttentionMask.from_padding_mask`.
+    """
+    B, S, index = _packing(mask, "pack")
+    if x.dim() < 2 or tuple(x.shape[:2]) != (B, S):
+        raise ValueError(f"pack: x must be [B={B}, S={S}, ...] like the padding mask, got {tuple(x.shape)}")
+    if x.device != index.device:
+        raise ValueError(f"pack: x is on {x.device} but the mask is on {index.device}")
+    return x.reshape(B * S, *x.shape[2:]).index_select(0, index)
+
+
+def unpack(packed: torch.Tensor, mask: AttentionMask, fill: float = 0.0) -> torch.Tensor:
+    """[T, ...] -> [B, S, ...]: the inverse of :func:`pack`, padding positions set to ``fill`` (differentiable
+    with respect to ``packed``).
+
+    Args:
+        packed: [T, ...] any dtype, T = mask.total_len.
+        mask: built by :meth:`AttentionMask.from_padding_mask`.
+        fill: value of the padding positions.
+    """
+    B, S, index = _packing(mask, "unpack")
+    if packed.dim() < 1 or packed.shape[0] != index.numel():
+        raise ValueError(f"unpack: packed must be [T={index.numel()}, ...], got {tuple(packed.shape)}")
+    if packed.device != index.device:
+        raise ValueError(f"unpack: packed is on {packed.device} but the mask is on {index.device}")
+    out = packed.new_full((B * S, *packed.shape[1:]), fill)
+    return out.index_copy(0, index, packed).reshape(B, S, *packed.shape[1:])
