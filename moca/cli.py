@@ -1,0 +1,101 @@
+"""The ``moca`` command.
+
+    moca train cpt --config run.yaml [--set train.max_steps=10 ...]    Stage 1 (continual pre-training)
+    moca data embedded --out DIR [--docs N]                             write the embedded Stage 1 corpus
+
+Stage 2 (``train cl``), ``eval`` and ``demo`` register here too: each subcommand is a function
+``add_<name>(subparsers)`` that sets ``func`` on its parser. Multi-GPU: ``torchrun --nproc_per_node N -m
+moca.cli train cpt --config ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+
+def _train_cpt(args) -> int:
+    from .config import load_config
+    from .train.cpt import CptConfig, run_cpt
+
+    cfg = load_config(CptConfig, args.config, args.set)
+    history = run_cpt(cfg)
+    if history:
+        last = history[-1]
+        print(f"stage 1 done: step {last['step']}, loss {last.get('loss', float('nan')):.4f} "
+              f"(mlm {last.get('mlm_loss', float('nan')):.4f}, mae {last.get('mae_loss', float('nan')):.4f}); "
+              f"model in {cfg.train.output_dir}/final")
+    return 0
+
+
+def _data_embedded(args) -> int:
+    from .data.embedded import write_cpt_corpus
+
+    path = write_cpt_corpus(args.out, n_docs=args.docs, seed=args.seed)
+    print(f"wrote {path}")
+    return 0
+
+
+def add_train_cpt(train_sub) -> None:
+    p = train_sub.add_parser("cpt", help="Stage 1: modality-aware continual pre-training (MLM + MAE)")
+    p.add_argument("--config", default=None, help="YAML config (defaults: the tiny model on the embedded corpus)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.max_steps=20 (repeatable)")
+    p.set_defaults(func=_train_cpt)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moca", description="MoCa: bidirectional multimodal embedding models")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="training stages")
+    train_sub = train.add_subparsers(dest="stage", required=True)
+    add_train_cpt(train_sub)
+    data = sub.add_parser("data", help="data utilities")
+    data_sub = data.add_subparsers(dest="what", required=True)
+    emb = data_sub.add_parser("embedded", help="write the embedded Stage 1 corpus (JSONL + PNG)")
+    emb.add_argument("--out", required=True)
+    emb.add_argument("--docs", type=int, default=400)
+    emb.add_argument("--seed", type=int, default=0)
+    emb.set_defaults(func=_data_embedded)
+    for hook in _EXTENSIONS:
+        hook(sub, train_sub)
+    return parser
+
+
+# Later stages add themselves: a function (subparsers, train_subparsers) -> None appended here.
+_EXTENSIONS: List = []
+
+
+def _load_extensions() -> None:
+    """Import optional command modules (Stage 2, eval, demo) that register into ``_EXTENSIONS``."""
+    import importlib
+
+    for name in ("moca.train.contrastive", "moca.eval", "moca.demo"):
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and name.startswith(exc.name):
+                continue
+            raise
+        hook = getattr(mod, "add_cli", None)
+        if hook is not None and hook not in _EXTENSIONS:
+            _EXTENSIONS.append(hook)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    _load_extensions()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"moca: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

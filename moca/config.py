@@ -1,0 +1,99 @@
+"""Typed YAML configs: nested dataclasses filled from a YAML file, with one clear error per unknown or bad key.
+
+``load_config(CptConfig, "run.yaml", overrides=["train.max_steps=10"])`` reads the file, applies dotted
+``key=value`` overrides (values parsed as YAML), and returns the dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Union
+
+
+def _is_dataclass_type(t) -> bool:
+    return isinstance(t, type) and dataclasses.is_dataclass(t)
+
+
+def _strip_optional(t):
+    if typing.get_origin(t) is Union:
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return t
+
+
+def from_dict(cls, data: Optional[dict], where: str = ""):
+    """Build dataclass ``cls`` from ``data`` (nested dicts), rejecting unknown keys."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ValueError(f"config {where or 'root'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"config {where or 'root'}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        t = _strip_optional(hints[f.name])
+        key = f"{where}.{f.name}" if where else f.name
+        if _is_dataclass_type(t) and (isinstance(value, dict) or value is None):
+            value = from_dict(t, value, key)
+        elif t is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            try:
+                value = float(value)
+            except ValueError as exc:
+                raise ValueError(f"config {key}: expected a number, got {value!r}") from exc
+        elif t is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        elif t in (int, float, bool, str) and value is not None and not isinstance(value, t):
+            raise ValueError(f"config {key}: expected {t.__name__}, got {value!r}")
+        kwargs[f.name] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"config {where or 'root'}: {exc}") from exc
+
+
+def to_dict(obj) -> Any:
+    return dataclasses.asdict(obj)
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    import yaml
+
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(cls, path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()):
+    """Read a YAML file (or nothing) into dataclass ``cls`` after applying ``overrides``."""
+    import yaml
+
+    data = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"config file {p} does not exist")
+        data = yaml.safe_load(p.read_text()) or {}
+    return from_dict(cls, apply_overrides(data, list(overrides)))
+
+
+def dump_config(obj, path: Union[str, Path]) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))

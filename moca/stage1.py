@@ -1,0 +1,77 @@
+"""MoCa Stage 1 model: the bidirectional backbone, the MLM loss through the LM head and the MAE decoder.
+
+``loss = mlm_weight * masked_token_loss(hidden at masked text tokens, lm_head.weight, labels)
+       + mae_weight * masked_patch_loss(decoder prediction at masked image tokens, original pixel rows)``
+
+with ``mlm_weight = 1`` and ``mae_weight = 0.1`` by default. Both corruptions happen in one forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+import moca_kernels as mk
+
+from .modeling import PIXEL_ROW, MaeDecoder, MocaBackbone
+
+
+@dataclass
+class LossConfig:
+    mlm_weight: float = 1.0
+    mae_weight: float = 0.1
+    norm_pix: bool = False
+    impl: Optional[str] = None          # force a moca_kernels backend for both losses (None = automatic)
+
+
+class CptModel(nn.Module):
+    """Backbone + MAE decoder; ``forward(batch)`` returns the Stage 1 losses.
+
+    Attributes:
+        backbone: :class:`MocaBackbone` (shared with Stage 2).
+        mae_decoder: :class:`MaeDecoder`.
+    """
+
+    def __init__(self, backbone: MocaBackbone, loss: Optional[LossConfig] = None,
+                 mae_decoder: Optional[MaeDecoder] = None):
+        super().__init__()
+        self.backbone = backbone
+        self.mae_decoder = mae_decoder if mae_decoder is not None else MaeDecoder(backbone)
+        self.loss_config = loss or LossConfig()
+
+    def forward(self, batch) -> Dict[str, torch.Tensor]:
+        """Losses of one collated Stage 1 batch.
+
+        Returns a dict of float32 scalars: ``loss`` (weighted sum, differentiable), ``mlm_loss``, ``mae_loss``
+        (each 0 when the batch has nothing of that kind), and ``mlm_count`` / ``mae_count`` (masked text tokens,
+        masked image tokens).
+        """
+        cfg = self.loss_config
+        bb = self.backbone
+        hidden = bb(batch)                                                      # [B, S, H]
+        B, S, H = hidden.shape
+        flat = hidden.reshape(B * S, H)
+        zero = flat.sum() * 0.0
+        n_mlm = batch.mlm_positions.numel() if batch.mlm_positions is not None else 0
+        if n_mlm:
+            h = flat.index_select(0, batch.mlm_positions)
+            w = bb.lm_head_weight
+            mlm = mk.masked_token_loss(h, w.to(h.dtype), batch.mlm_labels, impl=cfg.impl)
+        else:
+            mlm = zero.float()
+        n_mae = batch.mae_positions.numel() if batch.mae_positions is not None else 0
+        if n_mae:
+            docs = bb.documents(batch, causal=False)
+            rope = bb.rotary(hidden, batch.position_ids)
+            pred = self.mae_decoder(hidden, rope, batch.mae_positions, padding=batch.attention_mask, docs=docs)
+            target = batch.mae_target.to(pred.dtype if pred.dtype != torch.float64 else torch.float64)
+            mae = mk.masked_patch_loss(pred.reshape(-1, PIXEL_ROW), target.reshape(-1, PIXEL_ROW),
+                                       norm_pix=cfg.norm_pix, impl=cfg.impl)
+        else:
+            mae = zero.float()
+        loss = cfg.mlm_weight * mlm + cfg.mae_weight * mae
+        return {"loss": loss, "mlm_loss": mlm.detach(), "mae_loss": mae.detach(),
+                "mlm_count": torch.tensor(n_mlm), "mae_count": torch.tensor(n_mae)}

@@ -1,0 +1,143 @@
+"""Stage 1 trainer: modality-aware continual pre-training (``moca train cpt --config run.yaml``).
+
+Builds the model (a local checkpoint or the tiny default), the packing loader over JSONL/parquet records (or
+the embedded corpus), the masking collator and the :class:`~moca.stage1.CptModel`, then runs the shared
+:class:`~moca.train.core.Trainer`. The final model is exported to ``<output_dir>/final`` (a transformers
+checkpoint with moca's flags, the tokenizer, the image settings and ``mae_decoder.safetensors``), which
+Stage 2 loads with ``MocaBackbone.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from ..config import dump_config
+from ..data.batch import VisionSpec
+from ..data.loader import PackingLoader, RecordSet
+from ..data.masking import CptCollator, MaskingConfig, ModalityMasker
+from ..data.processor import MocaProcessor
+from ..modeling import MocaBackbone
+from ..stage1 import CptModel, LossConfig
+from .core import DistEnv, TrainConfig, Trainer, init_distributed
+
+log = logging.getLogger("moca.train")
+
+
+@dataclass
+class ModelConfig:
+    """``path``: a local Qwen2-VL / Qwen2.5-VL checkpoint (or a moca save); None = the tiny default."""
+
+    path: Optional[str] = None
+    causal: bool = False
+    dtype: Optional[str] = None                  # load dtype of a checkpoint (float32 | bfloat16); None = as saved
+    tiny_kind: str = "qwen2_5_vl"
+    tiny_hidden: int = 64
+    tiny_layers: int = 4
+    tiny_heads: int = 4
+    tiny_kv_heads: int = 2
+    tiny_vision_hidden: int = 32
+    tiny_vision_depth: int = 2
+    tiny_seed: int = 0
+    tiny_image_size: int = 112                  # images are resized to about this many pixels squared
+
+
+@dataclass
+class DataConfig:
+    """``train``: JSONL/parquet files; empty = the embedded corpus written to ``embedded_dir``."""
+
+    train: List[str] = field(default_factory=list)
+    embedded_dir: Optional[str] = None           # default <output_dir>/embedded_data
+    embedded_docs: int = 400
+    embedded_seed: int = 0
+    token_budget: int = 1024
+    packed: bool = True
+    max_samples: Optional[int] = None
+    skip_bad: bool = False
+    shuffle: bool = True
+    pad_to_multiple: int = 1
+
+
+@dataclass
+class CptConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/cpt"))
+
+
+def build_model_and_processor(mc: ModelConfig, corruption: Optional[str]):
+    """(MocaBackbone, MocaProcessor) from the model config."""
+    if mc.path is None:
+        proc = MocaProcessor.tiny(image_size=mc.tiny_image_size)
+        bb = MocaBackbone.tiny(proc.vocab_size, proc.ids, causal=mc.causal, image_corruption=corruption,
+                               seed=mc.tiny_seed, kind=mc.tiny_kind, hidden=mc.tiny_hidden, layers=mc.tiny_layers,
+                               heads=mc.tiny_heads, kv_heads=mc.tiny_kv_heads, vision_hidden=mc.tiny_vision_hidden,
+                               vision_depth=mc.tiny_vision_depth)
+        return bb, proc
+    dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[mc.dtype]
+    proc = MocaProcessor.from_pretrained(mc.path)
+    bb = MocaBackbone.from_pretrained(mc.path, causal=mc.causal, image_corruption=corruption, dtype=dtype)
+    emb = bb.language_model.embed_tokens.weight.shape[0]
+    if proc.ids["mask"] >= emb:
+        bb.vlm.resize_token_embeddings(proc.vocab_size)
+        log.info("resized the embeddings to %d rows for <|mask|>", proc.vocab_size)
+    return bb, proc
+
+
+def micro_batch_seed(seed: int, rank: int, index: int) -> int:
+    """Seed of one micro-batch's masks: a function of (run seed, rank, micro-batch index) only."""
+    return zlib.crc32(f"{seed}/{rank}/{index}".encode()) & 0x7FFFFFFF
+
+
+def cpt_loss(model, batch):
+    return model(batch)
+
+
+def run_cpt(cfg: CptConfig, dist: Optional[DistEnv] = None) -> List[dict]:
+    """Run Stage 1 with ``cfg``; returns the logged metrics (rank 0's view)."""
+    dist = dist or init_distributed()
+    torch.manual_seed(cfg.train.seed)
+    out = Path(cfg.train.output_dir)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+    files = list(cfg.data.train)
+    if not files:
+        from ..data.embedded import write_cpt_corpus
+
+        edir = Path(cfg.data.embedded_dir or out / "embedded_data")
+        if dist.is_main and not (edir / "cpt.jsonl").exists():
+            write_cpt_corpus(edir, n_docs=cfg.data.embedded_docs, seed=cfg.data.embedded_seed)
+        dist.barrier()
+        files = [str(edir / "cpt.jsonl")]
+
+    backbone, proc = build_model_and_processor(cfg.model, cfg.masking.image_corruption)
+    model = CptModel(backbone, cfg.loss)
+    records = RecordSet(files)
+    loader = PackingLoader(records, proc, cfg.data.token_budget, seed=cfg.train.seed, rank=dist.rank,
+                           world_size=dist.world_size, skip_bad=cfg.data.skip_bad, shuffle=cfg.data.shuffle,
+                           max_samples=cfg.data.max_samples)
+    masker = ModalityMasker(cfg.masking, proc.ids["mask"], proc.never_masked,
+                            merge_size=proc.image_spec.merge_size)
+    collator = CptCollator(masker, VisionSpec.from_config(backbone.vlm.config), proc.ids["endoftext"],
+                           packed=cfg.data.packed, pad_to_multiple=cfg.data.pad_to_multiple)
+
+    def next_micro_batch(index: int):
+        return collator(loader.next_micro_batch(), micro_batch_seed(cfg.train.seed, dist.rank, index))
+
+    def export(final: Path):
+        from safetensors.torch import save_model
+
+        backbone.save_pretrained(final, extra_meta={"stage": "cpt", "steps": cfg.train.max_steps})
+        proc.save_pretrained(final)
+        save_model(model.mae_decoder, str(final / "mae_decoder.safetensors"))
+
+    trainer = Trainer(cfg.train, model, loader, next_micro_batch, cpt_loss, dist=dist, save_extra=export)
+    return trainer.fit()
