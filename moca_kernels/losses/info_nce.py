@@ -32,7 +32,8 @@ def info_nce(query: torch.Tensor, doc: torch.Tensor, temperature: Union[float, t
 
     where A(i), the documents in row i's denominator, is every document unless the options below remove some.
     The positive p(i) is always in A(i), so no row is ever empty and every row's term is >= 0; a row whose
-    other documents are all removed contributes exactly 0 (and zero gradients), never NaN.
+    other documents are all removed contributes exactly 0 and zero gradients (on GPU, up to the rounding of
+    the logits recomputed in backward), never NaN.
 
     Args:
         query: [B, D] float32 / float16 / bfloat16 (float64 on the torch backend).
@@ -237,12 +238,14 @@ def _rows_torch(x, y, temperature, target, row_key, col_key, n_dense, own_k, own
 def _fused(x: torch.Tensor, y: torch.Tensor, temperature: torch.Tensor, target: torch.Tensor,
            row_key: Optional[torch.Tensor], col_key: Optional[torch.Tensor], n_dense: int, own_k: int,
            own_offset: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sum_i loss_i [], lse [R], sum_i (E[s_i] - s_i,target) [] (temperature gradient), extra logits [R, k] or [0])."""
+    """(sum_i loss_i [], lse [R] and extra logits [R, k] or [0] in base 2 (for backward),
+    sum_i (E[s_i] - s_i,target) [] (for the temperature gradient))."""
     from . import info_nce_triton as kernels
 
-    lse, pos, expected, extra = kernels.forward(x, y, temperature, target, row_key, col_key, n_dense, own_k,
-                                                own_offset)
-    return (lse - pos).sum(), lse, (expected - pos).sum(), extra if extra is not None else lse.new_empty(0)
+    lse2, pos2, expected2, extra2 = kernels.forward(x, y, temperature, target, row_key, col_key, n_dense, own_k,
+                                                    own_offset)
+    return ((lse2 - pos2).sum() * kernels.LN2, lse2, (expected2 - pos2).sum() * kernels.LN2,
+            extra2 if extra2 is not None else lse2.new_empty(0))
 
 
 @_fused.register_fake

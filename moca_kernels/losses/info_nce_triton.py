@@ -267,9 +267,11 @@ def _split_cols(R: int, C: int) -> int:
 def forward(x: torch.Tensor, y: torch.Tensor, temperature: torch.Tensor, target: torch.Tensor,
             row_key: Optional[torch.Tensor], col_key: Optional[torch.Tensor], n_dense: int, own_k: int,
             own_offset: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Per row: (lse [R], positive logit [R], expected logit under the softmax [R], extra logits [R, k] or None).
+    """Per row, float32, in base-2 units (natural-log quantities times log2(e)), logits divided by t:
+    (lse2 [R], positive logit [R], expected logit under the row's softmax [R], extra logits [R, k] or None).
 
-    All float32, natural-log units, every logit already divided by the temperature. Masked extra logits are -inf.
+    Base 2 throughout, so that a row whose only counted column is its positive gets lse2 == positive exactly
+    (no ln 2 round trip) and the backward's exp2(s2 - lse2) is exactly 1 there. Masked extra logits are -inf.
     """
     R, D = x.shape
     C = n_dense
@@ -287,20 +289,22 @@ def forward(x: torch.Tensor, y: torch.Tensor, temperature: torch.Tensor, target:
     top = m2.amax(0)                                      # finite: the positive is always counted
     weight = torch.exp2(m2 - top)                         # splits with nothing counted: exp2(-inf) = 0
     total = (l * weight).sum(0)
-    lse = (top + torch.log2(total)) * LN2
-    expected = (w2 * weight).sum(0) / total * LN2
-    positive = pos2.sum(0) * LN2
-    extra = None
+    lse2 = top + torch.log2(total)
+    expected2 = (w2 * weight).sum(0) / total
+    positive2 = pos2.sum(0)
+    extra2 = None
     if own_k:
-        extra = own_logits(x, y, n_dense + own_offset * own_k, own_k) / temperature
+        extra2 = own_logits(x, y, n_dense + own_offset * own_k, own_k) * (LOG2E / temperature)
         if has_keys:
             hard_keys = col_key[n_dense + own_offset * own_k:][: R * own_k].view(R, own_k)
-            extra = extra.masked_fill(hard_keys == row_key[:, None], float("-inf"))
-        lse_all = torch.logaddexp(lse, torch.logsumexp(extra, dim=1))
-        p_extra = torch.exp(extra - lse_all[:, None])
-        expected = torch.exp(lse - lse_all) * expected + (p_extra * extra.nan_to_num(neginf=0.0)).sum(1)
-        lse = lse_all
-    return lse, positive, expected, extra
+            extra2 = extra2.masked_fill(hard_keys == row_key[:, None], float("-inf"))
+        lse2_all = lse2
+        for r in range(own_k):
+            lse2_all = torch.logaddexp2(lse2_all, extra2[:, r])
+        p_extra = torch.exp2(extra2 - lse2_all[:, None])
+        expected2 = torch.exp2(lse2 - lse2_all) * expected2 + (p_extra * extra2.nan_to_num(neginf=0.0)).sum(1)
+        lse2 = lse2_all
+    return lse2, positive2, expected2, extra2
 
 
 def own_logits(x: torch.Tensor, y: torch.Tensor, first: int, k: int) -> torch.Tensor:
@@ -323,22 +327,22 @@ def chunk_rows(R: int, C: int, itemsize: int) -> int:
 
 def backward(x: torch.Tensor, y: torch.Tensor, temperature: torch.Tensor, target: torch.Tensor,
              row_key: Optional[torch.Tensor], col_key: Optional[torch.Tensor], n_dense: int, own_k: int,
-             own_offset: int, lse: torch.Tensor, extra: Optional[torch.Tensor], coef: torch.Tensor,
+             own_offset: int, lse2: torch.Tensor, extra2: Optional[torch.Tensor], coef: torch.Tensor,
              need_dx: bool, need_dy: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(dx [R, D], dy [Cy, D]) of coef * sum_i loss_i, in the inputs' dtype (None where not needed).
 
-    coef: [] float32 = grad_output * weight / t (d s / d(x.y) = 1 / t is folded in).
+    lse2, extra2: from ``forward`` (base 2). coef: [] float32 = grad_output * weight / t (d s / d(x.y) = 1 / t).
     """
     R, D = x.shape
     C = n_dense
     dtype = x.dtype
     has_keys = row_key is not None
-    lse2 = (lse * LOG2E).contiguous()
+    lse2 = lse2.contiguous()
     dx = _alloc.empty_like(x) if need_dx else None
     dy_dense = None
     rows = chunk_rows(R, C, x.element_size())
     g_buf = torch.empty(rows, C, dtype=dtype, device=x.device)
-    p_extra = torch.exp(extra - lse[:, None]) if own_k else None   # [R, k], 0 where masked
+    p_extra = torch.exp2(extra2 - lse2[:, None]) if own_k else None   # [R, k], 0 where masked
     hard = y[n_dense:].view(-1, own_k, D)[own_offset:own_offset + R] if own_k else None
     dot_prec = dot_precision(dtype)
     for r0 in range(0, R, rows):
