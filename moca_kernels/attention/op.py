@@ -1,40 +1,54 @@
-"""masked_attention: the public op. The torch backend is ``reference.masked_attention``; fast backends: see
-its issue."""
+"""masked_attention: the public op. Backends: "triton" (FlashAttention-2-style kernels over the mask's per-tile
+tables, ``masked_attention_triton.py``) and "torch" (``reference.masked_attention``, a per-document loop; also
+the only one taking float64).
+
+The triton backend is a ``torch.library`` custom op with a fake implementation and registered autograd, so
+``torch.compile`` keeps it in one graph. Its inputs are the mask's O(T) tensors (``spans`` [2, T] and the
+tables, whose sizes depend on T only): document lengths and counts never become guards, so new masks of the
+same T reuse the compiled graph.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from .. import reference
-from .._checks import check_float, check_ndim, check_same_device, check_same_dtype
-from ..dispatch import Backend, Op
+from .._checks import KERNEL_DTYPES, check_float, check_ndim, check_same_device, check_same_dtype
+from ..dispatch import Backend, Op, triton_reasons
 from .mask import AttentionMask
 
 _NAME = "masked_attention"
+MAX_TRITON_HEAD_DIM = 128
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask,
-                     scale: Optional[float] = None, return_lse: bool = False, impl: Optional[str] = None):
-    """Attention over a packed sequence under ``mask``.
+                     scale: Optional[float] = None, return_lse: bool = False, impl: Optional[str] = None,
+                     deterministic: bool = False):
+    """Attention over a packed sequence under ``mask``: out_i = sum_j softmax_j(scale * q_i . k_j) v_j over the
+    keys j that query i may attend to (see ``AttentionMask``).
 
     Args:
-        q: [T, Hq, D] float32 / float16 / bfloat16.
-        k, v: [T, Hkv, D], same dtype; Hq % Hkv == 0 (query head h reads kv head h // (Hq // Hkv)).
-        mask: an AttentionMask with total length T.
+        q: [T, Hq, D] float32 / float16 / bfloat16 (float64 on the torch backend).
+        k, v: [T, Hkv, D], same dtype and device; Hq % Hkv == 0 (query head h reads key/value head
+            h // (Hq // Hkv), no repeat in memory).
+        mask: an AttentionMask with total length T (moved to q's device once and cached if elsewhere).
         scale: softmax scale (default D ** -0.5).
-        return_lse: also return the log-sum-exp of the scaled scores, [Hq, T] float32.
-        impl: "cuda", "triton", "torch" or None (automatic).
+        return_lse: also return the log-sum-exp of the scaled scores, [Hq, T] float32 (differentiable).
+        impl: "triton", "torch" or None (automatic: triton for CUDA tensors with D <= 128).
+        deterministic: triton backward without atomics (dQ by its own kernel: bitwise reproducible, one more
+            pass over the scores). The default accumulates dQ with float32 atomics.
 
     Returns:
         out [T, Hq, D] in q's dtype, or (out, lse).
     """
-    _validate(q, k, v, mask)
-    return _OP(impl, q=q, k=k, v=v, mask=mask.to(q.device), scale=scale, return_lse=return_lse)
+    _validate(q, k, v, mask, scale)
+    return _OP(impl, q=q, k=k, v=v, mask=mask.to(q.device), scale=scale, return_lse=bool(return_lse),
+               deterministic=bool(deterministic))
 
 
-def _validate(q, k, v, mask) -> None:
+def _validate(q, k, v, mask, scale) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t, _NAME)
         check_ndim(name, t, 3, _NAME, "[T, heads, D]")
@@ -47,12 +61,96 @@ def _validate(q, k, v, mask) -> None:
         raise ValueError(f"{_NAME}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
     if k.shape[0] != T or k.shape[2] != D:
         raise ValueError(f"{_NAME}: k/v must be [T={T}, Hkv, D={D}], got {tuple(k.shape)}")
+    if Hq == 0 or D == 0 or k.shape[1] == 0:
+        raise ValueError(f"{_NAME}: empty input (q {tuple(q.shape)}, k {tuple(k.shape)}): need heads >= 1 and D >= 1")
     if Hq % k.shape[1] != 0:
         raise ValueError(f"{_NAME}: query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]})")
     if mask.total_len != T:
         raise ValueError(f"{_NAME}: the mask covers {mask.total_len} tokens (sum of seqlens) but q has T = {T}")
+    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"{_NAME}: scale must be a positive number or None, got {scale!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fused op (triton) as torch.library custom ops.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moca_kernels::masked_attention_fwd", mutates_args=())
+def _fused_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor, tables: torch.Tensor,
+               scale: float, q_tile: int, k_tile: int, deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out [T, Hq, D], lse float32 [Hq, T]). k_tile and deterministic are kept for the backward."""
+    from . import masked_attention_triton as kernels
+
+    return kernels.forward(q, k, v, spans, tables, scale, q_tile)
+
+
+@_fused_fwd.register_fake
+def _(q, k, v, spans, tables, scale, q_tile, k_tile, deterministic):
+    T, Hq, D = q.shape
+    return q.new_empty(T, Hq, D), q.new_empty(Hq, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("moca_kernels::masked_attention_bwd", mutates_args=())
+def _fused_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+               lse: torch.Tensor, grad_lse: Optional[torch.Tensor], spans: torch.Tensor, tables: torch.Tensor,
+               scale: float, q_tile: int, k_tile: int, deterministic: bool
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from . import masked_attention_triton as kernels
+
+    return kernels.backward(grad_out, q, k, v, out, lse, grad_lse, spans, tables, scale, q_tile, k_tile, deterministic)
+
+
+@_fused_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, grad_lse, spans, tables, scale, q_tile, k_tile, deterministic):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, spans, tables, scale, q_tile, k_tile, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, spans, tables)
+    ctx.scale, ctx.q_tile, ctx.k_tile, ctx.deterministic = scale, q_tile, k_tile, deterministic
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, spans, tables = ctx.saved_tensors
+    if grad_out is None:   # only lse was used
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = _fused_bwd(grad_out, q, k, v, out, lse, grad_lse, spans, tables, ctx.scale, ctx.q_tile,
+                            ctx.k_tile, ctx.deterministic)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+torch.library.register_autograd("moca_kernels::masked_attention_fwd", _backward, setup_context=_setup_context)
+
+
+def _run_triton(q, k, v, mask, scale, return_lse, deterministic):
+    from . import masked_attention_triton as kernels
+
+    D = q.shape[2]
+    q_tile, k_tile = kernels.plan(q.device, q.dtype, D)
+    tables = mask.tile_metadata(q_tile, k_tile)
+    scale = float(D ** -0.5 if scale is None else scale)
+    out, lse = _fused_fwd(q, k, v, mask.spans, tables, scale, q_tile, k_tile, deterministic)
+    return (out, lse) if return_lse else out
+
+
+def _run_torch(q, k, v, mask, scale, return_lse, deterministic):
+    return reference.masked_attention(q, k, v, mask, scale=scale, return_lse=return_lse)
+
+
+def _triton_reasons(q, k, v, mask, scale, return_lse, deterministic):
+    why = triton_reasons(q, k, v)
+    if q.dtype not in KERNEL_DTYPES:
+        why.append(f"inputs are {q.dtype}; the triton kernels take float32, float16 and bfloat16")
+    if q.shape[2] > MAX_TRITON_HEAD_DIM:
+        why.append(f"head dim {q.shape[2]} > {MAX_TRITON_HEAD_DIM} is not supported by the triton kernels")
+    return why
 
 
 _OP = Op(_NAME, [
-    Backend("torch", lambda **_: [], reference.masked_attention),
+    Backend("triton", _triton_reasons, _run_triton),
+    Backend("torch", lambda **_: [], _run_torch),
 ])
