@@ -96,6 +96,8 @@ def _prune(operand_names, n_name):
         fit = [c for c in configs if c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs[n_name]) * c.kwargs["BLOCK_K"] * esize
                <= _SMEM_LIMIT]
         fit = fit or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] + c.kwargs[n_name]) * c.kwargs["BLOCK_K"])]
+        # 128-byte K slices: BLOCK_K = 64 for 16-bit types, 32 for float32 (fewer candidates to compile)
+        fit = [c for c in fit if c.kwargs["BLOCK_K"] * esize >= 128] or fit
         return fit if AUTOTUNE else fit[:1]
 
     return prune
