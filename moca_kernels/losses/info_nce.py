@@ -87,8 +87,9 @@ def info_nce(query: torch.Tensor, doc: torch.Tensor, temperature: Union[float, t
     pos = (torch.arange(B, device=query.device) if positive_index is None else positive_index).long()
     ids = doc_ids.long() if doc_ids is not None else None
     plan = _plan(query, doc, pos, ids, k, hard_negative_scope, symmetric, group)
-    t = (temperature.reshape(()).float() if torch.is_tensor(temperature)
-         else torch.full((), float(temperature), dtype=torch.float32, device=query.device))
+    t_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    t = (temperature.reshape(()).to(t_dtype) if torch.is_tensor(temperature)
+         else torch.full((), float(temperature), dtype=t_dtype, device=query.device))
 
     own = hard_negative_scope == "own" and k > 0
     row_key = plan.doc_ids[plan.target] if ids is not None else None
