@@ -68,8 +68,9 @@ def _tile_configs():
     if _INTERPRET:  # the interpreter's cost grows with the tile; one small config
         return [triton.Config({"BLOCK_M": 16, "BLOCK_V": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=1, num_stages=1)]
     return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_V": 256, "BLOCK_K": 64, "GROUP_M": 16}, num_warps=8, num_stages=3),
+        # first = what AUTOTUNE=False takes: 160 KiB of shared memory at most, safe on every sm_80+ part
         triton.Config({"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_K": 64, "GROUP_M": 16}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_V": 256, "BLOCK_K": 64, "GROUP_M": 16}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_K": 32, "GROUP_M": 16}, num_warps=4, num_stages=4),
     ]
 
@@ -78,8 +79,8 @@ def _gemm_configs():
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=1, num_stages=1)]
     return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
     ]
 
