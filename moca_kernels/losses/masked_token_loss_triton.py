@@ -30,8 +30,9 @@ stays a small fraction of each GEMM).
 
 The two backward GEMMs run on cuBLAS (``torch.mm`` / ``torch.addmm`` with float32 output) for bfloat16 and
 float32 when available, otherwise on the Triton GEMM below (``_gemm_kernel``). float16 always takes the Triton
-GEMM: its G is stored pre-scaled by 2^14 / max|g| (so softmax values down to ~1e-7 stay normal float16 numbers)
-and the GEMM epilogue undoes the scale in float32 before rounding.
+GEMM: its G is stored pre-scaled by 2^14 / max|g| (p * 2^14 stays a normal float16 number down to p ~ 4e-9,
+where (p - y) / n_counted unscaled would flush to zero below p ~ 5e-4 at n = 8192) and the GEMM epilogue undoes
+the scale in float32 before rounding.
 """
 
 from __future__ import annotations
