@@ -18,6 +18,7 @@ Scores are kept in base 2: s2 = (q . k) * scale * log2(e), so exp2 replaces exp;
 from __future__ import annotations
 
 import math
+import os
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -390,7 +391,13 @@ class use_tiles:
 
 
 def _candidates(kind: str, dtype: torch.dtype, bd: int, device: torch.device):
-    """(walked tile, num_warps, num_stages) candidates; the first is the default."""
+    """(walked tile, num_warps, num_stages) candidates; the first is the default, the only one when
+    MOCA_ATTENTION_TUNE=0 (tests: one compile per kernel instead of one per candidate)."""
+    cands = _all_candidates(kind, dtype, bd, device)
+    return cands[:1] if os.environ.get("MOCA_ATTENTION_TUNE", "1") == "0" else cands
+
+
+def _all_candidates(kind, dtype, bd, device):
     if _TILE_OVERRIDE is not None:
         walk = _TILE_OVERRIDE[{"fwd": "fwd_n", "dkdv": "dkdv_m", "dq": "dq_n"}[kind]]
         return [(walk, 4, 1)]
