@@ -265,6 +265,9 @@ class MaeDecoder(nn.Module):
         layers = backbone.language_model.layers
         self.source_layer = len(layers) // 2
         self.layer = copy.deepcopy(layers[self.source_layer])
+        for m in self.layer.modules():   # share the LM's config, so switching attention switches the decoder too
+            if getattr(m, "config", None) is not None:
+                m.config = backbone.language_model.config
         self.norm = copy.deepcopy(backbone.language_model.norm)
         self.head = nn.Linear(backbone.hidden_size, out_dim)
         nn.init.normal_(self.head.weight, std=0.02)

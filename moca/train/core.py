@@ -43,6 +43,7 @@ class TrainConfig:
 
     output_dir: str = "runs/moca"
     max_steps: int = 100
+    stop_at_step: Optional[int] = None  # leave after this step with a checkpoint, as if interrupted (job time limits)
     grad_accum: int = 1
     lr: float = 2e-6
     weight_decay: float = 0.0
@@ -137,7 +138,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         seen.add(id(p))
         (no_decay if p.dim() < 2 or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             foreach=True)
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -463,7 +465,8 @@ class Trainer:
         self.model.train()
         t_window, tok_window = time.perf_counter(), 0
         try:
-            while self.step < self.cfg.max_steps:
+            stop = min(self.cfg.max_steps, self.cfg.stop_at_step or self.cfg.max_steps)
+            while self.step < stop:
                 metrics = self.compute_step()
                 grad_norm = self.optimizer_step()
                 self.step += 1
@@ -490,10 +493,10 @@ class Trainer:
                     t_window, tok_window = time.perf_counter(), 0
                 if bar is not None:
                     bar.update(1)
-                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.max_steps:
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < stop:
                     self.save_checkpoint()
             self.save_checkpoint()
-            if self.save_extra is not None:
+            if self.save_extra is not None and self.step >= self.cfg.max_steps:
                 self.dist.barrier()
                 if self.dist.is_main:
                     self.save_extra(self.out / "final")
