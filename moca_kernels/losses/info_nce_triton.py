@@ -48,7 +48,8 @@ G_CHUNK_ROWS: Optional[int] = None  # force (tests)
 # Forward column splits are multiples of this many columns (a multiple of every BLOCK_C below).
 SPLIT_ALIGN = 256
 SPLIT_COLS: Optional[int] = None  # force (tests)
-TARGET_PROGRAMS = 8 * 132  # forward programs to aim for: a few waves on an H100
+TARGET_PROGRAMS = 8 * 132  # forward programs to aim for at least: a few waves on an H100
+MIN_SPLITS = 16
 
 
 def _configs():
@@ -257,10 +258,15 @@ def _bucket(n: int) -> int:
 
 
 def _split_cols(R: int, C: int) -> int:
+    """Columns per forward split. At least MIN_SPLITS splits (C permitting): the grouped launch order then runs
+    GROUP_R (8) row blocks x MIN_SPLITS splits together, about one wave, so the x blocks (8 x 512 KB at
+    D = 2048) and the y tiles in flight stay in L2 instead of 132 different x blocks streaming from HBM.
+    More splits when there are too few row blocks to fill the GPU; each split keeps >= 1024 columns."""
     if SPLIT_COLS is not None:
         return SPLIT_COLS
     row_blocks = triton.cdiv(R, 128)
-    nsplit = max(1, min(triton.cdiv(TARGET_PROGRAMS, row_blocks), triton.cdiv(C, 4 * SPLIT_ALIGN), 64))
+    nsplit = max(MIN_SPLITS, triton.cdiv(TARGET_PROGRAMS, row_blocks))
+    nsplit = max(1, min(nsplit, triton.cdiv(C, 4 * SPLIT_ALIGN), 64))
     return triton.cdiv(triton.cdiv(C, nsplit), SPLIT_ALIGN) * SPLIT_ALIGN
 
 
@@ -379,38 +385,44 @@ def backward(x: torch.Tensor, y: torch.Tensor, temperature: torch.Tensor, target
 # GEMMs with fp32 outputs (cuBLAS accumulates half inputs in fp32 already; this keeps the result in fp32).
 # ---------------------------------------------------------------------------------------------------------
 
-_MM_OUT_DTYPE: list = []  # [(mm_ok, addmm_ok)] after a first check on the GPU
+_MM_OUT_DTYPE: dict = {}  # dtype -> (mm, addmm, addmm in place) support, checked once on the GPU
 
 
-def _check_out_dtype(device) -> Tuple[bool, bool]:
-    """Whether torch.mm / torch.addmm take out_dtype=float32 for bf16 inputs here, and give right answers."""
-    if not _MM_OUT_DTYPE:
-        a = torch.randn(64, 48, device=device).bfloat16()
-        b = torch.randn(48, 40, device=device).bfloat16()
+def _check_out_dtype(device, dtype) -> Tuple[bool, bool, bool]:
+    """Whether torch.mm / torch.addmm (new output, or out= its own input) take out_dtype=float32 for ``dtype``
+    inputs on this torch, and give right answers (a few small GEMMs, once per dtype)."""
+    if dtype not in _MM_OUT_DTYPE:
+        a = torch.randn(64, 48, device=device).to(dtype)
+        b = torch.randn(48, 40, device=device).to(dtype)
         c = torch.randn(64, 40, device=device)
         want = a.float() @ b.float()
-        try:
-            mm_ok = bool(torch.allclose(torch.mm(a, b, out_dtype=torch.float32), want, rtol=1e-4, atol=1e-4))
-        except Exception:
-            mm_ok = False
-        try:
-            got = torch.addmm(c, a, b, out_dtype=torch.float32)
-            addmm_ok = mm_ok and got.dtype == torch.float32 and bool(torch.allclose(got, c + want, rtol=1e-4, atol=1e-4))
-        except Exception:
-            addmm_ok = False
-        _MM_OUT_DTYPE.append((mm_ok, addmm_ok))
-    return _MM_OUT_DTYPE[0]
+
+        def ok(fn, expect):
+            try:
+                got = fn()
+                return got.dtype == torch.float32 and bool(torch.allclose(got, expect, rtol=1e-4, atol=1e-4))
+            except Exception:
+                return False
+
+        mm_ok = ok(lambda: torch.mm(a, b, out_dtype=torch.float32), want)
+        addmm_ok = mm_ok and ok(lambda: torch.addmm(c, a, b, out_dtype=torch.float32), c + want)
+        acc = c.clone()
+        inplace_ok = addmm_ok and ok(lambda: torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc), c + want)
+        _MM_OUT_DTYPE[dtype] = (mm_ok, addmm_ok, inplace_ok)
+    return _MM_OUT_DTYPE[dtype]
 
 
 def mm_f32(a: torch.Tensor, b: torch.Tensor, acc: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """a @ b (+ acc) as float32, for float32 / float16 / bfloat16 a and b of one dtype."""
+    """a @ b (+ acc, in place when possible) as float32, for float32 / float16 / bfloat16 a and b of one dtype."""
     if a.dtype == torch.float32:
         return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
     if a.is_cuda:
-        mm_ok, addmm_ok = _check_out_dtype(a.device)
+        mm_ok, addmm_ok, inplace_ok = _check_out_dtype(a.device, a.dtype)
         if mm_ok:
             if acc is None:
                 return torch.mm(a, b, out_dtype=torch.float32)
+            if inplace_ok:
+                return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             if addmm_ok:
                 return torch.addmm(acc, a, b, out_dtype=torch.float32)
             return acc.add_(torch.mm(a, b, out_dtype=torch.float32))
