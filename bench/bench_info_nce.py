@@ -100,7 +100,10 @@ def agreement(B, M, D, device, lowp=torch.bfloat16):
 
 
 def main(argv=None):
-    args = common_args(__doc__.splitlines()[0]).parse_args(argv)
+    parser = common_args(__doc__.splitlines()[0])
+    parser.add_argument("--sweep", type=int, nargs="+", default=None, metavar="B",
+                        help="run only the scaling sweep, at these B = M (e.g. --sweep 262144)")
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         import os
 
@@ -118,6 +121,8 @@ def main(argv=None):
     D = 2048
     flops = 8.0 * B * M * D
     warmup, rep = (2, 10) if args.quick else (args.warmup, args.rep)
+    if args.sweep:
+        return sweep(args.sweep, D, device, warmup, rep, args.out)
     print(f"info_nce B=M={B} D={D} bf16 fwd+bwd: floor {flops / 1e12:.1f} TFLOP -> {floor_ms(flops):.1f} ms at "
           f"738 TFLOP/s (naive forms the logits once: 6 B M D)")
     agreement(B, M, D, device)
@@ -127,22 +132,25 @@ def main(argv=None):
               tag=f"info_nce_B{B}_D{D}")
     if args.quick:
         return 0
+    return sweep((4096, 8192, 16384, 32768, 65536, 131072, 262144), D, device, warmup, rep, args.out)
 
-    print("\nscaling sweep (moca triton, B = M, D = 2048, bf16, fwd+bwd): time ~ B^2, memory ~ B")
-    sweep = []
-    for n in (4096, 8192, 16384, 32768, 65536, 131072, 262144):
+
+def sweep(sizes, D, device, warmup, rep, out):
+    print(f"\nscaling sweep (moca triton, B = M, D = {D}, bf16, fwd+bwd): time ~ B^2, memory ~ B")
+    rows = []
+    for n in sizes:
         f = 8.0 * n * n * D
         cases = [Case("moca triton", make_setup(ours, n, n, D, torch.bfloat16, device))]
         if n <= 65536:
             cases.append(Case("naive bf16 (logits materialised)", make_setup(naive, n, n, D, torch.bfloat16, device)))
         big = n >= 65536
         rep_n = run_cases("info_nce fwd+bwd scaling", cases, shape=dict(B=n, M=n, D=D, dtype="bfloat16"), flops=f,
-                          baseline=None, warmup=1 if big else warmup, rep=3 if big else rep, out=args.out,
+                          baseline=None, warmup=1 if big else warmup, rep=3 if big else rep, out=out,
                           tag=f"info_nce_sweep_B{n}")
-        sweep.append((n, rep_n.results[0]))
+        rows.append((n, rep_n.results[0]))
     print("\n| B = M | ms | ms / (B/32768)^2 | extra GiB | GiB / (B/32768) |")
     print("|---|---|---|---|---|")
-    for n, r in sweep:
+    for n, r in rows:
         if r.median_ms is None:
             print(f"| {n} | -- | | | | {r.error}")
             continue
