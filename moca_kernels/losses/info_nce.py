@@ -77,6 +77,12 @@ def info_nce(query: torch.Tensor, doc: torch.Tensor, temperature: Union[float, t
     Returns:
         float32 scalar (float64 on the torch backend for float64 inputs).
 
+    Precision and memory (triton backend): logits are tl.dot products accumulated in fp32; bf16 / fp16 inputs
+    use tensor cores; fp32 inputs use exact fp32 products unless ``torch.backends.cuda.matmul.allow_tf32`` is
+    set, then tf32 tensor cores (the switch torch.matmul obeys, so both agree). Softmax and LSE are fp32.
+    Extra memory is O(B + M): per-row statistics forward; backward, a [rows, M] gradient chunk in the input
+    dtype (>= 4096 rows, ~256 MiB) plus an fp32 copy of d doc. The [B, M] logits are never materialised.
+
     Raises:
         ValueError / TypeError: dimension mismatch, an empty batch, positive_index out of range,
         non-positive temperature, a bad option value or a doc layout that does not fit the options.
