@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 import moca_kernels as mk
+from moca_kernels.attention import pack, unpack
 
 ATTN_NAME = "moca"
 
@@ -54,19 +55,16 @@ class MocaMask:
         self.seq_len = int(seq_len)
         self._packed = None
 
-    def packed(self, device: torch.device):
-        """(index or None, AttentionMask): flat indices [T] of the real tokens of the [B * S] grid (None when
-        every position is real) and the mask with one document per row. Built once (one host sync for the
-        row lengths of a padded batch), then reused by every layer."""
+    def packed(self, device: torch.device) -> mk.AttentionMask:
+        """The AttentionMask with one document per row, built once (one host sync for the row lengths of a padded
+        batch, in ``AttentionMask.from_padding_mask``) and reused by every layer, so per-mask metadata the kernels
+        cache is built once per forward. Without padding its ``padding_index`` is None (no gather needed)."""
         if self._packed is None:
             B, S = self.batch_size, self.seq_len
             if self.padding is None or bool(self.padding.all()):
-                index, lens = None, [S] * B
+                self._packed = mk.AttentionMask.from_seqlens([S] * B, causal=self.causal, device=device)
             else:
-                pad = self.padding.to(device=device, dtype=torch.bool)
-                index = pad.reshape(-1).nonzero().squeeze(1)
-                lens = pad.sum(1).tolist()
-            self._packed = (index, mk.AttentionMask.from_seqlens(lens, causal=self.causal, device=device))
+                self._packed = mk.AttentionMask.from_padding_mask(self.padding.to(device), causal=self.causal)
         return self._packed
 
     def __repr__(self) -> str:
@@ -168,14 +166,14 @@ def moca_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
         out = mk.masked_attention(q, k, v, docs.to(q.device), scale=scaling)
         return out.view(B, S, Hq, D), None
 
-    index, docs = attention_mask.packed(q.device)
-    if index is None:
+    docs = attention_mask.packed(q.device)
+    if getattr(docs, "padding_index", None) is None:
         out = mk.masked_attention(q, k, v, docs, scale=scaling)
         return out.view(B, S, Hq, D), None
-    out_packed = mk.masked_attention(q.index_select(0, index), k.index_select(0, index), v.index_select(0, index),
-                                     docs, scale=scaling)
-    out = out_packed.new_zeros(B * S, Hq, D).index_copy(0, index, out_packed)  # padding rows get 0
-    return out.view(B, S, Hq, D), None
+    # padded batch: drop the padding, attend over the packed rows, put the rows back (padding outputs are 0)
+    qp, kp, vp = (pack(t.transpose(1, 2), docs) for t in (query, key, value))
+    out = unpack(mk.masked_attention(qp, kp, vp, docs, scale=scaling), docs)
+    return out, None
 
 
 def _vision_mask(cu: torch.Tensor, precomputed: Optional[dict], device) -> mk.AttentionMask:
