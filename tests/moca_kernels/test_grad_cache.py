@@ -216,6 +216,7 @@ def _ddp_worker(rank, world, port):
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_ddp_step_syncs_once_and_equals_one_process_on_the_global_batch():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

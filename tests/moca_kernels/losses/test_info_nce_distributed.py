@@ -117,6 +117,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_loss_and_gradients_equal_one_process_on_the_global_batch(world):
     mp.spawn(_worker, args=(world, _free_port(), CASES), nprocs=world, join=True)
