@@ -247,10 +247,11 @@ def _own_logits_kernel(
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """'tf32' for fp32 inputs when torch allows tf32 matmuls (and not interpreted), else 'ieee'."""
-    if dtype == torch.float32 and not triton_interpret() and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """tl.dot's input_precision. It only matters for fp32 inputs: 'ieee' (exact fp32 products) unless torch
+    allows tf32 matmuls (then 'tf32' tensor cores, as torch.matmul); 16-bit inputs keep Triton's default."""
+    if dtype == torch.float32 and (triton_interpret() or not torch.backends.cuda.matmul.allow_tf32):
+        return "ieee"
+    return "tf32"
 
 
 def _bucket(n: int) -> int:
@@ -367,8 +368,10 @@ def backward(x: torch.Tensor, y: torch.Tensor, temperature: torch.Tensor, target
             if own_k:
                 acc += torch.bmm(p_extra[r0:r1, None, :], hard[r0:r1].float())[:, 0]
             dx[r0:r1].copy_(acc.mul_(coef))
+            acc = None
         if need_dy:
             dy_dense = mm_f32(g.T, x[r0:r1], acc=dy_dense)                 # [C, D] fp32
+    g_buf = g = None
     dy = None
     if need_dy:
         dy = _alloc.empty_like(y)
@@ -392,7 +395,7 @@ def _check_out_dtype(device, dtype) -> Tuple[bool, bool, bool]:
     """Whether torch.mm / torch.addmm (new output, or out= its own input) take out_dtype=float32 for ``dtype``
     inputs on this torch, and give right answers (a few small GEMMs, once per dtype)."""
     if dtype not in _MM_OUT_DTYPE:
-        a = torch.randn(64, 48, device=device).to(dtype)
+        a = torch.randn(48, 64, device=device).to(dtype).T    # transposed, as G^T in the dDoc GEMM
         b = torch.randn(48, 40, device=device).to(dtype)
         c = torch.randn(64, 40, device=device)
         want = a.float() @ b.float()
@@ -404,7 +407,8 @@ def _check_out_dtype(device, dtype) -> Tuple[bool, bool, bool]:
             except Exception:
                 return False
 
-        mm_ok = ok(lambda: torch.mm(a, b, out_dtype=torch.float32), want)
+        mm_ok = (ok(lambda: torch.mm(a, b, out_dtype=torch.float32), want)
+                 and ok(lambda: torch.mm(a.contiguous(), b, out_dtype=torch.float32), want))
         addmm_ok = mm_ok and ok(lambda: torch.addmm(c, a, b, out_dtype=torch.float32), c + want)
         acc = c.clone()
         inplace_ok = addmm_ok and ok(lambda: torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc), c + want)
@@ -431,7 +435,8 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor, acc: Optional[torch.Tensor] = None)
 
 
 def workspace_bytes(R: int, C: int, D: int, itemsize: int) -> int:
-    """Backward workspace beyond inputs and gradients: G chunk + fp32 dY (+ its GEMM temporary) + fp32 dX chunk."""
+    """Upper bound of the backward workspace beyond inputs and gradients: G chunk + fp32 dY + its GEMM
+    temporary (when torch cannot accumulate in place) + one fp32 dX chunk."""
     rows = chunk_rows(R, C, itemsize)
     return rows * C * itemsize + 2 * C * D * 4 + rows * D * 4
 

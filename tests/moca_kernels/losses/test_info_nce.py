@@ -84,14 +84,15 @@ def test_triton_matches_float64(name, dtype, device):
     check_against_float64("triton", q, d, t, kw)
 
 
-def test_triton_column_splits_and_row_chunks_give_the_same_result(device, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_column_splits_and_row_chunks_give_the_same_result(dtype, device, monkeypatch):
     """Forward split into several column ranges (merged on the host), backward in several row chunks
     (dDoc accumulated in fp32 across chunks)."""
     from moca_kernels.losses import info_nce_triton as kernels
 
     monkeypatch.setattr(kernels, "SPLIT_COLS", 16)
     monkeypatch.setattr(kernels, "G_CHUNK_ROWS", 5)
-    q, d, t, kw = make_case(OPTIONS["own_symmetric_ids"], torch.float32, device)
+    q, d, t, kw = make_case(OPTIONS["own_symmetric_ids"], dtype, device)
     check_against_float64("triton", q, d, t, kw)
 
 
@@ -243,13 +244,15 @@ def one_config(monkeypatch):
         monkeypatch.setattr(kern, "configs", kern.configs[:1])
 
 
-GPU_OPTIONS = ["plain", "own_symmetric_ids", "batch_symmetric_ids"]
+# Few option sets per dtype: every (dtype, masking, even-D) variant is a Triton compile on the GPU machine.
+GPU_OPTIONS = {torch.bfloat16: ["plain", "own_symmetric_ids", "batch_symmetric_ids"],
+               torch.float16: ["own_symmetric_ids"], torch.float32: ["own_symmetric_ids"]}
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gpu_matches_float64(dtype, one_config):
-    for name in GPU_OPTIONS if dtype != torch.float32 else GPU_OPTIONS[:2]:
+    for name in GPU_OPTIONS[dtype]:
         q, d, t, kw = make_case(OPTIONS[name], dtype, "cuda", B=300, D=200, in_batch=337)
         check_against_float64("triton", q, d, t, kw)
 
@@ -268,16 +271,16 @@ def test_gpu_large_batch_with_splits_and_chunks(one_config, monkeypatch):
 
     monkeypatch.setattr(kernels, "G_CHUNK_ROWS", 1536)   # 3 row chunks: fp32 accumulation of dDoc
     q, d, t, kw = make_case(dict(hard_negatives=1, hard_negative_scope="own", ids=True), torch.bfloat16, "cuda",
-                            B=4000, D=256, in_batch=4100)
+                            B=4000, D=200, in_batch=4100)
     check_against_float64("triton", q, d, t, kw)
 
 
 @pytest.mark.gpu
 def test_gpu_memory_stays_far_below_the_logits(one_config):
-    """B = M = 16384, D = 512 bf16: the [B, M] fp32 logits would take 1 GiB; we use the G chunk + fp32 dDoc."""
+    """B = M = 16384, D = 456 bf16: the [B, M] fp32 logits would take 1 GiB; we use the G chunk + fp32 dDoc."""
     from moca_kernels.losses import info_nce_triton as kernels
 
-    n, dim = 16384, 512
+    n, dim = 16384, 456
     q = torch.randn(n, dim, device="cuda", dtype=torch.bfloat16).requires_grad_()
     d = torch.randn(n, dim, device="cuda", dtype=torch.bfloat16).requires_grad_()
     mk.info_nce(q, d, impl="triton").backward()          # warm-up (compile) outside the measurement
