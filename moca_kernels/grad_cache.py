@@ -65,8 +65,9 @@ class GradCache:
             return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
         def loss_fn(q, d):                                        # d: B positives, then 2 negatives per query
-            return mk.info_nce(q, d, temperature=0.03, hard_negatives=2, hard_negative_scope="own",
-                               group=torch.distributed.group.WORLD)
+            # bf16 operands run info_nce on tensor cores (fp32 ones use exact fp32 products unless tf32 is on)
+            return mk.info_nce(q.bfloat16(), d.bfloat16(), temperature=0.03, hard_negatives=2,
+                               hard_negative_scope="own", group=torch.distributed.group.WORLD)
 
         cache = mk.GradCache(encode, loss_fn, chunk_sizes=(64, 32), sync_modules=[model])
         with torch.autocast("cuda", dtype=torch.bfloat16):
