@@ -232,15 +232,18 @@ def _dkdv_tiles(dk, dv, k, v, Q_head, dO_head, Lse_head, Delta_head, DQ_head, Sp
 def _bwd_dkdv_kernel(
     Q, K, V, dO, Lse, Delta, dK, dV, DQacc,   # dk, dv [T, Hkv, D]; DQacc float32 [T, Hq, D] (ATOMIC_DQ only)
     Spans, KTable,                             # KTable: k_table [nK, 4] followed by k_order [nK]
-    T, GROUP, qk_scale, sm_scale,
+    T, GROUP, SPLIT, HEADS_PER_PROG, qk_scale, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
+    stride_dks, stride_dkt, stride_dkh, stride_dvs, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Program (hk, slot) owns key tile KOrder[slot] of key/value head hk: writes its dK and dV rows, summed
-    over the GROUP query heads reading hk, and (ATOMIC_DQ) adds to dQ of the query tiles it meets."""
-    hk = tl.program_id(0)
+    """Program (hk * SPLIT + part, slot) owns key tile KOrder[slot] of key/value head hk and the query heads
+    hk * GROUP + [part * HEADS_PER_PROG, ...) reading it: writes their summed dK and dV rows (into partial
+    buffer ``part`` when SPLIT > 1; the host sums the parts) and (ATOMIC_DQ) adds to dQ of the query tiles
+    it meets. SPLIT > 1 only when key tiles x heads are too few to fill the GPU."""
+    hk = tl.program_id(0) // SPLIT
+    part = tl.program_id(0) % SPLIT
     tile = tl.load(KTable + 4 * tl.cdiv(T, BLOCK_N) + tl.program_id(1))
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -255,7 +258,9 @@ def _bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(0, GROUP):
+    g_lo = part * HEADS_PER_PROG
+    g_hi = tl.minimum(g_lo + HEADS_PER_PROG, GROUP)
+    for g in range(g_lo, g_hi):
         h = hk * GROUP + g
         Q_head = Q + h * stride_qh
         dO_head = dO + h * stride_doh
@@ -272,10 +277,10 @@ def _bwd_dkdv_kernel(
                              qk_scale, sm_scale, stride_qt, stride_dot, stride_dqt, offs_m, offs_d, d_ok,
                              True, EVEN_D, ATOMIC_DQ, BLOCK_M, DOT_PREC)
     dk = dk * sm_scale   # s = scale * q.k
-    tl.store(dK + cols64[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :], dk.to(dK.dtype.element_ty),
-             mask=kv_ok)
-    tl.store(dV + cols64[:, None] * stride_dvt + hk * stride_dvh + offs_d[None, :], dv.to(dV.dtype.element_ty),
-             mask=kv_ok)
+    tl.store(dK + part * stride_dks + cols64[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :],
+             dk.to(dK.dtype.element_ty), mask=kv_ok)
+    tl.store(dV + part * stride_dvs + cols64[:, None] * stride_dvt + hk * stride_dvh + offs_d[None, :],
+             dv.to(dV.dtype.element_ty), mask=kv_ok)
 
 
 @triton.jit
@@ -374,11 +379,11 @@ def plan(device: torch.device, dtype: torch.dtype, head_dim: int) -> Tuple[int, 
 
 
 class use_tiles:
-    """Context manager (tests): force owner tiles and the walked tile sizes, e.g.
-    ``use_tiles(q_tile=32, k_tile=16, fwd_n=16, dkdv_m=32, dq_n=16)``."""
+    """Context manager (tests): force owner tiles, the walked tile sizes and the GQA group split of the dK/dV
+    kernel, e.g. ``use_tiles(q_tile=32, k_tile=16, fwd_n=16, dkdv_m=32, dq_n=16, split=2)``."""
 
-    def __init__(self, q_tile: int, k_tile: int, fwd_n: int, dkdv_m: int, dq_n: int):
-        self.value = dict(q_tile=q_tile, k_tile=k_tile, fwd_n=fwd_n, dkdv_m=dkdv_m, dq_n=dq_n)
+    def __init__(self, q_tile: int, k_tile: int, fwd_n: int, dkdv_m: int, dq_n: int, split: int = 1):
+        self.value = dict(q_tile=q_tile, k_tile=k_tile, fwd_n=fwd_n, dkdv_m=dkdv_m, dq_n=dq_n, split=split)
 
     def __enter__(self):
         global _TILE_OVERRIDE
@@ -439,6 +444,25 @@ def _pick(key, candidates, launch, before_each=None):
                     best, best_ms = cfg, ms
             _TUNED[key] = best
     return _TUNED[key]
+
+
+_SM_COUNT: Dict[int, int] = {}
+# The dK/dV kernel runs one program per (key tile, key/value head). With few key/value heads (GQA) that can be
+# too few programs to fill the GPU evenly (2 heads x 128 tiles on 132 SMs: the longest programs set the end);
+# below this many programs per SM, the query heads of a group are split over several programs.
+MIN_DKDV_PROGRAMS_PER_SM = 3
+
+
+def _group_split(programs: int, group: int, device: torch.device) -> int:
+    if _TILE_OVERRIDE is not None and "split" in _TILE_OVERRIDE:
+        return max(1, min(group, _TILE_OVERRIDE["split"]))
+    if device.type != "cuda" or group == 1:
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    want = MIN_DKDV_PROGRAMS_PER_SM * _SM_COUNT[idx]
+    return max(1, min(group, -(-want // programs)))
 
 
 def _dot_prec(dtype: torch.dtype) -> str:
@@ -502,8 +526,15 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         out.stride(0), out.stride(1), do.stride(0), do.stride(1),
         HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=block, HAS_DLSE=dlse_c is not None, num_warps=4)
 
-    dk = _alloc.empty(T, Hkv, D, dtype=k.dtype, device=dev)
-    dv = _alloc.empty(T, Hkv, D, dtype=v.dtype, device=dev)
+    split = _group_split(Hkv * n_tiles(T, k_tile), group, dev)
+    heads_per_prog = triton.cdiv(group, split)
+    split = triton.cdiv(group, heads_per_prog)
+    if split == 1:
+        dk = _alloc.empty(T, Hkv, D, dtype=k.dtype, device=dev)
+        dv = _alloc.empty(T, Hkv, D, dtype=v.dtype, device=dev)
+    else:   # float32 partial sums over parts of the group, summed below (fixed order: deterministic)
+        dk = _alloc.empty(split, T, Hkv, D, dtype=torch.float32, device=dev)
+        dv = _alloc.empty(split, T, Hkv, D, dtype=torch.float32, device=dev)
     atomic = not deterministic
     if atomic:
         dq_acc = torch.zeros(T, Hq, D, dtype=torch.float32, device=dev)
@@ -513,21 +544,25 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     def launch_dkdv(cfg):
         walk, warps, stages = cfg
-        _bwd_dkdv_kernel[(Hkv, n_tiles(T, k_tile))](
-            q, k, v, do, lse, delta, dk, dv, dq_acc, spans, k_tables, T, group, scale * LOG2E, scale,
+        _bwd_dkdv_kernel[(Hkv * split, n_tiles(T, k_tile))](
+            q, k, v, do, lse, delta, dk, dv, dq_acc, spans, k_tables, T, group, split, heads_per_prog,
+            scale * LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            dk.stride(-4) if split > 1 else 0, dk.stride(-3), dk.stride(-2),
+            dv.stride(-4) if split > 1 else 0, dv.stride(-3), dv.stride(-2),
             dq_acc.stride(0) if atomic else 0, dq_acc.stride(1) if atomic else 0,
             HEAD_DIM=D, BLOCK_D=bd, EVEN_D=D == bd, BLOCK_M=walk, BLOCK_N=k_tile, ATOMIC_DQ=atomic, DOT_PREC=prec,
             num_warps=warps, num_stages=stages)
 
-    key = ("dkdv", D, q.dtype, group, k_tile, atomic, dev)
+    key = ("dkdv", D, q.dtype, group, split, k_tile, atomic, dev)
     timing = key not in _TUNED
     cfg = _pick(key, _candidates("dkdv", q.dtype, bd, dev), launch_dkdv,
                 before_each=(lambda: dq_acc.zero_()) if atomic else None)
     if atomic and timing:
         dq_acc.zero_()   # timing runs (if any) added into it
     launch_dkdv(cfg)
+    if split > 1:
+        dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
 
     if atomic:
         dq = dq_acc.to(q.dtype)

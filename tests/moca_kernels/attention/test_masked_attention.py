@@ -90,14 +90,16 @@ def test_triton_matches_float64_on_random_masks(seed, device):
                           device=device, lse_grad=rng.random() < 0.3)
 
 
-@pytest.mark.parametrize("tiles", [dict(q_tile=32, k_tile=16, fwd_n=16, dkdv_m=32, dq_n=16),
-                                   dict(q_tile=16, k_tile=32, fwd_n=32, dkdv_m=16, dq_n=32)])
-def test_walked_tiles_may_differ_from_owner_tiles(tiles, device):
+@pytest.mark.parametrize("tiles", [dict(q_tile=32, k_tile=16, fwd_n=16, dkdv_m=32, dq_n=16, split=2),
+                                   dict(q_tile=16, k_tile=32, fwd_n=32, dkdv_m=16, dq_n=32, split=3)])
+def test_walked_tiles_and_group_split_variants(tiles, device):
+    """Walked tile sizes other than the owner tiles, and the dK/dV kernel splitting a GQA group over programs
+    (7 heads over 3 programs: 3 + 3 + 1)."""
     if device.type == "cuda":
         pytest.skip("tile overrides are an interpreter check")
     with kernels.use_tiles(**tiles):
         check_against_float64("mixed", 4, 2, 64, torch.float32, 71, seed=5, deterministic=False, device=device)
-        check_against_float64("causal", 2, 1, 64, torch.float32, 40, seed=6, deterministic=True, device=device)
+        check_against_float64("causal", 7, 1, 64, torch.float32, 40, seed=6, deterministic=True, device=device)
 
 
 def test_tile_without_allowed_key_for_some_rows_gives_no_nan(device):
@@ -115,13 +117,14 @@ def test_tile_without_allowed_key_for_some_rows_gives_no_nan(device):
     torch.testing.assert_close(out[14], v[14], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_every_output_element_is_written(deterministic, device):
+@pytest.mark.parametrize("deterministic,split", [(False, 1), (True, 1), (False, 2)])
+def test_every_output_element_is_written(deterministic, split, device):
     rng = random.Random(11)
     mask = random_mask(rng, 35, "mixed", device=device)
     T = mask.total_len
     q, k, v = (rand(T, h, 64, device=device).requires_grad_() for h in (4, 2, 2))
-    with _alloc.poisoned():
+    tiles = kernels.use_tiles(*kernels.plan(device, torch.float32, 64), 16, 16, 16, split=split)
+    with _alloc.poisoned(), tiles:
         out, lse = mk.masked_attention(q, k, v, mask, return_lse=True, impl="triton", deterministic=deterministic)
         (out.sum() + lse.sum()).backward()
     for name, t in (("out", out), ("lse", lse), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
@@ -294,10 +297,10 @@ def test_gpu_long_sequence_131072(one_config):
         lens.append(n)
         left -= n
     blocks = torch.full((131072,), -1, dtype=torch.int64)
-    blocks[1000:1000 + 3000] = 4   # an image inside the first 8192-token document (if it is one)
-    mask = mk.AttentionMask.from_seqlens(lens, block_ids=blocks, causal=True, device="cuda",
-                                         check_blocks=True) if lens[0] >= 4000 else mk.AttentionMask.from_seqlens(
-                                             lens, causal=True, device="cuda")
+    blocks[1000:4000] = 4            # images (split into one block per document they cross)
+    blocks[70000:75000] = 5
+    blocks[131072 - 700:] = 6
+    mask = mk.AttentionMask.from_seqlens(lens, block_ids=blocks, causal=True, device="cuda")
     q, k, v = (rand(131072, h, 64, dtype=torch.bfloat16, device="cuda").requires_grad_() for h in (4, 1, 1))
     out = mk.masked_attention(q, k, v, mask)
     out.float().square().sum().backward()
@@ -305,8 +308,7 @@ def test_gpu_long_sequence_131072(one_config):
     starts = mask.cu_seqlens.tolist()
     for d in (0, len(lens) // 2, len(lens) - 1):
         a, b = starts[d], starts[d + 1]
-        sub = mk.AttentionMask.from_seqlens([b - a], block_ids=None if mask.block_ids is None else mask.block_ids[a:b],
-                                            causal=True, device="cuda")
+        sub = mk.AttentionMask.from_seqlens([b - a], block_ids=mask.block_ids[a:b], causal=True, device="cuda")
         ref = reference.masked_attention(q[a:b].double(), k[a:b].double(), v[a:b].double(), sub)
         low = naive_attention(q[a:b].detach(), k[a:b].detach(), v[a:b].detach(), sub)
         assert_close_like_torch(out[a:b].detach(), ref, low, what=f"document {d} of {len(lens)}")

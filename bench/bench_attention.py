@@ -1,0 +1,304 @@
+"""Benchmark: masked_attention over packed sequences against FlexAttention, torch varlen_attn and SDPA.
+
+Headline (DESIGN.md section 4): T = 16384 in documents of 4096, 2048, 3072, 1024, 512, 2560, 3072 tokens,
+Hq = 16, Hkv = 2, D = 128, bf16; forward and forward + backward, for two masks:
+
+* documents: bidirectional within each document (MoCa);
+* mixed: causal text, each image bidirectional (``causal=True`` + ``block_ids``). Image layout (ours, chosen
+  to look like packed interleaved VLM samples): each document opens with a 32-token text prompt, then images
+  of 1024, 256, 576, 784, 1024, ... merged tokens (Qwen2.5-VL: 256..1024 per image) separated by 96 text
+  tokens, as long as an image and 64 more tokens fit; the rest is text. About 3/4 of the tokens are image
+  tokens. FLOPs count only allowed (q, k) pairs: 4 * D * Hq * pairs forward, 3.5x that forward + backward.
+
+Peers, same masks, same inputs: FlexAttention (torch.compile'd ``flex_attention``, its block mask built once
+outside the timing; ``create_block_mask`` is timed in the metadata table), torch ``varlen_attn``
+(FlashAttention-2; documents mask only: the mixed mask is not expressible), SDPA flash on one unmasked
+sequence of T (5.6x the work of the documents mask) and, without ``--quick``, SDPA efficient with a dense
+[T, T] boolean mask. Ours: the default backward (dQ by float32 atomics) and ``deterministic=True``.
+
+Metadata: ours (CUDA builder: spans from the device's cu_seqlens / block_ids, then the per-tile tables; also
+the torch builder, and from_seqlens from a host list end to end) against ``create_block_mask``.
+
+Without ``--quick``, two more shapes: the Qwen2.5-VL-7B text model (Hq = 28, Hkv = 4, same documents) and the
+vision tower (Hq = Hkv = 16, D = 80, one bidirectional document per image of 1024, 4096, 2048, 1024, 3136,
+2048, 1024, 2016 patches, T = 16416; documents mask only).
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import time
+
+import torch
+
+try:
+    from bench.harness import Case, common_args, run_cases
+except ImportError:  # run as a script from bench/
+    from harness import Case, common_args, run_cases
+
+import moca_kernels as mk
+from moca_kernels import _ext
+from moca_kernels.attention import metadata
+
+HEADLINE_DOCS = [4096, 2048, 3072, 1024, 512, 2560, 3072]
+VISION_IMAGES = [1024, 4096, 2048, 1024, 3136, 2048, 1024, 2016]
+IMAGE_SIZES = [1024, 256, 576, 784]
+MATMUL_PEAK = 738e12   # DESIGN.md section 4, bf16 matmul on one H100
+
+TARGETS = {  # issue 3, H100, ms
+    ("headline", "documents", "fwd"): 0.83, ("headline", "documents", "fwd+bwd"): 3.25,
+    ("headline", "mixed", "fwd+bwd"): 2.45,
+}
+
+
+def mixed_block_ids(lens, prompt=32, gap=96, tail=64) -> torch.Tensor:
+    """int64 [T]: the image layout described in the module docstring (-1 = text)."""
+    ids = []
+    image = 0
+    for L in lens:
+        doc = [-1] * min(prompt, L)
+        while True:
+            size = IMAGE_SIZES[image % len(IMAGE_SIZES)]
+            if len(doc) + size + tail > L:
+                break
+            doc += [image] * size
+            image += 1
+            doc += [-1] * min(gap, L - len(doc))
+        doc += [-1] * (L - len(doc))
+        ids += doc
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def build_mask(kind, lens, device):
+    if kind == "documents":
+        return mk.AttentionMask.from_seqlens(lens, device=device)
+    return mk.AttentionMask.from_seqlens(lens, block_ids=mixed_block_ids(lens).to(device), causal=True, device=device)
+
+
+def allowed_pairs(mask) -> int:
+    return int((mask.spans[1] - mask.spans[0]).sum(dtype=torch.int64).item())
+
+
+def inputs(T, Hq, Hkv, D, dtype, device, layout="packed"):
+    """q [T, Hq, D], k, v [T, Hkv, D] (packed) or [1, H, T, D] (layout='bhsd'), plus the upstream gradient."""
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(T, Hq, D, device=device, dtype=dtype, generator=g)
+    k = torch.randn(T, Hkv, D, device=device, dtype=dtype, generator=g)
+    v = torch.randn(T, Hkv, D, device=device, dtype=dtype, generator=g)
+    do = torch.randn(T, Hq, D, device=device, dtype=dtype, generator=g)
+    if layout == "bhsd":
+        q, k, v, do = (t.transpose(0, 1).unsqueeze(0).contiguous() for t in (q, k, v, do))
+    return q, k, v, do
+
+
+def timed(fn, q, k, v, do, backward):
+    """The timed call: forward, or forward + backward with a fixed upstream gradient."""
+    for t in (q, k, v):
+        t.requires_grad_(backward)
+
+    def run():
+        out = fn(q, k, v)
+        if backward:
+            q.grad = k.grad = v.grad = None
+            out.backward(do)
+        return out
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cases
+# ---------------------------------------------------------------------------------------------------------
+
+
+def case_moca(mask, shape, backward, deterministic=False, impl=None):
+    def setup():
+        q, k, v, do = inputs(*shape)
+        return timed(lambda a, b, c: mk.masked_attention(a, b, c, mask, impl=impl, deterministic=deterministic),
+                     q, k, v, do, backward)
+    return setup
+
+
+def _flex_mask_mod(mask):
+    doc = mask.document_ids()
+    if not mask.causal:
+        return lambda b, h, q_idx, kv_idx: doc[q_idx] == doc[kv_idx]
+    blk = mask.block_ids
+
+    def mod(b, h, q_idx, kv_idx):
+        same_block = (blk[q_idx] == blk[kv_idx]) & (blk[q_idx] >= 0)
+        return (doc[q_idx] == doc[kv_idx]) & ((kv_idx <= q_idx) | same_block)
+    return mod
+
+
+_FLEX = {}
+
+
+def case_flex(mask, shape, backward):
+    def setup():
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        T = mask.total_len
+        block_mask = create_block_mask(_flex_mask_mod(mask), None, None, T, T, device=mask.device)
+        if "fn" not in _FLEX:
+            _FLEX["fn"] = torch.compile(flex_attention)
+        flex = _FLEX["fn"]
+        q, k, v, do = inputs(*shape, layout="bhsd")
+        gqa = q.shape[1] != k.shape[1]
+        return timed(lambda a, b, c: flex(a, b, c, block_mask=block_mask, enable_gqa=gqa), q, k, v, do, backward)
+    return setup
+
+
+def case_varlen(mask, shape, backward):
+    def setup():
+        from torch.nn.attention.varlen import varlen_attn
+
+        T, Hq, Hkv, D, dtype, device = shape
+        q, k, v, do = inputs(*shape)
+        params = inspect.signature(varlen_attn).parameters
+        kw = {}
+        if Hq != Hkv:
+            if "enable_gqa" in params:
+                kw["enable_gqa"] = True
+            else:   # this torch's varlen_attn has no GQA: repeat K/V once, outside the timing
+                k = k.repeat_interleave(Hq // Hkv, 1).contiguous()
+                v = v.repeat_interleave(Hq // Hkv, 1).contiguous()
+        cu = mask.cu_seqlens
+        longest = max(mask.seqlens)
+        return timed(lambda a, b, c: varlen_attn(a, b, c, cu, cu, longest, longest, **kw), q, k, v, do, backward)
+    return setup
+
+
+def case_sdpa_flash_unmasked(shape, backward):
+    def setup():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        import torch.nn.functional as F
+
+        T, Hq, Hkv, D, dtype, device = shape
+        q, k, v, do = inputs(*shape, layout="bhsd")
+        k = k.repeat_interleave(Hq // Hkv, 1).contiguous()   # outside the timing
+        v = v.repeat_interleave(Hq // Hkv, 1).contiguous()
+
+        def fn(a, b, c):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(a, b, c)
+        return timed(fn, q, k, v, do, backward)
+    return setup
+
+
+def case_sdpa_dense(mask, shape, backward):
+    def setup():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        import torch.nn.functional as F
+
+        T, Hq, Hkv, D, dtype, device = shape
+        q, k, v, do = inputs(*shape, layout="bhsd")
+        k = k.repeat_interleave(Hq // Hkv, 1).contiguous()
+        v = v.repeat_interleave(Hq // Hkv, 1).contiguous()
+        dense = mask.to_dense()
+
+        def fn(a, b, c):
+            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+                return F.scaled_dot_product_attention(a, b, c, attn_mask=dense)
+        return timed(fn, q, k, v, do, backward)
+    return setup
+
+
+def metadata_cases(kind, lens, device, q_tile=128, k_tile=128):
+    mask = build_mask(kind, lens, device)
+    T = mask.total_len
+    cases = []
+    if device == "cuda" and _ext.available():
+        cases.append(Case("moca metadata, CUDA (spans + tables)", lambda: (lambda: metadata.tile_tables(
+            metadata.row_spans(mask.cu_seqlens, mask.block_ids, T, mask.causal, impl="cuda"), q_tile, k_tile,
+            impl="cuda"))))
+    cases.append(Case("moca metadata, torch builder", lambda: (lambda: metadata.tile_tables(
+        metadata.row_spans(mask.cu_seqlens, mask.block_ids, T, mask.causal, impl="torch"), q_tile, k_tile,
+        impl="torch"))))
+    blocks_host = None if kind == "documents" else mixed_block_ids(lens)
+
+    def from_host():
+        def run():
+            m = mk.AttentionMask.from_seqlens(lens, block_ids=None if blocks_host is None else blocks_host.to(device),
+                                              causal=kind != "documents", device=device, check_blocks=False)
+            return m.tile_metadata(q_tile, k_tile)
+        return run
+    cases.append(Case("moca from_seqlens (host list) + tables", from_host,
+                      note="host->device copies included; block contiguity check off (1 sync when on)"))
+    if device == "cuda":
+        def flex_build():
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            mod = _flex_mask_mod(mask)
+            return lambda: create_block_mask(mod, None, None, T, T, device=device)
+        cases.append(Case("FlexAttention create_block_mask", flex_build))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_shape(label, lens, Hq, Hkv, D, kinds, args, device, dtype, full):
+    T = sum(lens)
+    shape = (T, Hq, Hkv, D, dtype, device)
+    rep = 10 if args.quick else args.rep
+    warmup = 3 if args.quick else args.warmup
+    for kind in kinds:
+        mask = build_mask(kind, lens, device)
+        pairs = allowed_pairs(mask)
+        fwd_flops = 4.0 * D * Hq * pairs
+        for backward in (False, True):
+            mode = "fwd+bwd" if backward else "fwd"
+            flops = fwd_flops * (3.5 if backward else 1.0)
+            print(f"\n{label} {kind} {mode}: T={T} Hq={Hq} Hkv={Hkv} D={D} {dtype}, allowed pairs {pairs / 1e6:.1f}M "
+                  f"({pairs / T / T:.1%} of T^2); floor {flops / 1e9:.0f} GFLOP -> {flops / MATMUL_PEAK * 1e3:.3f} ms "
+                  f"at {MATMUL_PEAK / 1e12:.0f} TFLOP/s", flush=True)
+            cases = [Case("moca triton", case_moca(mask, shape, backward))]
+            if backward:
+                cases.append(Case("moca triton deterministic", case_moca(mask, shape, backward, deterministic=True)))
+            if device == "cuda":
+                cases.append(Case("FlexAttention (compiled)", case_flex(mask, shape, backward)))
+                if kind == "documents":
+                    cases.append(Case("torch varlen_attn", case_varlen(mask, shape, backward)))
+                cases.append(Case("SDPA flash, unmasked T (more work)", case_sdpa_flash_unmasked(shape, backward)))
+                if full:
+                    cases.append(Case("SDPA efficient + dense mask", case_sdpa_dense(mask, shape, backward)))
+            else:
+                cases.append(Case("moca torch (reference)", case_moca(mask, shape, backward, impl="torch")))
+            t0 = time.perf_counter()
+            run_cases(f"masked_attention {label} {kind} {mode}", cases,
+                      shape=dict(T=T, Hq=Hq, Hkv=Hkv, D=D, dtype=str(dtype), mask=kind, pairs=pairs),
+                      flops=flops, baseline="FlexAttention (compiled)" if device == "cuda" else "moca torch (reference)",
+                      warmup=warmup, rep=rep, out=args.out, tag=f"attention_{label}_{kind}_{mode.replace('+', '_')}")
+            target = TARGETS.get((label, kind, mode))
+            if target:
+                print(f"  target on an H100: moca triton <= {target} ms   (table above took {time.perf_counter() - t0:.0f} s "
+                      "including compilation)")
+        if label in ("headline", "smoke") or full:
+            run_cases(f"attention metadata {label} {kind}", metadata_cases(kind, lens, device),
+                      shape=dict(T=T, mask=kind, q_tile=128, k_tile=128), baseline=None, warmup=warmup,
+                      rep=max(rep, 20), out=args.out, tag=f"attention_metadata_{label}_{kind}")
+
+
+def main(argv=None):
+    args = common_args(__doc__.splitlines()[0]).parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    t_start = time.perf_counter()
+    if cuda:
+        dtype = torch.bfloat16
+        run_shape("headline", HEADLINE_DOCS, 16, 2, 128, ("documents", "mixed"), args, device, dtype, not args.quick)
+        if not args.quick:
+            run_shape("7B-text", HEADLINE_DOCS, 28, 4, 128, ("documents", "mixed"), args, device, dtype, True)
+            run_shape("vision", VISION_IMAGES, 16, 16, 80, ("documents",), args, device, dtype, True)
+    else:
+        print("no GPU: a CPU smoke run at a small shape (moca triton runs only under TRITON_INTERPRET=1)")
+        small = [d // 64 for d in HEADLINE_DOCS]
+        run_shape("smoke", small, 4, 2, 64, ("documents", "mixed"), args, device, torch.float32, False)
+    print(f"\nbench_attention total {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
