@@ -110,11 +110,13 @@ def main(argv=None):
         if os.environ.get("TRITON_INTERPRET") != "1":
             print("no GPU: info_nce's triton kernels need one (or TRITON_INTERPRET=1 for a CPU smoke run)")
             return 0
-        print("no GPU: a CPU smoke run of the script at B=M=96, D=40 (fp16 stands in for bf16; timings mean nothing)")
+        print("no GPU: a CPU smoke run of the script at B=M=96, D=40 "
+              "(fp16 stands in for bf16; timings mean nothing)")
         agreement(96, 96, 40, "cpu", torch.float16)
         run_cases("info_nce fwd+bwd", headline_cases(96, 96, 40, "cpu", torch.float16),
                   shape=dict(B=96, M=96, D=40, dtype="float16"), flops=8.0 * 96 * 96 * 40,
-                  baseline="naive bf16 (logits materialised)", warmup=1, rep=2, out=args.out, tag="info_nce_cpu_smoke")
+                  baseline="naive bf16 (logits materialised)", warmup=1, rep=2, out=args.out,
+                  tag="info_nce_cpu_smoke")
         return 0
     device = "cuda"
     B = M = 32768
@@ -142,7 +144,8 @@ def sweep(sizes, D, device, warmup, rep, out):
         f = 8.0 * n * n * D
         cases = [Case("moca triton", make_setup(ours, n, n, D, torch.bfloat16, device))]
         if n <= 65536:
-            cases.append(Case("naive bf16 (logits materialised)", make_setup(naive, n, n, D, torch.bfloat16, device)))
+            cases.append(Case("naive bf16 (logits materialised)",
+                              make_setup(naive, n, n, D, torch.bfloat16, device)))
         big = n >= 65536
         rep_n = run_cases("info_nce fwd+bwd scaling", cases, shape=dict(B=n, M=n, D=D, dtype="bfloat16"), flops=f,
                           baseline=None, warmup=1 if big else warmup, rep=3 if big else rep, out=out,

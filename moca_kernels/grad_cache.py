@@ -91,7 +91,8 @@ class GradCache:
             raise TypeError(f"GradCache: loss_fn must be callable, got {type(loss_fn).__name__}")
         sizes = [chunk_sizes] if isinstance(chunk_sizes, int) else list(chunk_sizes)
         if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
-            raise ValueError(f"GradCache: chunk_sizes must be an int >= 1 or a sequence of them, got {chunk_sizes!r}")
+            raise ValueError(f"GradCache: chunk_sizes must be an int >= 1 or a sequence of them, "
+                             f"got {chunk_sizes!r}")
         self.encoders = encoders
         self.loss_fn = loss_fn
         self.chunk_sizes = chunk_sizes
@@ -139,7 +140,8 @@ class GradCache:
 
         # 3. re-encode each chunk with grad under its first-pass RNG state; push the cached gradient through it.
         # Batches whose embeddings got no gradient (the loss ignores them) are not re-encoded.
-        work = [(b, i) for b in range(len(batches)) if embeddings[b].grad is not None for i in range(len(chunks[b]))]
+        work = [(b, i) for b in range(len(batches)) if embeddings[b].grad is not None
+                for i in range(len(chunks[b]))]
         grads = [e.grad.split(r) if e.grad is not None else None for e, r in zip(embeddings, rows)]
         quiet = self._sync_modules(encoders)
         # a DDP encoder syncs on the last chunk it encodes; modules named in sync_modules on the last chunk of all
@@ -154,8 +156,8 @@ class GradCache:
                 stack.enter_context(states[b][i].replay())
                 out = _embedding(_call(encoders[b], chunks[b][i]))
                 if out.shape != grad.shape:
-                    raise RuntimeError(f"GradCache: chunk {i} of batch {b} re-encoded to shape {tuple(out.shape)}, "
-                                       f"its first pass gave {tuple(grad.shape)}")
+                    raise RuntimeError(f"GradCache: chunk {i} of batch {b} re-encoded to shape "
+                                       f"{tuple(out.shape)}, its first pass gave {tuple(grad.shape)}")
                 out.backward(grad.to(out.dtype))
         return loss.detach()
 
@@ -194,7 +196,9 @@ class _RngState:
 
     @classmethod
     def capture(cls) -> "_RngState":
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        cuda = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            cuda = torch.cuda.get_rng_state_all()
         return cls(torch.get_rng_state(), cuda)
 
     @contextlib.contextmanager
@@ -218,8 +222,8 @@ def _call(encoder, chunk):
 
 def _embedding(out) -> torch.Tensor:
     if not torch.is_tensor(out) or out.dim() < 1:
-        raise TypeError(f"GradCache: an encoder must return a tensor of embeddings [n, D], got {type(out).__name__}"
-                        " (wrap the model in a function that pools its output)")
+        raise TypeError("GradCache: an encoder must return a tensor of embeddings [n, D], got "
+                        f"{type(out).__name__} (wrap the model in a function that pools its output)")
     return out
 
 
@@ -234,8 +238,8 @@ def split_batch(batch, size: int) -> list:
     if isinstance(batch, (tuple, list)):
         lengths = {v.shape[0] for v in batch if torch.is_tensor(v) and v.dim() > 0}
         if len(lengths) != 1:
-            raise ValueError(f"GradCache: cannot split a batch whose tensors have {sorted(lengths) or 'no'} row counts "
-                             "along dim 0; pass split_fn")
+            raise ValueError(f"GradCache: cannot split a batch whose tensors have {sorted(lengths) or 'no'} "
+                             "row counts along dim 0; pass split_fn")
         n = lengths.pop()
         return [type(batch)(v[s:s + size] if torch.is_tensor(v) and v.dim() > 0 else v for v in batch)
                 for s in range(0, n, size)]

@@ -118,13 +118,15 @@ def _validate(query, doc, temperature, positive_index, hard_negatives, scope, sy
     check_ndim("query", query, 2, _NAME, "[B, D]")
     check_ndim("doc", doc, 2, _NAME, "[M, D]")
     if query.shape[1] != doc.shape[1]:
-        raise ValueError(f"{_NAME}: query dim {query.shape[1]} != doc dim {doc.shape[1]} (query [B, D], doc [M, D])")
+        raise ValueError(f"{_NAME}: query dim {query.shape[1]} != doc dim {doc.shape[1]} "
+                         "(query [B, D], doc [M, D])")
     if query.shape[0] == 0 or doc.shape[0] == 0 or query.shape[1] == 0:
         raise ValueError(f"{_NAME}: empty batch (query {tuple(query.shape)}, doc {tuple(doc.shape)})")
     if query.dtype != doc.dtype:
         raise TypeError(f"{_NAME}: query ({query.dtype}) and doc ({doc.dtype}) must share one dtype")
     if isinstance(hard_negatives, bool) or not isinstance(hard_negatives, int) or hard_negatives < 0:
-        raise ValueError(f"{_NAME}: hard_negatives must be an int >= 0 (hard negatives per query), got {hard_negatives!r}")
+        raise ValueError(f"{_NAME}: hard_negatives must be an int >= 0 (hard negatives per query), "
+                         f"got {hard_negatives!r}")
     if scope not in SCOPES:
         raise ValueError(f"{_NAME}: hard_negative_scope must be one of {SCOPES}, got {scope!r}")
     if not isinstance(symmetric, bool):
@@ -151,7 +153,8 @@ def _validate(query, doc, temperature, positive_index, hard_negatives, scope, sy
     if doc_ids is not None:
         check_int("doc_ids", doc_ids, _NAME)
         if doc_ids.shape != (M,):
-            raise ValueError(f"{_NAME}: doc_ids must have shape [{M}] (one id per doc row), got {tuple(doc_ids.shape)}")
+            raise ValueError(f"{_NAME}: doc_ids must have shape [{M}] (one id per doc row), "
+                             f"got {tuple(doc_ids.shape)}")
     if torch.is_tensor(temperature):
         if not temperature.is_floating_point() or temperature.numel() != 1:
             raise ValueError(f"{_NAME}: temperature must be a float or a one-element float tensor, "
@@ -210,7 +213,8 @@ def _plan(query, doc, pos, ids, k, scope, symmetric, group) -> _Plan:
     hard_rows = [b * k for b in n_q]
     doc_all = gather_docs(doc, n_p, hard_rows)
     ids_all = gather_docs(ids, n_p, hard_rows) if ids is not None else None
-    # local row j -> global row: in-batch rows shift by this rank's in-batch offset, hard negatives by its hard offset
+    # local row j -> global row: in-batch rows shift by this rank's in-batch offset, hard negatives by its
+    # hard-negative offset
     target = torch.where(pos < n_in, pos + p_off, pos - n_in + p_all + q_off * k)
     queries = query_ids = None
     if symmetric:
@@ -259,7 +263,8 @@ def _fused(x: torch.Tensor, y: torch.Tensor, temperature: torch.Tensor, target: 
 def _(x, y, temperature, target, row_key, col_key, n_dense, own_k, own_offset):
     R = x.shape[0]
     f = dict(dtype=torch.float32, device=x.device)
-    return x.new_empty((), **f), x.new_empty((R,), **f), x.new_empty((), **f), x.new_empty((R, own_k) if own_k else (0,), **f)
+    extra = x.new_empty((R, own_k) if own_k else (0,), **f)
+    return x.new_empty((), **f), x.new_empty((R,), **f), x.new_empty((), **f), extra
 
 
 @torch.library.custom_op("moca_kernels::info_nce_rows_backward", mutates_args=())

@@ -54,7 +54,8 @@ MIN_SPLITS = 16
 
 def _configs():
     if triton_interpret():
-        return [triton.Config({"BLOCK_R": 16, "BLOCK_C": 16, "BLOCK_D": 16, "GROUP_R": 2}, num_warps=1, num_stages=1)]
+        return [triton.Config({"BLOCK_R": 16, "BLOCK_C": 16, "BLOCK_D": 16, "GROUP_R": 2},
+                              num_warps=1, num_stages=1)]
     return [
         triton.Config({"BLOCK_R": 128, "BLOCK_C": 128, "BLOCK_D": 64, "GROUP_R": 8}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_R": 128, "BLOCK_C": 256, "BLOCK_D": 64, "GROUP_R": 8}, num_warps=8, num_stages=3),
@@ -91,7 +92,8 @@ def _logit_tile(x_ptr, y_ptr, rows_c, cols_c, D, stride_x, stride_y,
 
 @triton.jit
 def _allowed(col_ok, is_tgt, row_key, col_key_ptr, cols_c, HAS_KEYS: tl.constexpr):
-    """bool [BLOCK_R or 1, BLOCK_C]: the column counts in the row's denominator (in range, not a false negative)."""
+    """bool [BLOCK_R or 1, BLOCK_C]: the column counts in the row's denominator (in range, not a false
+    negative)."""
     ok = col_ok[None, :]
     if HAS_KEYS:
         ck = tl.load(col_key_ptr + cols_c)

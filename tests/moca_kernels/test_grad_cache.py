@@ -95,7 +95,8 @@ def test_shared_encoder_with_dict_and_tuple_chunks():
     loss_fn = contrastive(0.05, ids, impl="torch")
     cache = mk.GradCache(encode, loss_fn, chunk_sizes=4)
     torch.manual_seed(5)
-    cache.step({"x": queries, "scale": 2.0}, (docs, 1.0, shift))   # dict -> encode(**chunk), tuple -> encode(*chunk)
+    # a dict chunk is passed as encode(**chunk), a tuple chunk as encode(*chunk)
+    cache.step({"x": queries, "scale": 2.0}, (docs, 1.0, shift))
     ours = grads_of(list(net.parameters()))
 
     torch.manual_seed(5)

@@ -43,7 +43,8 @@ def loss_and_grads(fn, q, d, t):
 
 
 def lowp_reference(q, d, t, **kw):
-    """PyTorch computing the same loss in the inputs' own precision (logits, softmax and all): the baseline error."""
+    """PyTorch computing the same loss in the inputs' own precision (logits, softmax and all): the baseline
+    error of the tolerance rule."""
     with mock.patch.object(reference, "compute_dtype", lambda *ts: ts[0].dtype):
         return reference.info_nce(q, d, t.to(q.dtype), **kw)
 
@@ -100,7 +101,8 @@ def test_triton_column_splits_and_row_chunks_give_the_same_result(dtype, device,
 def test_rows_with_every_negative_masked_give_zero_loss_not_nan(impl, device):
     """All documents share one id: each query keeps only its positive, so every row's loss is exactly 0 and its
     gradients vanish (exactly on CPU; on GPU up to the rounding of the logits recomputed in backward)."""
-    q, d, t, kw = make_case(dict(hard_negatives=2, hard_negative_scope="own", symmetric=True), torch.float32, device)
+    opts = dict(hard_negatives=2, hard_negative_scope="own", symmetric=True)
+    q, d, t, kw = make_case(opts, torch.float32, device)
     kw["doc_ids"] = torch.zeros(d.shape[0], dtype=torch.long, device=device)
     loss, dq, dd, dt = loss_and_grads(lambda q, d, t: mk.info_nce(q, d, t, impl=impl, **kw), q, d, t)
     assert loss.item() == 0.0

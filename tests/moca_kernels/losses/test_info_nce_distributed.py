@@ -82,7 +82,8 @@ def _check_case(rank, world, case):
     loss.backward()
 
     Q, DOC, POS, IDS = _global_batch(data, k)
-    Q, DOC, T = Q.requires_grad_(), DOC.requires_grad_(), torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    Q, DOC = Q.requires_grad_(), DOC.requires_grad_()
+    T = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
     ref = reference.info_nce(Q, DOC, T, positive_index=POS, doc_ids=IDS, **case["opts"])
     ref.backward()
 
