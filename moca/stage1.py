@@ -27,6 +27,15 @@ class LossConfig:
     impl: Optional[str] = None          # force a moca_kernels backend for both losses (None = automatic)
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """Under autocast, the autocast dtype (the final RMSNorm returns float32 even under bf16 autocast)."""
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        get = getattr(torch, "get_autocast_dtype", None)
+        dt = get(x.device.type) if get is not None else torch.get_autocast_gpu_dtype()
+        return x.to(dt)
+    return x
+
+
 class CptModel(nn.Module):
     """Backbone + MAE decoder; ``forward(batch)`` returns the Stage 1 losses.
 
@@ -57,7 +66,7 @@ class CptModel(nn.Module):
         zero = flat.sum() * 0.0
         n_mlm = batch.mlm_positions.numel() if batch.mlm_positions is not None else 0
         if n_mlm:
-            h = flat.index_select(0, batch.mlm_positions)
+            h = _compute_dtype(flat.index_select(0, batch.mlm_positions))
             w = bb.lm_head_weight
             mlm = mk.masked_token_loss(h, w.to(h.dtype), batch.mlm_labels, impl=cfg.impl)
         else:
