@@ -312,7 +312,11 @@ torch.library.register_autograd("moca_kernels::info_nce_rows", _backward, setup_
 def _rows_triton(x, y, temperature, target, row_key, col_key, n_dense, own_k, own_offset):
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = y if y.stride(-1) == 1 else y.contiguous()
-    keys = (row_key.contiguous(), col_key.contiguous()) if row_key is not None else (None, None)
+    keys = (None, None)
+    if row_key is not None:  # ids -> dense int32 ranks (equality is all that matters): 32-bit compares per logit
+        _, rank = torch.unique(torch.cat([row_key, col_key]), return_inverse=True)
+        rank = rank.to(torch.int32)
+        keys = (rank[:row_key.shape[0]], rank[row_key.shape[0]:])
     return _fused(x, y, temperature, target.contiguous(), *keys, n_dense, own_k, own_offset)[0]
 
 

@@ -39,6 +39,7 @@ from ..dispatch import triton_interpret
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+_LOG2E: tl.constexpr = tl.constexpr(LOG2E)  # kernels may only read constexpr globals
 
 # Backward row chunk: G = [rows, C] is written then read by two GEMMs. At least this many rows (GEMM efficiency,
 # and fewer fp32 accumulations of dY), and more while G stays under G_CHUNK_BYTES. Tests shrink it.
@@ -91,14 +92,10 @@ def _logit_tile(x_ptr, y_ptr, rows_c, cols_c, D, stride_x, stride_y,
 
 
 @triton.jit
-def _allowed(col_ok, is_tgt, row_key, col_key_ptr, cols_c, HAS_KEYS: tl.constexpr):
-    """bool [BLOCK_R or 1, BLOCK_C]: the column counts in the row's denominator (in range, not a false
-    negative)."""
-    ok = col_ok[None, :]
-    if HAS_KEYS:
-        ck = tl.load(col_key_ptr + cols_c)
-        ok = ok & ((ck[None, :] != row_key[:, None]) | is_tgt)
-    return ok
+def _not_same_key(row_key, col_key_ptr, cols_c):
+    """bool [BLOCK_R, BLOCK_C]: column key differs from the row's key (its positive's id)."""
+    ck = tl.load(col_key_ptr + cols_c)
+    return ck[None, :] != row_key[:, None]
 
 
 @triton.autotune(configs=_configs(), key=_TUNE_KEY)
@@ -109,8 +106,8 @@ def _fwd_kernel(
     y_ptr,            # [>= C, D] columns (documents); only the first C are read
     temp_ptr,         # [] float32 temperature t
     target_ptr,       # [R] int64: column of each row's positive (< C)
-    row_key_ptr,      # [R] int64 key of each row (HAS_KEYS)
-    col_key_ptr,      # [C] int64 key of each column (HAS_KEYS)
+    row_key_ptr,      # [R] int32 key of each row: its positive's id, as a dense rank (HAS_KEYS)
+    col_key_ptr,      # [C] int32 key of each column (HAS_KEYS)
     part_ptr,         # [4, NSPLIT, R] float32 out: m, l, w, positive logit (base-2 units), per split
     R, C, D, stride_x, stride_y,
     cols_per_split,   # columns per split, a multiple of BLOCK_C
@@ -132,11 +129,11 @@ def _fwd_kernel(
     rows = rblock * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     rows_c = tl.minimum(rows, R - 1)
-    tgt = tl.load(target_ptr + rows_c)
+    tgt = tl.load(target_ptr + rows_c).to(tl.int32)  # < C < 2^31; 32-bit compares per logit
     row_key = tgt
     if HAS_KEYS:
         row_key = tl.load(row_key_ptr + rows_c)
-    scale2 = LOG2E / tl.load(temp_ptr)  # logits in base-2 units: s2 = x.y / t * log2(e)
+    scale2 = _LOG2E / tl.load(temp_ptr)  # logits in base-2 units: s2 = x.y / t * log2(e)
 
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -147,20 +144,32 @@ def _fwd_kernel(
     for c0 in range(c_begin, c_end, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         cols_c = tl.minimum(cols, C - 1)
-        s = _logit_tile(x_ptr, y_ptr, rows_c, cols_c, D, stride_x, stride_y, EVEN_D, DOT_PRECISION,
-                        BLOCK_R, BLOCK_C, BLOCK_D) * scale2
-        is_tgt = cols[None, :] == tgt[:, None]
-        ok = _allowed(cols < c_end, is_tgt, row_key, col_key_ptr, cols_c, HAS_KEYS)
-        pos += tl.sum(tl.where(is_tgt & ok, s, 0.0), axis=1)
-        s_ok = tl.where(ok, s, 0.0)
-        s = tl.where(ok, s, float("-inf"))
+        s_raw = _logit_tile(x_ptr, y_ptr, rows_c, cols_c, D, stride_x, stride_y, EVEN_D, DOT_PRECISION,
+                            BLOCK_R, BLOCK_C, BLOCK_D) * scale2
+        # the positive's logit, read only in the tile holding it (a [BLOCK_R, BLOCK_C] select costs registers)
+        in_tile = (tgt >= c0) & (tgt < tl.minimum(c0 + BLOCK_C, c_end))
+        if tl.max(in_tile.to(tl.int32), axis=0) > 0:
+            pos += tl.sum(tl.where(cols[None, :] == tgt[:, None], s_raw, 0.0), axis=1)
+        ok = (cols < c_end)[None, :]
+        if HAS_KEYS:  # every column sharing the row's key is left out here, the positive included (added below)
+            ok = ok & _not_same_key(row_key, col_key_ptr, cols_c)
+        s = tl.where(ok, s_raw, float("-inf"))
         # online max / sum; a fully masked tile keeps m = -inf, so subtract a finite reference instead
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m - m_ref)
-        p = tl.exp2(s - m_ref[:, None])
+        p = tl.exp2(s - m_ref[:, None])                  # 0 on masked columns, where s_raw stays finite
         l = l * alpha + tl.sum(p, axis=1)
-        w = w * alpha + tl.sum(p * s_ok, axis=1)
+        w = w * alpha + tl.sum(p * s_raw, axis=1)
+        m = m_new
+    if HAS_KEYS:  # the positive, in the split that holds it: one more term of the online sum
+        here = (tgt >= c_begin) & (tgt < c_end)
+        m_new = tl.where(here, tl.maximum(m, pos), m)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_ref)
+        beta = tl.where(here, tl.exp2(pos - m_ref), 0.0)
+        l = l * alpha + beta
+        w = w * alpha + beta * pos
         m = m_new
     out = part_ptr + split * R + rows
     tl.store(out, m, mask=row_ok)
@@ -177,8 +186,8 @@ def _grad_kernel(
     y_ptr,            # [>= C, D] columns
     temp_ptr,         # [] float32 temperature
     target_ptr,       # [R] int64 positive column per row
-    row_key_ptr,      # [R] int64 (HAS_KEYS)
-    col_key_ptr,      # [C] int64 (HAS_KEYS)
+    row_key_ptr,      # [R] int32 (HAS_KEYS)
+    col_key_ptr,      # [C] int32 (HAS_KEYS)
     lse2_ptr,         # [R] float32 log-sum-exp of each row over all its columns, base-2 units
     g_ptr,            # [R, C] out, input dtype: G = softmax(s) - onehot(target), 0 on masked columns
     R, C, D, stride_x, stride_y, stride_g,
@@ -202,17 +211,19 @@ def _grad_kernel(
     col_ok = cols < C
     rows_c = tl.minimum(rows, R - 1)
     cols_c = tl.minimum(cols, C - 1)
-    tgt = tl.load(target_ptr + rows_c)
+    tgt = tl.load(target_ptr + rows_c).to(tl.int32)  # < C < 2^31; 32-bit compares per logit
     row_key = tgt
     if HAS_KEYS:
         row_key = tl.load(row_key_ptr + rows_c)
-    scale2 = LOG2E / tl.load(temp_ptr)
+    scale2 = _LOG2E / tl.load(temp_ptr)
     lse2 = tl.load(lse2_ptr + rows_c)
 
     s = _logit_tile(x_ptr, y_ptr, rows_c, cols_c, D, stride_x, stride_y, EVEN_D, DOT_PRECISION,
                     BLOCK_R, BLOCK_C, BLOCK_D) * scale2
     is_tgt = cols[None, :] == tgt[:, None]
-    ok = _allowed(col_ok, is_tgt, row_key, col_key_ptr, cols_c, HAS_KEYS)
+    ok = col_ok[None, :]
+    if HAS_KEYS:
+        ok = ok & (_not_same_key(row_key, col_key_ptr, cols_c) | is_tgt)
     # d loss_i / d s_ij = softmax_ij - [j == target_i]   (the caller scales by grad_output * weight / t)
     g = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0) - tl.where(is_tgt, 1.0, 0.0)
     g_ptrs = g_ptr + rows.to(tl.int64)[:, None] * stride_g + cols[None, :]
