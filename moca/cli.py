@@ -20,13 +20,16 @@ def _train_cpt(args) -> int:
     from .config import load_config
     from .train.cpt import CptConfig, run_cpt
 
+    import os
+
     cfg = load_config(CptConfig, args.config, args.set)
     history = run_cpt(cfg)
-    if history:
+    if history and os.environ.get("RANK", "0") == "0":
         last = history[-1]
-        print(f"stage 1 done: step {last['step']}, loss {last.get('loss', float('nan')):.4f} "
-              f"(mlm {last.get('mlm_loss', float('nan')):.4f}, mae {last.get('mae_loss', float('nan')):.4f}); "
-              f"model in {cfg.train.output_dir}/final")
+        where = (f"model in {cfg.train.output_dir}/final" if last["step"] >= cfg.train.max_steps
+                 else f"stopped at step {last['step']} of {cfg.train.max_steps}; run again to resume")
+        print(f"stage 1: step {last['step']}, loss {last.get('loss', float('nan')):.4f} "
+              f"(mlm {last.get('mlm_loss', float('nan')):.4f}, mae {last.get('mae_loss', float('nan')):.4f}); {where}")
     return 0
 
 

@@ -264,12 +264,14 @@ class Trainer:
         loss_fn: ``fn(model, batch) -> dict`` with a differentiable ``"loss"`` and float metrics.
         dist: :class:`DistEnv`.
         tokens_of: ``fn(batch) -> int`` tokens counted for tokens/s (default ``batch.num_tokens``).
-        save_extra: ``fn(final_dir)`` called on rank 0 to export the final model (e.g. save_pretrained).
+        save_extra: ``fn(final_dir, full_state)`` called on rank 0 to export the final model (e.g.
+            save_pretrained); ``full_state`` is None, or under FSDP the gathered full state dict (CPU tensors) to
+            load into an unsharded copy first.
     """
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, data, next_micro_batch: Callable, loss_fn: Callable,
                  dist: Optional[DistEnv] = None, tokens_of: Optional[Callable] = None,
-                 save_extra: Optional[Callable[[Path], None]] = None):
+                 save_extra: Optional[Callable] = None):
         self.cfg = cfg
         self.dist = dist or DistEnv()
         self.out = Path(cfg.output_dir)
@@ -498,8 +500,10 @@ class Trainer:
             self.save_checkpoint()
             if self.save_extra is not None and self.step >= self.cfg.max_steps:
                 self.dist.barrier()
+                full_state, _ = (self._full_state() if self.cfg.parallel == "fsdp" and self.dist.distributed
+                                 else (None, None))        # FSDP: gathered on every rank, saved by rank 0
                 if self.dist.is_main:
-                    self.save_extra(self.out / "final")
+                    self.save_extra(self.out / "final", full_state)
                 self.dist.barrier()
         finally:
             if bar is not None:

@@ -132,12 +132,19 @@ def run_cpt(cfg: CptConfig, dist: Optional[DistEnv] = None) -> List[dict]:
     def next_micro_batch(index: int):
         return collator(loader.next_micro_batch(), micro_batch_seed(cfg.train.seed, dist.rank, index))
 
-    def export(final: Path):
+    def export(final: Path, full_state=None):
         from safetensors.torch import save_model
 
-        backbone.save_pretrained(final, extra_meta={"stage": "cpt", "steps": cfg.train.max_steps})
+        m = model
+        if full_state is not None:   # FSDP: load the gathered weights into an unsharded copy on the CPU
+            m = CptModel(build_model_and_processor(cfg.model, cfg.masking.image_corruption)[0], cfg.loss)
+            missing, unexpected = m.load_state_dict(full_state, strict=False)
+            if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+                raise RuntimeError(f"export: state does not match the model (missing {missing[:5]}, "
+                                   f"unexpected {unexpected[:5]})")
+        m.backbone.save_pretrained(final, extra_meta={"stage": "cpt", "steps": cfg.train.max_steps})
         proc.save_pretrained(final)
-        save_model(model.mae_decoder, str(final / "mae_decoder.safetensors"))
+        save_model(m.mae_decoder, str(final / "mae_decoder.safetensors"))
 
     trainer = Trainer(cfg.train, model, loader, next_micro_batch, cpt_loss, dist=dist, save_extra=export)
     return trainer.fit()

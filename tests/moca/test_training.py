@@ -150,21 +150,26 @@ def _env():
     return env
 
 
-def test_two_process_gloo_run_through_torchrun(tmp_path, corpus):
-    out = tmp_path / "ddp"
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_process_gloo_run_through_torchrun(tmp_path, corpus, parallel):
+    out = tmp_path / parallel
+    steps = 4 if parallel == "ddp" else 2
     sets = [f"model.{k}={v}" for k, v in TINY.items()] + [
-        f"data.train=[{corpus}]", "data.token_budget=256", f"train.output_dir={out}", "train.max_steps=4",
-        "train.progress=false", "train.tensorboard=false", "train.lr=1e-3", "masking.image_corruption=drop"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        f"data.train=[{corpus}]", "data.token_budget=256", f"train.output_dir={out}", f"train.max_steps={steps}",
+        "train.progress=false", "train.tensorboard=false", "train.lr=1e-3", f"train.parallel={parallel}",
+        "masking.image_corruption=" + ("drop" if parallel == "ddp" else "mask_token")]
+    port = "29517" if parallel == "ddp" else "29518"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            "-m", "moca.cli", "train", "cpt"] + sum((["--set", s] for s in sets), [])
     res = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    ck = out / "checkpoints" / "step_00000004"
+    assert res.stdout.count("stage 1: step") == 1, "only rank 0 reports"
+    ck = out / "checkpoints" / f"step_{steps:08d}"
     assert (ck / "rank00000.pt").exists() and (ck / "rank00001.pt").exists()
     d0 = torch.load(ck / "rank00000.pt", weights_only=False)["data"]
     d1 = torch.load(ck / "rank00001.pt", weights_only=False)["data"]
     assert (d0["rank"], d1["rank"]) == (0, 1) and d0["world_size"] == 2
     lines = [json.loads(x) for x in (out / "logs" / "train.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == [1, 2, 3, 4], "only rank 0 logs"
+    assert [x["step"] for x in lines] == list(range(1, steps + 1)), "only rank 0 logs"
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in lines)
     assert (out / "final" / "model.safetensors").exists() or list((out / "final").glob("model*.safetensors"))
