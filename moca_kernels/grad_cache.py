@@ -108,10 +108,10 @@ class GradCache:
 
         batches: one per embedding matrix the loss takes (e.g. queries, documents). loss_kwargs go to loss_fn.
         """
-        encoders = self._per_batch(self.encoders, len(batches), "encoders")
-        sizes = self._per_batch(self.chunk_sizes, len(batches), "chunk_sizes")
         if not batches:
             raise ValueError("GradCache.step: no batch given")
+        encoders = self._per_batch(self.encoders, len(batches), "encoders")
+        sizes = self._per_batch(self.chunk_sizes, len(batches), "chunk_sizes")
         chunks = [list(self.split_fn(b, s)) for b, s in zip(batches, sizes)]
         if any(len(c) == 0 for c in chunks):
             raise ValueError("GradCache.step: a batch split into no chunks (empty batch?)")
@@ -145,8 +145,8 @@ class GradCache:
         grads = [e.grad.split(r) if e.grad is not None else None for e, r in zip(embeddings, rows)]
         quiet = self._sync_modules(encoders)
         # a DDP encoder syncs on the last chunk it encodes; modules named in sync_modules on the last chunk of all
-        last_use = [max(n for n, (b, _) in enumerate(work) if encoders[b] is m or _named(m, self.sync_modules))
-                    if work else -1 for m in quiet]
+        last_use = [max((n for n, (b, _) in enumerate(work) if encoders[b] is m or _named(m, self.sync_modules)),
+                        default=-1) for m in quiet]
         for n, (b, i) in enumerate(work):
             grad = grads[b][i]
             with contextlib.ExitStack() as stack:
