@@ -176,6 +176,21 @@ def test_bfloat16_is_not_interpreted():
     torch.testing.assert_close(ours, reference.info_nce(q, d, t))
 
 
+def test_custom_op_registration_passes_opcheck(device):
+    """Schema, fake (meta) implementation and autograd registration of the fused op, as torch.compile sees them."""
+    from moca_kernels.losses.info_nce import _fused
+
+    R, P, k, dim = 13, 17, 2, 24
+    x = torch.randn(R, dim, device=device, requires_grad=True)
+    y = torch.randn(P + R * k, dim, device=device, requires_grad=True)
+    t = torch.tensor(0.05, device=device, requires_grad=True)
+    tgt = torch.randint(0, P, (R,), device=device)
+    rk = torch.randint(0, 4, (R,), dtype=torch.int32, device=device)
+    ck = torch.randint(0, 4, (P + R * k,), dtype=torch.int32, device=device)
+    torch.library.opcheck(_fused, (x, y, t, tgt, None, None, P + R * k, 0, 0))
+    torch.library.opcheck(_fused, (x, y, t, tgt, rk, ck, P, k, 0))
+
+
 def test_default_backend_is_triton_where_it_can_run(device):
     from moca_kernels.losses.info_nce import _OP
 
