@@ -1,0 +1,124 @@
+"""Data layer: image preprocessing equals transformers' Qwen2-VL processor, the shipped tokenizer, records ->
+samples, embedded data determinism, the corruption modes through the model, padded == packed."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from moca.data.batch import VisionSpec, collate
+from moca.data.embedded import caption, draw_scene, passages, random_scene, write_cpt_corpus
+from moca.data.images import ImageSpec, preprocess_image
+from moca.data.masking import CptCollator, MaskingConfig, ModalityMasker
+from moca.data.processor import BadRecord, MocaProcessor
+from moca.data.tokenizer import MASK_TOKEN, load_tokenizer, never_masked_ids, special_ids
+
+
+@pytest.mark.parametrize("hw", [(97, 150), (300, 41), (28, 28)])
+def test_image_rows_equal_transformers_qwen2vl_processor(hw):
+    from PIL import Image
+
+    transformers = pytest.importorskip("transformers")
+    cls = getattr(transformers, "Qwen2VLImageProcessorPil", None)
+    if cls is None:
+        pytest.skip("this transformers has no Qwen2VLImageProcessorPil")
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (*hw, 3), dtype=np.uint8))
+    spec = ImageSpec(min_pixels=56 * 56, max_pixels=28 * 28 * 30)
+    ours, grid = preprocess_image(img, spec)
+    ref = cls(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)(images=[img], return_tensors="pt")
+    assert list(grid) == ref["image_grid_thw"][0].tolist()
+    torch.testing.assert_close(ours, ref["pixel_values"].float(), rtol=0, atol=1e-6)
+
+
+def test_shipped_tokenizer_has_qwen_specials_and_mask():
+    tok = load_tokenizer(None)
+    ids = special_ids(tok)
+    assert ids["mask"] == tok.convert_tokens_to_ids(MASK_TOKEN)
+    assert {"endoftext", "vision_start", "vision_end", "image_pad", "video_pad"} <= ids.keys()
+    assert set(ids.values()) <= set(never_masked_ids(tok))
+    text = "a large red circle to the left of a small blue triangle: the import statement."
+    enc = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(enc) == text and len(enc) < len(text) / 2
+    assert len(tok) == 2048
+
+
+def test_record_becomes_interleaved_sequence(tmp_path):
+    proc = MocaProcessor.tiny(image_size=56)
+    draw_scene(random_scene(random.Random(0)), 56).save(tmp_path / "a.png")
+    rec = {"content": [{"text": "before"}, {"image": "a.png"}, {"text": "after"}]}
+    s = proc.process(rec, "r", tmp_path)
+    ids = s.input_ids.tolist()
+    i = ids.index(proc.ids["vision_start"])
+    assert ids[i + 1:i + 5] == [proc.ids["image_pad"]] * 4 and ids[i + 5] == proc.ids["vision_end"]
+    assert ids[-1] == proc.ids["endoftext"] and s.pixel_values.shape == (16, 1176)
+    assert s.image_grid_thw.tolist() == [[1, 4, 4]]
+    # shorthand forms
+    assert torch.equal(proc.process({"text": "before"}, "t").input_ids,
+                       torch.tensor(proc.tokenizer.encode("before", add_special_tokens=False) + [proc.ids["endoftext"]]))
+    with pytest.raises(BadRecord, match="vision placeholder"):
+        proc.process({"text": "sneaky <|image_pad|>"}, "x")
+    with pytest.raises(BadRecord, match="exactly one"):
+        proc.process({"content": [{"text": "a", "image": "b"}]}, "y")
+
+
+def test_embedded_data_is_deterministic(tmp_path):
+    a = write_cpt_corpus(tmp_path / "a", n_docs=12, seed=3)
+    b = write_cpt_corpus(tmp_path / "b", n_docs=12, seed=3)
+    assert a.read_text() == b.read_text()
+    recs = [json.loads(x) for x in a.read_text().splitlines()]
+    imgs = [seg["image"] for r in recs for seg in r["content"] if "image" in seg]
+    assert imgs and all((tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes() for p in imgs)
+    assert len(passages()) > 500
+    s = random_scene(random.Random(1))
+    assert s.things[0].color in caption(s) and s.things[0].shape in caption(s)
+
+
+@pytest.mark.parametrize("corruption", ["noise", "mask_token", "drop"])
+def test_every_corruption_trains_through_the_model(corruption):
+    from moca.modeling import MocaBackbone
+    from moca.stage1 import CptModel
+
+    proc = MocaProcessor.tiny(image_size=112)
+    rng = random.Random(0)
+    samples = []
+    for i in range(3):
+        img = draw_scene(random_scene(rng), 112)
+        rows, grid = preprocess_image(img, proc.image_spec)
+        ids = proc.tokenizer.encode(caption(random_scene(rng)), add_special_tokens=False)
+        ids = ids[:3] + [proc.ids["vision_start"]] + [proc.ids["image_pad"]] * (rows.shape[0] // 4) + \
+            [proc.ids["vision_end"]] + ids[3:] + [proc.ids["endoftext"]]
+        from moca.data.batch import Sample
+
+        samples.append(Sample(torch.tensor(ids), rows, torch.tensor([grid]), f"s{i}"))
+    bb = MocaBackbone.tiny(proc.vocab_size, proc.ids, image_corruption=corruption, hidden=32, layers=2, heads=2,
+                           kv_heads=1, vision_hidden=16)
+    model = CptModel(bb)
+    masker = ModalityMasker(MaskingConfig(image_corruption=corruption), proc.ids["mask"], proc.never_masked)
+    batch = CptCollator(masker, VisionSpec.from_config(bb.vlm.config), proc.ids["endoftext"])(samples, seed=0)
+    out = model(batch)
+    assert torch.isfinite(out["loss"]) and out["mae_count"] == 3 * 8
+    out["loss"].backward()
+    learned = {"mask_token": bb.pixel_mask_token, "drop": bb.drop_embedding}.get(corruption)
+    if learned is not None:
+        assert learned.grad is not None and learned.grad.abs().sum() > 0
+
+
+def test_padded_and_packed_batches_give_the_same_hidden_states():
+    from moca.modeling import MocaBackbone
+
+    proc = MocaProcessor.tiny(image_size=56)
+    rng = random.Random(1)
+    samples = []
+    for i in range(3):
+        rec = {"text": caption(random_scene(rng)) * (i + 1)}
+        samples.append(proc.process(rec, f"r{i}"))
+    bb = MocaBackbone.tiny(proc.vocab_size, proc.ids, hidden=32, layers=2, heads=2, kv_heads=1, vision_hidden=16)
+    spec = VisionSpec.from_config(bb.vlm.config)
+    with torch.no_grad():
+        packed = bb(collate(samples, spec, packed=True))[0]
+        pb = collate(samples, spec, packed=False)
+        padded = bb(pb).reshape(-1, 32)[pb.sample_index >= 0]
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
