@@ -1,0 +1,371 @@
+"""Embedding inputs for Stage 2 and evaluation: one "side" (text, image or interleaved) -> one :class:`Sample`,
+and the contrastive pair records (query, positive, hard negatives) of Stage 2.
+
+A **side** is what one embedding is computed from. Accepted forms (records in JSONL, or Python objects given to
+:meth:`moca.embedding.MocaEmbedder.encode`)::
+
+    "a red circle"                                   text
+    {"text": "a red circle"}                         text
+    {"image": "images/x.png"}                        image (a path; relative paths resolve against the record file)
+    {"image": "images/x.png", "text": "..."}         image, then text
+    {"content": [{"text": ...}, {"image": ...}, ...]}   interleaved, in order
+    ["Look:", PIL.Image, {"image": "y.png"}, "and"]  interleaved (Python only: str = text, PIL image / Path = image)
+
+An instruction (per subset or per call) becomes a leading text segment. A side becomes
+``[instruction] segments... <|endoftext|>`` (no ``<|endoftext|>`` for last-token pooling), each image expanded
+into ``<|vision_start|> <|image_pad|> x n <|vision_end|>`` exactly as in Stage 1.
+
+A **pair record** (one JSONL line of a Stage 2 subset)::
+
+    {"id": "...", "query": SIDE, "positive": SIDE, "negatives": [SIDE, ...]}
+
+Problems raise :class:`~moca.data.processor.BadRecord` naming the item (``texts[3]``, ``scenes.jsonl:17 query``):
+a missing image file, an unreadable image, an empty text, an empty side.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .batch import Sample
+from .images import load_image, preprocess_image
+from .loader import RecordSet
+from .processor import BadRecord, MocaProcessor
+from .sampler import TaskBatchSampler
+
+log = logging.getLogger("moca.data")
+
+SIDE_KEYS = ("query", "positive")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sides -> segments -> samples
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _is_pil(x) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a dependency of the model extra
+        return False
+    return isinstance(x, Image.Image)
+
+
+def side_segments(side, where: str) -> List[dict]:
+    """Normalise one side (see the module docstring) to a list of ``{"text": str}`` / ``{"image": path | PIL}``.
+
+    Raises BadRecord naming ``where`` for an empty side, an empty text or an unknown form.
+    """
+    if isinstance(side, str):
+        segs = [{"text": side}]
+    elif isinstance(side, os.PathLike) or _is_pil(side):
+        segs = [{"image": side}]
+    elif isinstance(side, dict):
+        if "content" in side:
+            if not isinstance(side["content"], list):
+                raise BadRecord(where, "'content' must be a list of {'text': ...} / {'image': ...} segments", "malformed")
+            segs = [_segment(s, f"{where} segment {i}") for i, s in enumerate(side["content"])]
+        else:
+            unknown = set(side) - {"text", "image", "images"}
+            if unknown or not (set(side) & {"text", "image", "images"}):
+                raise BadRecord(where, f"a side needs 'text', 'image' or 'content', got keys {sorted(side)}", "malformed")
+            segs = []
+            imgs = side.get("image", side.get("images"))
+            if imgs is not None:
+                segs += [{"image": p} for p in (imgs if isinstance(imgs, (list, tuple)) else [imgs])]
+            if side.get("text") is not None:
+                segs.append({"text": side["text"]})
+    elif isinstance(side, (list, tuple)):
+        segs = [_segment(s, f"{where} segment {i}") for i, s in enumerate(side)]
+    elif side is None:
+        raise BadRecord(where, "is missing (None)", "malformed")
+    else:
+        raise BadRecord(where, f"cannot be embedded: expected text, an image or a list of them, got {type(side).__name__}",
+                        "malformed")
+    if not segs:
+        raise BadRecord(where, "is empty (no text and no image)", "empty")
+    for i, s in enumerate(segs):
+        if "text" in s:
+            if not isinstance(s["text"], str):
+                raise BadRecord(where, f"text must be a string, got {type(s['text']).__name__}", "malformed")
+            if not s["text"].strip():
+                raise BadRecord(where, "has an empty text" + (f" (segment {i})" if len(segs) > 1 else ""), "empty_text")
+        elif not (isinstance(s["image"], (str, os.PathLike)) or _is_pil(s["image"])):
+            raise BadRecord(where, f"image must be a path or a PIL image, got {type(s['image']).__name__}", "malformed")
+    return segs
+
+
+def _segment(seg, where: str) -> dict:
+    if isinstance(seg, str):
+        return {"text": seg}
+    if isinstance(seg, os.PathLike) or _is_pil(seg):
+        return {"image": seg}
+    if isinstance(seg, dict) and len(seg.keys() & {"text", "image"}) == 1 and len(seg) == 1:
+        return dict(seg)
+    raise BadRecord(where, f"must be a text, an image, {{'text': ...}} or {{'image': ...}}, got {seg!r}"[:200],
+                    "malformed")
+
+
+def resolve_image(path, root: Optional[Path]) -> Path:
+    p = Path(path)
+    if not p.is_absolute() and root is not None:
+        p = Path(root) / p
+    return p
+
+
+def check_side(side, where: str, root: Optional[Path] = None) -> List[dict]:
+    """Validate a side without decoding its images (existence only); returns its segments."""
+    segs = side_segments(side, where)
+    for s in segs:
+        if "image" in s and not _is_pil(s["image"]):
+            p = resolve_image(s["image"], root)
+            if not p.is_file():
+                raise BadRecord(where, f"image file {p} does not exist", "missing_image")
+    return segs
+
+
+def build_sample(processor: MocaProcessor, side, where: str, root: Optional[Path] = None,
+                 instruction: Optional[str] = None, add_eos: bool = True) -> Sample:
+    """One side -> :class:`Sample` (token ids with vision placeholders, pixel rows, grids).
+
+    Args:
+        processor: the model's tokenizer and image settings.
+        side: see the module docstring.
+        where: the item's name in error messages (``texts[3]``, ``file.jsonl:17 positive``).
+        root: folder that relative image paths resolve against.
+        instruction: text put before the side (None or "" = none).
+        add_eos: end with ``<|endoftext|>`` (mean and EOS pooling; last-token pooling takes the last content token).
+    """
+    segs = side_segments(side, where)
+    if instruction:
+        segs = [{"text": instruction}] + segs
+    ids: List[int] = []
+    rows, grids = [], []
+    m2 = processor.image_spec.merge_size ** 2
+    for seg in segs:
+        if "text" in seg:
+            ids += processor.encode_text(seg["text"], where)
+            continue
+        img = seg["image"]
+        if not _is_pil(img):
+            p = resolve_image(img, root)
+            if not p.is_file():
+                raise BadRecord(where, f"image file {p} does not exist", "missing_image")
+            try:
+                img = load_image(p)
+            except (OSError, ValueError, SyntaxError) as exc:
+                raise BadRecord(where, f"image {p} cannot be read ({type(exc).__name__}: {exc})"[:300],
+                                "corrupt_image") from exc
+        try:
+            px, grid = preprocess_image(img, processor.image_spec)
+        except ValueError as exc:
+            raise BadRecord(where, f"image cannot be used ({exc})", "corrupt_image") from exc
+        rows.append(px)
+        grids.append(grid)
+        ids += [processor.ids["vision_start"]] + [processor.ids["image_pad"]] * (px.shape[0] // m2) + \
+               [processor.ids["vision_end"]]
+    if add_eos:
+        ids.append(processor.ids["endoftext"])
+    if not ids:
+        raise BadRecord(where, "gave no tokens", "empty")
+    return Sample(torch.tensor(ids, dtype=torch.long), torch.cat(rows) if rows else None,
+                  torch.tensor(grids, dtype=torch.long) if grids else None, where)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Stage 2 pair data
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SubsetConfig:
+    """One Stage 2 subset (task): its files, sampling weight and instruction templates.
+
+    ``query_instruction`` / ``doc_instruction`` are put before every query / document (positive and negatives)
+    of the subset, e.g. ``"Find an image that matches the given caption: "``. A record may carry its own
+    ``"instruction"`` (for its query), which wins.
+    """
+
+    name: str = ""
+    files: List[str] = field(default_factory=list)
+    weight: float = 1.0
+    query_instruction: str = ""
+    doc_instruction: str = ""
+
+    def __post_init__(self):
+        if not self.name:
+            raise ValueError("a subset needs a name")
+        if not self.files:
+            raise ValueError(f"subset {self.name}: no files")
+        if not self.weight > 0:
+            raise ValueError(f"subset {self.name}: weight must be > 0, got {self.weight}")
+
+
+@dataclass
+class PairBatch:
+    """One local contrastive batch: B queries, then documents laid out for ``mk.info_nce``.
+
+    Attributes:
+        queries: B samples.
+        docs: B positives (query i's at row i), then ``hard_negatives`` per query (query i's at rows
+            B + i k ... B + i k + k - 1).
+        subset: the subset's name (the same on every rank for a step).
+        hard_negatives: k.
+        record_ids: names of the B records.
+    """
+
+    queries: List[Sample]
+    docs: List[Sample]
+    subset: str
+    hard_negatives: int
+    record_ids: List[str]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s) for s in self.queries) + sum(len(s) for s in self.docs)
+
+    def to(self, device, non_blocking: bool = False) -> "PairBatch":
+        return self   # samples stay on the CPU; the trainer collates them into device batches
+
+
+class PairSubset:
+    """The valid records of one subset (validated once, up front, so batches never come up short).
+
+    Bad records (unparsable line, missing side, missing image file, empty text, fewer than ``hard_negatives``
+    negatives) raise a BadRecord naming the record, or with ``skip_bad`` are counted by reason and left out.
+    """
+
+    def __init__(self, config: SubsetConfig, hard_negatives: int, skip_bad: bool = False):
+        self.config = config
+        self.records = RecordSet(config.files)
+        self.k = hard_negatives
+        self.valid: List[int] = []
+        self.skipped: Counter = Counter()
+        for i in range(len(self.records)):
+            try:
+                self._check(i)
+                self.valid.append(i)
+            except BadRecord as exc:
+                if not skip_bad:
+                    raise BadRecord(exc.record_id, str(exc).split(": ", 1)[-1] +
+                                    " (set data.skip_bad: true to count and skip such records)", exc.reason) from exc
+                self.skipped[exc.reason] += 1
+                if sum(self.skipped.values()) <= 5:
+                    log.warning("subset %s: skipping %s", config.name, exc)
+        if not self.valid:
+            raise ValueError(f"subset {config.name}: no usable record (skipped: {dict(self.skipped)})")
+
+    def __len__(self) -> int:
+        return len(self.valid)
+
+    def _check(self, i: int) -> None:
+        rec, rid, root = self.records.get(i)
+        if not isinstance(rec, dict):
+            raise BadRecord(rid, f"expected a JSON object, got {type(rec).__name__}", "malformed")
+        for key in SIDE_KEYS:
+            if key not in rec:
+                raise BadRecord(rid, f"has no '{key}'", "malformed")
+            check_side(rec[key], f"{rid} {key}", root)
+        negs = rec.get("negatives", []) or []
+        if not isinstance(negs, list):
+            raise BadRecord(rid, "'negatives' must be a list of sides", "malformed")
+        if len(negs) < self.k:
+            raise BadRecord(rid, f"has {len(negs)} hard negatives, the run uses {self.k} per query", "few_negatives")
+        for j, n in enumerate(negs[:self.k]):
+            check_side(n, f"{rid} negatives[{j}]", root)
+
+    def samples(self, j: int, processor: MocaProcessor, add_eos: bool = True) -> Tuple[Sample, List[Sample], str]:
+        """(query sample, [positive, negatives...] samples, record id) of the j-th valid record."""
+        rec, rid, root = self.records.get(self.valid[j])
+        c = self.config
+        q_ins = rec.get("instruction", c.query_instruction)
+        q = build_sample(processor, rec["query"], f"{rid} query", root, q_ins, add_eos)
+        docs = [build_sample(processor, rec["positive"], f"{rid} positive", root, c.doc_instruction, add_eos)]
+        docs += [build_sample(processor, n, f"{rid} negatives[{i}]", root, c.doc_instruction, add_eos)
+                 for i, n in enumerate((rec.get("negatives") or [])[:self.k])]
+        return q, docs, rid
+
+
+class PairLoader:
+    """Stage 2 micro-batches: each from one subset (chosen by a :class:`TaskBatchSampler`), this rank's share.
+
+    Args:
+        subsets: subset configs (their weights are the sampling weights).
+        processor: the model's processor.
+        global_batch_size: queries per step over all ranks (each rank gets ``global_batch_size / world_size``).
+        hard_negatives: k per query (0 = in-batch negatives only).
+        seed, rank, world_size, shuffle: see the sampler.
+        skip_bad: count and leave out bad records instead of raising.
+        add_eos: end every side with ``<|endoftext|>`` (False for last-token pooling).
+
+    The state (``state_dict``) is the sampler's position: a resumed run continues with the same batches.
+    """
+
+    def __init__(self, subsets: Sequence[SubsetConfig], processor: MocaProcessor, global_batch_size: int,
+                 hard_negatives: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 skip_bad: bool = False, add_eos: bool = True):
+        if not subsets:
+            raise ValueError("PairLoader: no subsets")
+        names = [s.name for s in subsets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"PairLoader: subset names must be unique, got {names}")
+        self.subsets = [PairSubset(s, hard_negatives, skip_bad) for s in subsets]
+        self.processor, self.k, self.add_eos = processor, hard_negatives, add_eos
+        self.sampler = TaskBatchSampler([len(s) for s in self.subsets], [s.weight for s in subsets],
+                                        global_batch_size, world_size=world_size, rank=rank, seed=seed,
+                                        shuffle=shuffle, names=names)
+        self.skipped: Counter = Counter()
+        for s in self.subsets:
+            self.skipped.update(s.skipped)
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict(), "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+    def next_micro_batch(self) -> PairBatch:
+        draw = self.sampler.next()
+        sub = self.subsets[draw.subset]
+        queries, positives, negatives, ids = [], [], [], []
+        for j in draw.indices:
+            q, docs, rid = sub.samples(j, self.processor, self.add_eos)
+            queries.append(q)
+            positives.append(docs[0])
+            negatives += docs[1:]
+            ids.append(rid)
+        return PairBatch(queries, positives + negatives, sub.config.name, self.k, ids)
+
+
+def write_jsonl(path: Union[str, Path], records: Sequence[dict]) -> Path:
+    """Write records as JSON lines (used by the embedded data writers)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def read_jsonl(path: Union[str, Path]) -> List[dict]:
+    """All records of a JSONL file (a line that is not valid JSON raises naming file and line)."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{n} is not valid JSON ({exc.msg})") from exc
+    return out
+
+
+__all__ = ["side_segments", "check_side", "build_sample", "SubsetConfig", "PairBatch", "PairSubset", "PairLoader",
+           "write_jsonl", "read_jsonl"]
