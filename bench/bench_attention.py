@@ -27,6 +27,7 @@ vision tower (Hq = Hkv = 16, D = 80, one bidirectional document per image of 102
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 import time
 
@@ -284,6 +285,8 @@ def run_shape(label, lens, Hq, Hkv, D, kinds, args, device, dtype, full):
 
 def main(argv=None):
     args = common_args(__doc__.splitlines()[0]).parse_args(argv)
+    if args.quick:   # time the first 2 of the 3 config candidates per kernel (compile time), unless told otherwise
+        os.environ.setdefault("MOCA_ATTENTION_TUNE", "2")
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     t_start = time.perf_counter()
@@ -297,6 +300,11 @@ def main(argv=None):
         print("no GPU: a CPU smoke run at a small shape (moca triton runs only under TRITON_INTERPRET=1)")
         small = [d // 64 for d in HEADLINE_DOCS]
         run_shape("smoke", small, 4, 2, 64, ("documents", "mixed"), args, device, torch.float32, False)
+    from moca_kernels.attention import masked_attention_triton as kernels
+
+    print("\nconfigs chosen (kernel, head dim, dtype, group, ...): (walked tile, warps, stages)")
+    for key, cfg in kernels._TUNED.items():
+        print(f"  {key[:-1]}: {cfg}")
     print(f"\nbench_attention total {time.perf_counter() - t_start:.0f} s")
 
 

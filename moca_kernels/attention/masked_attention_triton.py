@@ -89,16 +89,16 @@ def _fwd_tiles(acc, l_i, m_i, q, K_head, V_head, stride_kt, stride_vt, row_lo, r
             k = tl.load(k_ptrs)
         else:
             k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale   # [BLOCK_M, BLOCK_N], base 2
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)   # [BLOCK_M, BLOCK_N]
         if MASKED:
             allowed = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
-            s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            qk = tl.where(allowed, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)          # running max, base 2 (qk_scale > 0)
+        if MASKED:
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no allowed key yet: no NaN
         else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = m_new
-        p = tl.math.exp2(s - m_use[:, None])
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])           # one FMA per score
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASKED:
@@ -204,8 +204,8 @@ def _dkdv_tiles(dk, dv, k, v, Q_head, dO_head, Lse_head, Delta_head, DQ_head, Sp
         lse = tl.load(Lse_head + rows, mask=row_ok, other=0.0)
         delta = tl.load(Delta_head + rows, mask=row_ok, other=0.0)
         # P^T [BLOCK_N, BLOCK_M] = exp(scale * k.q - lse), in base 2
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
-        p_t = tl.math.exp2(s_t - (lse * 1.4426950408889634)[None, :])
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+        p_t = tl.math.exp2(qk_t * qk_scale - (lse * 1.4426950408889634)[None, :])
         if (start_m < full_lo) | (start_m >= full_hi):
             row_lo = tl.load(Spans + rows, mask=row_ok, other=0)
             row_hi = tl.load(Spans + T + rows, mask=row_ok, other=0)   # padding rows: empty span
@@ -292,8 +292,8 @@ def _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_kt, stride_vt, row_
         else:
             k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        p = tl.math.exp2(s - lse2[:, None])
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if MASKED:
             allowed = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
             p = tl.where(allowed, p, 0.0)
@@ -385,10 +385,11 @@ class use_tiles:
 
 
 def _candidates(kind: str, dtype: torch.dtype, bd: int, device: torch.device):
-    """(walked tile, num_warps, num_stages) candidates; the first is the default, the only one when
-    MOCA_ATTENTION_TUNE=0 (tests: one compile per kernel instead of one per candidate)."""
+    """(walked tile, num_warps, num_stages) candidates; the first is the default. MOCA_ATTENTION_TUNE=N keeps
+    the first N (0 or 1: no timing, one compile per kernel; tests and quick benchmarks save compile time)."""
     cands = _all_candidates(kind, dtype, bd, device)
-    return cands[:1] if os.environ.get("MOCA_ATTENTION_TUNE", "1") == "0" else cands
+    keep = os.environ.get("MOCA_ATTENTION_TUNE", "").strip()
+    return cands[:max(1, int(keep))] if keep.isdigit() else cands
 
 
 def _all_candidates(kind, dtype, bd, device):

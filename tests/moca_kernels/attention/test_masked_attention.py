@@ -80,11 +80,11 @@ def test_triton_matches_float64(kind, Hq, Hkv, D, dtype, T, deterministic, scale
 
 @pytest.mark.parametrize("seed", range(10))
 def test_triton_matches_float64_on_random_masks(seed, device):
-    """Random kind, length, GQA group (1, 3, 7), head dim (64, 80, 128) and backward mode per seed."""
+    """Random kind, length, GQA group (1, 3, 7), head dim (64, 80, 96, 128) and backward mode per seed."""
     rng = random.Random(100 + seed)
     kind = ("documents", "causal", "mixed")[seed % 3]
     Hq, Hkv = rng.choice([(1, 1), (3, 1), (7, 1), (6, 2), (2, 2)])
-    D = rng.choice([64, 80, 128])
+    D = rng.choice([64, 80, 96, 128])
     dtype = torch.float16 if seed % 4 == 3 else torch.float32
     check_against_float64(kind, Hq, Hkv, D, dtype, rng.randint(1, 60), seed=seed, deterministic=rng.random() < 0.5,
                           device=device, lse_grad=rng.random() < 0.3)
@@ -163,6 +163,7 @@ def _qkv(T=6, Hq=4, Hkv=2, D=16, **kw):
     (lambda m: (_qkv()[0], _qkv(D=8)[1], _qkv(D=8)[2], m), "D=16", ValueError),
     (lambda m: (_qkv()[0], _qkv()[1], _qkv(Hkv=1)[2], m), "same shape", ValueError),
     (lambda m: (*_qkv(Hq=0, Hkv=0), m), "empty input", ValueError),
+    (lambda m: (_qkv()[0], _qkv()[1].to("meta"), _qkv()[2], m), "one device", ValueError),
 ])
 def test_bad_inputs_raise_one_clear_error(make, match, exc):
     mask = mk.AttentionMask.from_seqlens([2, 4])
@@ -228,6 +229,23 @@ def test_compiled_function_does_not_recompile_when_documents_change(device):
         assert torch.isfinite(q.grad).all()
     # one graph for bidirectional masks, one for causal ones (causal is part of the mask's identity)
     assert counter.frame_count <= 2, f"recompiled: {counter.frame_count} frames"
+
+
+def test_compiled_function_called_again_with_the_same_mask(device):
+    """The second call finds the tables cached on the mask: at most one more graph, same numbers."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    layer = torch.compile(lambda q, mask: mk.masked_attention(q, q, q, mask), backend=counter, fullgraph=True)
+    q = rand(33, 2, 64, device=device)
+    masks = [mk.AttentionMask.from_seqlens(lens, causal=True, device=device) for lens in ([3, 30], [33], [1, 31, 1])]
+    for mask in masks:
+        first = layer(q, mask)
+        second = layer(q, mask)
+        torch.testing.assert_close(first, second)
+        torch.testing.assert_close(first, reference.masked_attention(q, q, q, mask), rtol=1e-4, atol=1e-5)
+    assert counter.frame_count <= 2
 
 
 def test_compiled_layers_share_one_table_build(device):
