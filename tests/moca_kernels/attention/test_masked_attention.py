@@ -281,13 +281,14 @@ def one_config(monkeypatch):
     monkeypatch.setenv("MOCA_ATTENTION_TUNE", "0")
 
 
+# Few distinct kernel variants (each costs a compile): bf16 at D = 128 in both backward modes and at D = 80
+# (vision tower); fp16 / fp32 below.
 GPU_CASES = [
     # kind,      Hq, Hkv, D,  T,    deterministic
     ("documents", 16, 2, 128, 3001, False),
     ("mixed", 7, 1, 128, 2500, True),
     ("causal", 8, 2, 128, 1999, False),
     ("documents", 16, 16, 80, 2100, False),
-    ("mixed", 6, 2, 64, 1500, True),
 ]
 
 
@@ -319,7 +320,7 @@ def test_gpu_long_sequence_131072(one_config):
     blocks[70000:75000] = 5
     blocks[131072 - 700:] = 6
     mask = mk.AttentionMask.from_seqlens(lens, block_ids=blocks, causal=True, device="cuda")
-    q, k, v = (rand(131072, h, 64, dtype=torch.bfloat16, device="cuda").requires_grad_() for h in (4, 1, 1))
+    q, k, v = (rand(131072, h, 128, dtype=torch.bfloat16, device="cuda").requires_grad_() for h in (4, 1, 1))
     out = mk.masked_attention(q, k, v, mask)
     out.float().square().sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
@@ -370,7 +371,7 @@ def test_gpu_poisoned_outputs_and_inductor_without_recompiles(one_config):
 
 
 @pytest.mark.gpu
-def test_gpu_masks_built_on_cpu_are_copied_once():
+def test_gpu_masks_built_on_cpu_are_copied_once(one_config):
     mask = mk.AttentionMask.from_seqlens([100, 28])
     q, k, v = (rand(128, 2, 64, dtype=torch.bfloat16, device="cuda") for _ in range(3))
     mk.masked_attention(q, k, v, mask)
