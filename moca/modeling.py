@@ -236,18 +236,18 @@ class MocaBackbone(nn.Module):
             flat = flat.index_copy(0, batch.drop_positions, self.drop_embedding.to(flat.dtype).expand(n, H))
         return flat.view(B, S, H)
 
-    def forward(self, batch, return_embeddings: bool = False):
+    def forward(self, batch, docs: Optional[mk.AttentionMask] = None):
         """Final hidden states [B, S, H] (after the final norm) of a collated batch.
 
-        With ``return_embeddings`` also returns the input embeddings (for the MAE decoder's mask).
+        ``docs``: the packed row's AttentionMask when the caller already built it (it must match the model's
+        causal flag); default :meth:`documents`. Reusing one mask lets kernels reuse its cached metadata.
         """
         embeds = self.input_embeddings(batch)
-        docs = self.documents(batch)
+        docs = docs if docs is not None else self.documents(batch)
         kwargs = {"moca_docs": docs} if docs is not None else {}
         out = self.language_model(inputs_embeds=embeds, position_ids=batch.position_ids,
                                   attention_mask=batch.attention_mask, use_cache=False, **kwargs)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return (hidden, embeds) if return_embeddings else hidden
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
         """(cos, sin) of the language model's mRoPE for ``position_ids`` [3, B, S]."""

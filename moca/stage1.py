@@ -60,7 +60,8 @@ class CptModel(nn.Module):
         """
         cfg = self.loss_config
         bb = self.backbone
-        hidden = bb(batch)                                                      # [B, S, H]
+        docs = bb.documents(batch, causal=False)                                # decoder: always bidirectional
+        hidden = bb(batch, docs=docs if not bb.causal else None)                # [B, S, H]
         B, S, H = hidden.shape
         flat = hidden.reshape(B * S, H)
         zero = flat.sum() * 0.0
@@ -73,7 +74,6 @@ class CptModel(nn.Module):
             mlm = zero.float()
         n_mae = batch.mae_positions.numel() if batch.mae_positions is not None else 0
         if n_mae:
-            docs = bb.documents(batch, causal=False)
             rope = bb.rotary(hidden, batch.position_ids)
             pred = self.mae_decoder(hidden, rope, batch.mae_positions, padding=batch.attention_mask, docs=docs)
             target = batch.mae_target.to(pred.dtype if pred.dtype != torch.float64 else torch.float64)

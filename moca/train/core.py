@@ -415,10 +415,11 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.dist.device.type, dtype=self.autocast_dtype)
 
-    def compute_step(self) -> Dict[str, float]:
+    def compute_step(self) -> Dict[str, object]:
         """Forward/backward of one optimizer step over ``grad_accum`` micro-batches; returns averaged metrics
-        and ``tokens``. Stages with their own step (GradCache) override this."""
-        sums: Dict[str, float] = {}
+        (tensors are fine: they are read only when logged, so steps between logs never wait for the GPU) and
+        ``tokens``. Stages with their own step (GradCache) override this."""
+        sums: Dict[str, object] = {}
         tokens = 0
         n = self.cfg.grad_accum
         for i in range(n):
@@ -433,16 +434,18 @@ class Trainer:
                     out = self.loss_fn(self.model, batch)
                 (out["loss"] / n).backward()
             for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+                v = v.detach().float() if torch.is_tensor(v) else float(v)
+                sums[k] = sums[k] + v if k in sums else v
         metrics = {k: (v / n if not k.endswith("_count") else v) for k, v in sums.items()}
         metrics["tokens"] = tokens
         return metrics
 
-    def optimizer_step(self) -> float:
+    def optimizer_step(self):
+        """Clip, step, schedule, zero the gradients; returns the gradient norm before clipping (a tensor)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
-            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         else:
             norm = float("nan")
         self.optimizer.step()
@@ -475,9 +478,10 @@ class Trainer:
                 tok = metrics.pop("tokens")
                 tok_window += tok
                 self.tokens_seen += tok
-                if self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps:
+                if self.step % self.cfg.log_every == 0 or self.step == stop:
                     keys = sorted(k for k in metrics)
-                    summed = self.dist.all_reduce_sum([metrics[k] for k in keys] + [tok_window])
+                    grad_norm = float(grad_norm)
+                    summed = self.dist.all_reduce_sum([float(metrics[k]) for k in keys] + [tok_window])
                     W = self.dist.world_size
                     rec = {k: (v if k.endswith("_count") else v / W) for k, v in zip(keys, summed[:-1])}
                     dt = time.perf_counter() - t_window
