@@ -103,7 +103,8 @@ def _fused_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
 
 @_fused_bwd.register_fake
 def _(grad_out, q, k, v, out, lse, grad_lse, spans, tables, scale, q_tile, k_tile, deterministic):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # contiguous, as the kernels return them (empty_like would keep a permuted input's stride order)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):

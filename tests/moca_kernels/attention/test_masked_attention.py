@@ -205,6 +205,24 @@ def test_float64_goes_to_the_torch_backend():
 # ---------------------------------------------------------------------------------------------------------
 
 
+def test_custom_ops_pass_opcheck(device):
+    """Schema, fake implementations (shapes, strides, dtypes) against the real kernels, autograd registration
+    and AOT dispatch of the three custom ops."""
+    mask = mk.AttentionMask.from_seqlens([10, 7], causal=True, device=device)
+    q_tile, k_tile = kernels.plan(device, torch.float32, 64)
+    q = rand(17, 4, 64, device=device).requires_grad_()
+    k, v = (rand(17, 2, 64, device=device).requires_grad_() for _ in range(2))
+    tables = mask.tile_metadata(q_tile, k_tile)
+    ops = torch.ops.moca_kernels
+    torch.library.opcheck(ops.attention_tile_tables.default, (mask.spans, q_tile, k_tile))
+    torch.library.opcheck(ops.masked_attention_fwd.default, (q, k, v, mask.spans, tables, 0.125, q_tile, k_tile, False))
+    out, lse = ops.masked_attention_fwd(q.detach(), k.detach(), v.detach(), mask.spans, tables, 0.125, q_tile, k_tile,
+                                        False)
+    for d_lse, deterministic in ((None, True), (torch.randn_like(lse), False)):
+        torch.library.opcheck(ops.masked_attention_bwd.default, (torch.randn_like(out), q.detach(), k.detach(), v.detach(),
+                              out, lse, d_lse, mask.spans, tables, 0.125, q_tile, k_tile, deterministic))
+
+
 def test_compiled_function_does_not_recompile_when_documents_change(device):
     from torch._dynamo.testing import CompileCounterWithBackend
 
