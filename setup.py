@@ -189,9 +189,9 @@ setup(
     install_requires=["torch>=2.5", "numpy", "tqdm", "pyyaml"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "model": ["transformers>=4.57", "tokenizers", "safetensors", "pillow"],
+        "model": ["transformers>=5.17", "tokenizers", "safetensors", "pillow", "pyyaml", "tqdm"],  # tensorboard optional
         "bench": ["matplotlib"],
-        "test": ["pytest", "triton>=3.0", "transformers>=4.57", "tokenizers", "safetensors", "pillow", "matplotlib"],
+        "test": ["pytest", "triton>=3.0", "transformers>=5.17", "tokenizers", "safetensors", "pillow", "matplotlib"],
     },
     entry_points={"console_scripts": ["moca=moca.cli:main"]},
     zip_safe=False,

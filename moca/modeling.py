@@ -188,7 +188,12 @@ class MocaBackbone(nn.Module):
         use_moca_attention(self.vlm, causal=self.causal, implementation=implementation)
 
     def gradient_checkpointing_enable(self) -> None:
-        self.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        """Recompute each decoder layer / vision block in backward (non-reentrant checkpointing)."""
+        kw = {"use_reentrant": False}
+        if hasattr(self.vlm, "activation_checkpointing_enable"):      # transformers >= 5.2x
+            self.vlm.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            self.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
 
     # -- forward ----------------------------------------------------------------------------------------
 

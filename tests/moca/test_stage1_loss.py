@@ -93,3 +93,29 @@ def test_mae_decoder_starts_as_a_copy_of_the_middle_layer():
         assert torch.equal(v, src[k])
     assert model.mae_decoder.layer.self_attn.q_proj.weight is not bb.language_model.layers[2].self_attn.q_proj.weight
     assert model.mae_decoder.head.out_features == 4 * 1176
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    gen = torch.Generator().manual_seed(1)
+    samples = _samples(gen)
+    bb = MocaBackbone.tiny(VOCAB, SPECIAL, hidden=32, layers=2, heads=2, kv_heads=1, vision_hidden=16).double()
+    model = CptModel(bb).double().train()
+    masker = ModalityMasker(MaskingConfig(0.4, 0.5, "noise"), MASK_ID, list(range(9)))
+    batch = CptCollator(masker, VisionSpec.from_config(bb.vlm.config), pad_token_id=0)(samples, seed=1)
+    batch.pixel_values, batch.mae_target = batch.pixel_values.double(), batch.mae_target.double()
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(batch)
+        out["loss"].backward()
+        return out["loss"].detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    loss_a, grads_a = run()
+    bb.gradient_checkpointing_enable()
+    layers = [m for m in bb.vlm.modules() if type(m).__name__.endswith(("DecoderLayer", "VisionBlock"))]
+    assert layers and all(getattr(m, "gradient_checkpointing", False) for m in layers)
+    loss_b, grads_b = run()
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-12, atol=0)
+    assert len(grads_a) == len(grads_b)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
