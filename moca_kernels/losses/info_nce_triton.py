@@ -54,6 +54,8 @@ MIN_SPLITS = 16
 
 
 def _configs():
+    """Tensor-core tiles (16-bit inputs, tf32), then CUDA-core tiles for exact fp32 ('ieee' products), which
+    spill registers at the larger sizes (ptxas, sm_90). ``_prune`` keeps the kind the launch needs."""
     if triton_interpret():
         return [triton.Config({"BLOCK_R": 16, "BLOCK_C": 16, "BLOCK_D": 16, "GROUP_R": 2},
                               num_warps=1, num_stages=1)]
@@ -64,7 +66,16 @@ def _configs():
         triton.Config({"BLOCK_R": 128, "BLOCK_C": 256, "BLOCK_D": 64, "GROUP_R": 8}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_R": 128, "BLOCK_C": 128, "BLOCK_D": 64, "GROUP_R": 8}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_R": 64, "BLOCK_C": 128, "BLOCK_D": 64, "GROUP_R": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_R": 64, "BLOCK_C": 64, "BLOCK_D": 32, "GROUP_R": 8, "FMA": 1}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_R": 128, "BLOCK_C": 64, "BLOCK_D": 16, "GROUP_R": 8, "FMA": 1}, num_warps=8, num_stages=3),
     ]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Exact fp32 products run on CUDA cores: keep the FMA tiles for them, the tensor-core tiles otherwise."""
+    fma = kwargs.get("DOT_PRECISION") == "ieee"
+    kept = [c for c in configs if bool(c.kwargs.get("FMA")) == fma]
+    return kept or configs
 
 
 _TUNE_KEY = ["R_KEY", "C_KEY", "D", "HAS_KEYS", "DOT_PRECISION"]
@@ -100,7 +111,7 @@ def _not_same_key(row_key, col_key_ptr, cols_c):
     return ck[None, :] != row_key[:, None]
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY)
+@triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.heuristics(_EVEN_D)
 @triton.jit
 def _fwd_kernel(
@@ -117,6 +128,7 @@ def _fwd_kernel(
     R_KEY, C_KEY,     # size buckets (autotuning key only)
     HAS_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_R: tl.constexpr,
+    FMA: tl.constexpr = 0,  # config tag only (CUDA-core tiles for exact fp32)
 ):
     """Each program owns BLOCK_R rows x one column split; it writes its rows' four partial statistics."""
     pid = tl.program_id(0)
@@ -180,7 +192,7 @@ def _fwd_kernel(
     tl.store(out + 3 * NSPLIT * R, pos, mask=row_ok)
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY)
+@triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.heuristics(_EVEN_D)
 @triton.jit
 def _grad_kernel(
@@ -196,6 +208,7 @@ def _grad_kernel(
     R_KEY, C_KEY,
     HAS_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_R: tl.constexpr,
+    FMA: tl.constexpr = 0,  # config tag only (CUDA-core tiles for exact fp32)
 ):
     """Each program owns one [BLOCK_R, BLOCK_C] tile of G: it recomputes the logits and writes the tile."""
     pid = tl.program_id(0)
