@@ -305,6 +305,8 @@ def main(argv=None):
     print("\nconfigs chosen (kernel, head dim, dtype, group, ...): (walked tile, warps, stages)")
     for key, cfg in kernels._TUNED.items():
         print(f"  {key[:-1]}: {cfg}")
+    for key, strategy in kernels._DQ_STRATEGY.items():
+        print(f"  dQ of the default backward (head dim, dtype, group, q_tile, k_tile) {key[:-1]}: {strategy}")
     print(f"\nbench_attention total {time.perf_counter() - t_start:.0f} s")
 
 

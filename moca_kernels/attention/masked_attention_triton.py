@@ -506,12 +506,59 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tens
     return out, lse
 
 
+# dQ strategy of the non-deterministic backward per (head dim, dtype, group, tiles, device): "atomic" or
+# "separate", the faster of the two, timed on the first GPU call (MOCA_ATTENTION_DQ=atomic|separate forces one).
+_DQ_STRATEGY: Dict[tuple, str] = {}
+
+
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
              lse: torch.Tensor, dlse: Optional[torch.Tensor], spans: torch.Tensor, tables: torch.Tensor, scale: float,
              q_tile: int, k_tile: int, deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv (input dtypes). deterministic: dQ by its own kernel (no atomics); else dQ is accumulated
-    with float32 atomics inside the dK/dV kernel (one pass over the scores instead of two)."""
+    """dq, dk, dv (input dtypes).
+
+    Two ways to get dQ: "separate" (a dQ kernel per query tile after the dK/dV kernel: no atomics, bitwise
+    reproducible, but the scores are formed twice: 7 matmuls per tile pair instead of 5) and "atomic" (the
+    dK/dV kernel adds each key tile's share of dQ into a float32 buffer with atomics). ``deterministic``
+    forces "separate"; otherwise the faster one is used (see _DQ_STRATEGY)."""
     q, k, v, out, do = (_unit_last(t) for t in (q, k, v, out, do))
+    T, Hq, D = q.shape
+    dev = q.device
+    bd = block_d(D)
+    delta = torch.empty(Hq, T, dtype=torch.float32, device=dev)
+    dlse_c = dlse.contiguous() if dlse is not None else None
+    block = 64 if bd <= 128 else 32
+    _bwd_delta_kernel[(Hq, triton.cdiv(T, block))](
+        out, do, dlse_c if dlse_c is not None else delta, delta, T,
+        out.stride(0), out.stride(1), do.stride(0), do.stride(1),
+        HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=block, HAS_DLSE=dlse_c is not None, num_warps=4)
+
+    run = lambda strategy: _backward_from_delta(do, q, k, v, out, lse, delta, spans, tables, scale,  # noqa: E731
+                                                q_tile, k_tile, strategy)
+    if deterministic:
+        return run("separate")
+    return run(_dq_strategy(q, k, q_tile, k_tile, run))
+
+
+def _dq_strategy(q, k, q_tile, k_tile, run) -> str:
+    forced = os.environ.get("MOCA_ATTENTION_DQ", "").strip()
+    if forced in ("atomic", "separate"):
+        return forced
+    tune = os.environ.get("MOCA_ATTENTION_TUNE", "").strip()
+    if q.device.type != "cuda" or (tune.isdigit() and int(tune) <= 1):
+        return "atomic"
+    key = (q.shape[2], q.dtype, q.shape[1] // k.shape[1], q_tile, k_tile, q.device)
+    if key not in _DQ_STRATEGY:
+        from triton.testing import do_bench
+
+        times = {}
+        for strategy in ("atomic", "separate"):
+            run(strategy)   # compile and tune its kernels outside the timing
+            times[strategy] = do_bench(lambda s=strategy: run(s), warmup=3, rep=15)
+        _DQ_STRATEGY[key] = min(times, key=times.get)
+    return _DQ_STRATEGY[key]
+
+
+def _backward_from_delta(do, q, k, v, out, lse, delta, spans, tables, scale, q_tile, k_tile, strategy):
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     group = Hq // Hkv
@@ -523,14 +570,6 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     q_tables = tables[:5 * nq]
     k_tables = tables[5 * nq:]
 
-    delta = torch.empty(Hq, T, dtype=torch.float32, device=dev)
-    dlse_c = dlse.contiguous() if dlse is not None else None
-    block = 64 if bd <= 128 else 32
-    _bwd_delta_kernel[(Hq, triton.cdiv(T, block))](
-        out, do, dlse_c if dlse_c is not None else delta, delta, T,
-        out.stride(0), out.stride(1), do.stride(0), do.stride(1),
-        HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=block, HAS_DLSE=dlse_c is not None, num_warps=4)
-
     split = _group_split(Hkv * n_tiles(T, k_tile), group, dev)
     heads_per_prog = triton.cdiv(group, split)
     split = triton.cdiv(group, heads_per_prog)
@@ -540,7 +579,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     else:   # float32 partial sums over parts of the group, summed below (fixed order: deterministic)
         dk = _alloc.empty(split, T, Hkv, D, dtype=torch.float32, device=dev)
         dv = _alloc.empty(split, T, Hkv, D, dtype=torch.float32, device=dev)
-    atomic = not deterministic
+    atomic = strategy == "atomic"
     if atomic:
         dq_acc = torch.zeros(T, Hq, D, dtype=torch.float32, device=dev)
     else:

@@ -38,7 +38,9 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: At
         return_lse: also return the log-sum-exp of the scaled scores, [Hq, T] float32 (differentiable).
         impl: "triton", "torch" or None (automatic: triton for CUDA tensors with D <= 128).
         deterministic: triton backward without atomics (dQ by its own kernel: bitwise reproducible, one more
-            pass over the scores). The default accumulates dQ with float32 atomics.
+            pass over the scores). Otherwise dQ is accumulated with float32 atomics in the dK/dV kernel, or
+            computed as in the deterministic mode when that was faster on this GPU (timed once per shape family;
+            MOCA_ATTENTION_DQ=atomic|separate forces one).
 
     Returns:
         out [T, Hq, D] in q's dtype, or (out, lse).
