@@ -22,7 +22,10 @@ def _train_cpt(args) -> int:
 
     import os
 
-    cfg = load_config(CptConfig, args.config, args.set)
+    from pathlib import Path
+
+    config = args.config or Path(__file__).resolve().parent / "configs" / "cpt_tiny.yaml"
+    cfg = load_config(CptConfig, config, args.set)
     history = run_cpt(cfg)
     if history and os.environ.get("RANK", "0") == "0":
         last = history[-1]
@@ -43,7 +46,7 @@ def _data_embedded(args) -> int:
 
 def add_train_cpt(train_sub) -> None:
     p = train_sub.add_parser("cpt", help="Stage 1: modality-aware continual pre-training (MLM + MAE)")
-    p.add_argument("--config", default=None, help="YAML config (defaults: the tiny model on the embedded corpus)")
+    p.add_argument("--config", default=None, help="YAML config (default: moca/configs/cpt_tiny.yaml, the tiny model on the embedded corpus)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.max_steps=20 (repeatable)")
     p.set_defaults(func=_train_cpt)

@@ -45,6 +45,8 @@ class ModelConfig:
     tiny_vision_depth: int = 2
     tiny_seed: int = 0
     tiny_image_size: int = 112                  # images are resized to about this many pixels squared
+    min_pixels: Optional[int] = None             # override the image pixel bounds (official: 256 .. 1024 merged
+    max_pixels: Optional[int] = None             # tokens = 256*28*28 .. 1024*28*28 pixels)
 
 
 @dataclass
@@ -74,6 +76,15 @@ class CptConfig:
 
 def build_model_and_processor(mc: ModelConfig, corruption: Optional[str]):
     """(MocaBackbone, MocaProcessor) from the model config."""
+    bb, proc = _build(mc, corruption)
+    if mc.min_pixels is not None:
+        proc.image_spec.min_pixels = int(mc.min_pixels)
+    if mc.max_pixels is not None:
+        proc.image_spec.max_pixels = int(mc.max_pixels)
+    return bb, proc
+
+
+def _build(mc: ModelConfig, corruption: Optional[str]):
     if mc.path is None:
         proc = MocaProcessor.tiny(image_size=mc.tiny_image_size)
         bb = MocaBackbone.tiny(proc.vocab_size, proc.ids, causal=mc.causal, image_corruption=corruption,

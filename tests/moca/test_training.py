@@ -57,6 +57,11 @@ def test_loss_decreases_on_embedded_data(tmp_path, corpus):
     assert not bb.causal and bb.vlm.config._attn_implementation == "moca"
     proc = MocaProcessor.from_pretrained(final)
     assert proc.ids["mask"] == 8
+    # and Stage 1 continues from a checkpoint directory (the path a real Qwen2.5-VL takes)
+    cfg = _cfg(tmp_path / "again", corpus, max_steps=2)
+    cfg.model.path = str(final)
+    again = run_cpt(cfg, DistEnv())
+    assert again[0]["loss"] < first, "continuing from the exported model starts from the trained weights"
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, corpus):
