@@ -391,7 +391,7 @@ def test_gpu_poisoned_outputs_and_inductor_without_recompiles(one_config):
 @pytest.mark.gpu
 def test_gpu_masks_built_on_cpu_are_copied_once(one_config):
     mask = mk.AttentionMask.from_seqlens([100, 28])
-    q, k, v = (rand(128, 2, 64, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+    q, k, v = (rand(128, 2, 128, dtype=torch.bfloat16, device="cuda") for _ in range(3))
     mk.masked_attention(q, k, v, mask)
     on_gpu = mask.to("cuda")
     assert mask.to("cuda") is on_gpu and on_gpu.spans.is_cuda
