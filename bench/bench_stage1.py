@@ -125,6 +125,9 @@ def ours_loss(model: CptModel, batch):
     return model(batch)["loss"]
 
 
+FIRST_LOSS = {}   # case -> loss of its first step: equal weights and masks, so the cases must agree
+
+
 def make_case(name, impl, packed, loss_fn, samples, device, collate_args, note=""):
     def setup():
         model = build_model(collate_args["config"], device)
@@ -140,6 +143,7 @@ def make_case(name, impl, packed, loss_fn, samples, device, collate_args, note="
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = loss_fn(model, batch)
             loss.backward()
+            FIRST_LOSS.setdefault(name, float(loss.detach()))
             return loss
         return step
     return Case(name, setup, note)
@@ -215,6 +219,9 @@ def main(argv=None):
                        flops=flops, baseline=baseline if liger_why is None else "transformers sdpa + naive CE (padded)",
                        warmup=args.warmup if not args.quick else 3, rep=args.rep if not args.quick else 10,
                        out=args.out, tag=f"stage1_step_T{T}")
+    print("\nfirst-step loss per case (same weights, samples and masks; they should agree to bf16 precision):")
+    for k, v in FIRST_LOSS.items():
+        print(f"  {k:<42s} {v:.4f}")
     print("\ntokens/s (real tokens):")
     for r in report.results:
         if r.median_ms:

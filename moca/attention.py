@@ -134,6 +134,9 @@ def moca_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
     if kwargs.get("sliding_window") is not None:
         raise NotImplementedError("moca attention: sliding-window layers are not supported")
     B, Hq, S, D = query.shape
+    dt = _attention_dtype(query, key, value)
+    if not (query.dtype == key.dtype == value.dtype == dt):
+        query, key, value = query.to(dt), key.to(dt), value.to(dt)
     q = query.transpose(1, 2).reshape(B * S, Hq, D)
     k = key.transpose(1, 2).reshape(B * S, key.shape[1], D)
     v = value.transpose(1, 2).reshape(B * S, value.shape[1], D)
@@ -174,6 +177,19 @@ def moca_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
     qp, kp, vp = (pack(t.transpose(1, 2), docs) for t in (query, key, value))
     out = unpack(mk.masked_attention(qp, kp, vp, docs, scale=scaling), docs)
     return out, None
+
+
+def _attention_dtype(*ts: torch.Tensor) -> torch.dtype:
+    """The dtype attention runs in: the autocast dtype under autocast (transformers' rotary embedding returns
+    float32 q/k next to a bf16 v there), else the promoted dtype of q, k, v."""
+    dev = ts[0].device.type
+    if torch.is_autocast_enabled(dev) and ts[0].is_floating_point():
+        get = getattr(torch, "get_autocast_dtype", None)
+        return get(dev) if get is not None else torch.get_autocast_gpu_dtype()
+    dt = ts[0].dtype
+    for t in ts[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    return dt
 
 
 def _vision_mask(cu: torch.Tensor, precomputed: Optional[dict], device) -> mk.AttentionMask:

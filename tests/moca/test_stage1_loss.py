@@ -119,3 +119,24 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     assert len(grads_a) == len(grads_b)
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_stage1_step_under_bf16_autocast_runs_and_is_close_to_fp32():
+    """The GPU training path (bf16 autocast) exercised on the CPU: transformers hands float32 q/k (rotary) with a
+    bf16 v to the attention function, the final norm returns float32; the step must still run in bf16."""
+    gen = torch.Generator().manual_seed(2)
+    samples = _samples(gen)
+    for s in samples:
+        if s.pixel_values is not None:
+            s.pixel_values = s.pixel_values.float()
+    bb = MocaBackbone.tiny(VOCAB, SPECIAL, hidden=32, layers=2, heads=2, kv_heads=1, vision_hidden=16)
+    model = CptModel(bb)
+    masker = ModalityMasker(MaskingConfig(0.4, 0.5, "noise"), MASK_ID, list(range(9)))
+    batch = CptCollator(masker, VisionSpec.from_config(bb.vlm.config), pad_token_id=0)(samples, seed=1)
+    ref = model(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    torch.testing.assert_close(out["mlm_loss"], ref["mlm_loss"].detach(), rtol=0.05, atol=0.05)
+    torch.testing.assert_close(out["mae_loss"], ref["mae_loss"].detach(), rtol=0.05, atol=0.05)
