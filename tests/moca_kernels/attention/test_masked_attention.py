@@ -117,6 +117,21 @@ def test_tile_without_allowed_key_for_some_rows_gives_no_nan(device):
     torch.testing.assert_close(out[14], v[14], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("lens", [[1], [1, 1], [1] * 21, [2, 1, 1]])
+def test_one_token_documents_and_tiny_sequences(lens, device):
+    mask = mk.AttentionMask.from_seqlens(lens, device=device)
+    T = mask.total_len
+    q, k, v = (rand(T, h, 64, device=device).requires_grad_() for h in (3, 1, 1))
+    out = mk.masked_attention(q, k, v, mask, impl="triton")
+    out.square().sum().backward()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = reference.masked_attention(q64, k64, v64, mask)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for a, b in ((q, q64), (k, k64), (v, v64)):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("deterministic,split", [(False, 1), (True, 1), (False, 2)])
 def test_every_output_element_is_written(deterministic, split, device):
     rng = random.Random(11)
