@@ -189,7 +189,9 @@ setup(
     install_requires=["torch>=2.5", "numpy", "tqdm", "pyyaml"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "model": ["transformers>=5.17", "tokenizers", "safetensors", "pillow", "pyyaml", "tqdm"],  # tensorboard optional
+        "model": ["transformers>=5.17", "tokenizers", "safetensors", "pillow", "pyyaml", "tqdm",
+                  "matplotlib"],  # tensorboard optional; matplotlib: moca demo's loss-curve PNG
+        "lora": ["peft>=0.10"],   # Stage 2 with lora.enabled: true
         "bench": ["matplotlib"],
         "test": ["pytest", "triton>=3.0", "transformers>=5.17", "tokenizers", "safetensors", "pillow", "matplotlib"],
     },
