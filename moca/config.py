@@ -48,6 +48,8 @@ def from_dict(cls, data: Optional[dict], where: str = ""):
                 value = float(value)
             except ValueError as exc:
                 raise ValueError(f"config {key}: expected a number, got {value!r}") from exc
+        elif t is str and isinstance(value, bool):       # YAML reads true/false as booleans (e.g. bf16: true)
+            value = str(value).lower()
         elif t is int and isinstance(value, float) and value.is_integer():
             value = int(value)
         elif t in (int, float, bool, str) and value is not None and not isinstance(value, t):
