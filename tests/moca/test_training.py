@@ -162,6 +162,7 @@ def test_two_process_gloo_run_through_torchrun(tmp_path, corpus, parallel):
     sets = [f"model.{k}={v}" for k, v in TINY.items()] + [
         f"data.train=[{corpus}]", "data.token_budget=256", f"train.output_dir={out}", f"train.max_steps={steps}",
         "train.progress=false", "train.tensorboard=false", "train.lr=1e-3", f"train.parallel={parallel}",
+        "train.log_every=1", "train.save_every=0",
         "masking.image_corruption=" + ("drop" if parallel == "ddp" else "mask_token")]
     port = "29517" if parallel == "ddp" else "29518"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
