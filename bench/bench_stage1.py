@@ -143,7 +143,8 @@ def make_case(name, impl, packed, loss_fn, samples, device, collate_args, note="
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = loss_fn(model, batch)
             loss.backward()
-            FIRST_LOSS.setdefault(name, float(loss.detach()))
+            if name not in FIRST_LOSS:          # one host sync, on the first (untimed) call only
+                FIRST_LOSS[name] = float(loss.detach())
             return loss
         return step
     return Case(name, setup, note)
