@@ -122,3 +122,21 @@ def test_padded_and_packed_batches_give_the_same_hidden_states():
         pb = collate(samples, spec, packed=False)
         padded = bb(pb).reshape(-1, 32)[pb.sample_index >= 0]
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+
+
+def test_parquet_records_read_like_jsonl(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from moca.data.loader import RecordSet
+
+    jsonl = write_cpt_corpus(tmp_path, n_docs=6, seed=1)
+    recs = [json.loads(x) for x in jsonl.read_text().splitlines()]
+    table = pa.table({"id": [r["id"] for r in recs], "content": [json.dumps(r["content"]) for r in recs]})
+    pq.write_table(table, tmp_path / "cpt.parquet")
+    a, b = RecordSet(jsonl), RecordSet(tmp_path / "cpt.parquet")
+    proc = MocaProcessor.tiny()
+    for i in range(len(recs)):
+        (ra, ida, root_a), (rb, idb, root_b) = a.get(i), b.get(i)
+        assert ra["content"] == rb["content"] and root_a == root_b
+        assert torch.equal(proc.process(ra, ida, root_a).input_ids, proc.process(rb, idb, root_b).input_ids)
