@@ -21,6 +21,7 @@ from ..config import dump_config
 from ..data.batch import VisionSpec
 from ..data.loader import PackingLoader, RecordSet
 from ..data.masking import CptCollator, MaskingConfig, ModalityMasker
+from ..data.prefetch import Prefetcher
 from ..data.processor import MocaProcessor
 from ..modeling import MocaBackbone
 from ..stage1 import CptModel, LossConfig
@@ -63,6 +64,7 @@ class DataConfig:
     skip_bad: bool = False
     shuffle: bool = True
     pad_to_multiple: int = 1
+    prefetch: int = 2                            # micro-batches prepared ahead in a background thread (0 = off)
 
 
 @dataclass
@@ -140,8 +142,12 @@ def run_cpt(cfg: CptConfig, dist: Optional[DistEnv] = None) -> List[dict]:
     collator = CptCollator(masker, VisionSpec.from_config(backbone.vlm.config), proc.ids["endoftext"],
                            packed=cfg.data.packed, pad_to_multiple=cfg.data.pad_to_multiple)
 
-    def next_micro_batch(index: int):
+    def make_micro_batch(index: int):
         return collator(loader.next_micro_batch(), micro_batch_seed(cfg.train.seed, dist.rank, index))
+
+    data, next_micro_batch = loader, make_micro_batch
+    if cfg.data.prefetch > 0:
+        data = next_micro_batch = Prefetcher(make_micro_batch, loader, cfg.data.prefetch)
 
     def export(final: Path, full_state=None):
         from safetensors.torch import save_model
@@ -157,5 +163,9 @@ def run_cpt(cfg: CptConfig, dist: Optional[DistEnv] = None) -> List[dict]:
         proc.save_pretrained(final)
         save_model(m.mae_decoder, str(final / "mae_decoder.safetensors"))
 
-    trainer = Trainer(cfg.train, model, loader, next_micro_batch, cpt_loss, dist=dist, save_extra=export)
-    return trainer.fit()
+    trainer = Trainer(cfg.train, model, data, next_micro_batch, cpt_loss, dist=dist, save_extra=export)
+    try:
+        return trainer.fit()
+    finally:
+        if data is not loader:
+            data.close()

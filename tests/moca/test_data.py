@@ -140,3 +140,39 @@ def test_parquet_records_read_like_jsonl(tmp_path):
         (ra, ida, root_a), (rb, idb, root_b) = a.get(i), b.get(i)
         assert ra["content"] == rb["content"] and root_a == root_b
         assert torch.equal(proc.process(ra, ida, root_a).input_ids, proc.process(rb, idb, root_b).input_ids)
+
+
+def test_prefetcher_hands_out_in_order_saves_consumed_position_and_raises_where_it_failed():
+    from moca.data.prefetch import Prefetcher
+
+    class Loader:
+        def __init__(self):
+            self.pos = 0
+
+        def next(self):
+            if self.pos == 5:
+                raise BadRecord("r5", "broken", "malformed")
+            self.pos += 1
+            return self.pos
+
+        def state_dict(self):
+            return {"pos": self.pos, "skipped": {}}
+
+        def load_state_dict(self, st):
+            self.pos = st["pos"]
+
+    loader = Loader()
+    pf = Prefetcher(lambda i: (i, loader.next()), loader, depth=3)
+    assert [pf(i) for i in range(3)] == [(0, 1), (1, 2), (2, 3)]
+    import time
+
+    time.sleep(0.2)                        # the worker reads ahead up to the failure
+    assert pf.state_dict()["pos"] == 3     # ... but the saved position is what was consumed
+    pf.close()
+    assert loader.pos == 3                 # closing rewinds past the read-ahead
+    assert [pf(i) for i in range(3, 5)] == [(3, 4), (4, 5)]
+    with pytest.raises(BadRecord, match="r5"):
+        pf(5)
+    pf.load_state_dict({"pos": 1, "skipped": {}})
+    assert pf(1) == (1, 2)
+    pf.close()

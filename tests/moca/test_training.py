@@ -26,11 +26,12 @@ def corpus(tmp_path_factory):
     return write_cpt_corpus(tmp_path_factory.mktemp("corpus"), n_docs=48, seed=0, passage_words=24)
 
 
-def _cfg(out, corpus, data_budget=384, **train):
+def _cfg(out, corpus, data_budget=384, prefetch=2, **train):
     t = dict(output_dir=str(out), max_steps=8, lr=2e-3, warmup_ratio=0.1, log_every=1, seed=0, progress=False,
              tensorboard=False, resume="auto")
     t.update(train)
-    return from_dict(CptConfig, {"model": TINY, "data": {"train": [str(corpus)], "token_budget": data_budget},
+    return from_dict(CptConfig, {"model": TINY, "data": {"train": [str(corpus)], "token_budget": data_budget,
+                                                                    "prefetch": prefetch},
                                  "train": t})
 
 
@@ -65,7 +66,8 @@ def test_loss_decreases_on_embedded_data(tmp_path, corpus):
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, corpus):
-    full = _losses(run_cpt(_cfg(tmp_path / "a", corpus, max_steps=4, grad_accum=2), DistEnv()))
+    # the uninterrupted run prepares batches in the foreground, the interrupted one ahead in a thread
+    full = _losses(run_cpt(_cfg(tmp_path / "a", corpus, max_steps=4, grad_accum=2, prefetch=0), DistEnv()))
     part1 = _losses(run_cpt(_cfg(tmp_path / "b", corpus, max_steps=4, grad_accum=2, stop_at_step=2), DistEnv()))
     assert (tmp_path / "b" / "checkpoints" / "step_00000002" / "COMPLETE").exists()
     assert not (tmp_path / "b" / "final").exists()
