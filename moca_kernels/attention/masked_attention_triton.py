@@ -3,13 +3,25 @@
 Imported lazily (only when the triton backend runs), so moca_kernels works without triton installed.
 
 Every kernel walks the per-tile tables of ``metadata.py``: a program owns one tile (query tile: forward, dQ;
-key tile: dK/dV) and visits only the tiles of the other side that hold an allowed pair, in three runs:
-partial tiles before the full ones, full tiles (no mask arithmetic, unmasked loads), partial tiles after.
-On partial tiles query i keeps keys ``[lo_i, hi_i)`` (``spans``), two compares per score.
+key tile: dK/dV) and visits only the tiles of the other side that hold an allowed pair: partial tiles before
+the full ones, full tiles (no mask arithmetic; in the forward and dQ kernels also unmasked loads), partial
+tiles after. On partial tiles query i keeps keys ``[lo_i, hi_i)`` (``spans``), two compares per score. The
+forward and dQ kernels run the three stretches as three loops; the dK/dV kernel, whose accumulators leave few
+registers, runs one loop with a branch (uniform over the program) that masks the partial tiles.
 Programs start in largest-first order (``*_order`` in the tables).
 
 GQA by indexing: query head h reads key/value head h // GROUP; the dK/dV program of a key/value head loops over
-the GROUP query heads that read it, so the group's gradients are summed in registers (no atomics).
+the GROUP query heads that read it, so the group's gradients are summed in registers (no atomics). When key
+tiles x key/value heads are too few to fill the GPU, the group is split over a few programs whose float32
+partial sums are added in a fixed order.
+
+dQ: either float32 atomics from the dK/dV kernel (5 matmuls per tile pair in all), or a separate kernel per
+query tile (7 matmuls, no atomics: the deterministic mode). The non-deterministic default takes whichever was
+faster on the first call (``_DQ_STRATEGY``).
+
+Tile sizes: the owner tile sizes are fixed per (device, dtype, head dim) (``plan``) because the tables are
+built for them; the walked tile size, warps and stages are timed on the first GPU call per head dim, dtype and
+group size (``_pick``), never per T.
 
 Scores are kept in base 2: s2 = (q . k) * scale * log2(e), so exp2 replaces exp; the stored LSE is natural
 (lse = s2_max * ln 2 + ln(sum)) and the backward converts it once per row.
@@ -26,11 +38,9 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from ..dispatch import triton_interpret
 from .metadata import n_tiles
 
 LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
