@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import queue
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,9 +48,9 @@ class DemoSettings:
     image_size: int = 56
     cpt_docs: int = 400
     pairs_per_subset: int = 512
-    eval_queries: int = 80
+    eval_queries: int = 160
     eval_candidates: int = 8
-    eval_corpus: int = 160
+    eval_corpus: int = 200
     # tiny model
     tiny: Dict[str, int] = field(default_factory=lambda: dict(tiny_hidden=64, tiny_layers=2, tiny_heads=4,
                                                               tiny_kv_heads=2, tiny_vision_hidden=32,
@@ -179,12 +178,12 @@ def initial_embedder(s: DemoSettings, causal: bool):
     return MocaEmbedder(bb, proc)
 
 
-def _evaluate(embedder, data: dict, s: DemoSettings, device) -> dict:
+def _evaluate(embedder, data: dict, s: DemoSettings, device, progress: bool = False) -> dict:
     from .config import from_dict
     from .eval import EvalConfig, EvalTask, evaluate
 
     tasks = [from_dict(EvalTask, t, f"tasks[{i}]") for i, t in enumerate(data["tasks"])]
-    cfg = EvalConfig(batch_size=s.eval_batch_size, show_progress=False)
+    cfg = EvalConfig(batch_size=s.eval_batch_size, show_progress=progress)
     return evaluate(embedder.to(device), tasks, cfg)
 
 
@@ -211,13 +210,13 @@ def run_attention(s: DemoSettings, data: dict, attention: str, status=None, prog
     t0 = time.perf_counter()
 
     say("(a) evaluating the initial model")
-    out["arms"]["no training"] = {"eval": _evaluate(initial_embedder(s, causal), data, s, device)}
+    out["arms"]["no training"] = {"eval": _evaluate(initial_embedder(s, causal), data, s, device, progress)}
 
     say("(b) Stage 2 from the initial model")
     run_cl(stage2_config(s, data, causal, root / "stage2_only", None, progress), dist)
     say("(b) evaluating")
     emb = MocaEmbedder.from_pretrained(root / "stage2_only" / "final")
-    out["arms"]["Stage 2 only"] = {"eval": _evaluate(emb, data, s, device),
+    out["arms"]["Stage 2 only"] = {"eval": _evaluate(emb, data, s, device, progress),
                                    "stage2_history": _history(root / "stage2_only")}
 
     say("(c) Stage 1")
@@ -226,7 +225,7 @@ def run_attention(s: DemoSettings, data: dict, attention: str, status=None, prog
     run_cl(stage2_config(s, data, causal, root / "stage1_stage2", str(root / "stage1" / "final"), progress), dist)
     say("(c) evaluating")
     emb = MocaEmbedder.from_pretrained(root / "stage1_stage2" / "final")
-    out["arms"]["Stage 1 + Stage 2"] = {"eval": _evaluate(emb, data, s, device),
+    out["arms"]["Stage 1 + Stage 2"] = {"eval": _evaluate(emb, data, s, device, progress),
                                         "stage1_history": _history(root / "stage1"),
                                         "stage2_history": _history(root / "stage1_stage2")}
     out["seconds"] = time.perf_counter() - t0
@@ -343,6 +342,16 @@ def comparison_table(results: dict) -> str:
     return format_table(header, rows)
 
 
+def noise_note(results: dict) -> str:
+    """How large a difference the evaluation can resolve (binomial standard error of precision@1)."""
+    chance = results["chance"]["tasks"]
+    n = min(t["n_queries"] for t in chance.values() if t["type"] == "candidates")
+    p = 0.2
+    se = 100 * math.sqrt(p * (1 - p) / n)
+    return (f"Each candidate task has >= {n} queries: the standard error of a precision@1 near {100 * p:.0f}% is "
+            f"{se:.1f} points, so differences below ~{2 * se:.0f} points on one task are within noise.")
+
+
 def plot_losses(results: dict, path: Path) -> Optional[Path]:
     """PNG of the Stage 1 and Stage 2 loss curves (moving average over 10 steps); None without matplotlib."""
     try:
@@ -420,6 +429,7 @@ def run_demo(s: DemoSettings) -> dict:
     print()
     print("Held-out tasks (%): precision@1 for candidate lists, nDCG@5 for corpus search")
     print(results["table"])
+    print(noise_note(results))
     print(f"\nwall time {results['wall_time_s']:.0f} s; results in {out / 'results.json'}"
           + (f", loss curves in {png}" if png else ""))
     return results

@@ -162,3 +162,20 @@ def test_bad_inputs_name_the_item(model, scenes, tmp_path):
     with pytest.raises(ValueError, match=r"images\[0\].*cannot be read"):
         model.encode(images=[str(bad)])
     assert model.encode(texts=[]).shape == (0, model.dim)
+
+
+@pytest.mark.gpu
+def test_encode_on_gpu_matches_cpu(scenes, monkeypatch):
+    """Automatic backends on CUDA (Triton masked_attention): float32 close to the CPU torch path, padded ==
+    packed, and bfloat16 weights within a cosine of 0.99 of float32."""
+    monkeypatch.delenv("MOCA_KERNELS_IMPL", raising=False)
+    paths, caps = scenes
+    items = _mixed(paths, caps)
+    ref = MocaEmbedder.tiny(seed=1, image_size=84, **SIZES).encode(texts=items)
+    gpu = MocaEmbedder.tiny(seed=1, image_size=84, **SIZES).to("cuda")
+    out = gpu.encode(texts=items, batch_size=3)
+    assert out.device.type == "cpu" and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=5e-3, rtol=0)
+    torch.testing.assert_close(gpu.encode(texts=items, packed=False, batch_size=3), out, atol=5e-3, rtol=0)
+    bf16 = gpu.to(torch.bfloat16).encode(texts=items)
+    assert bf16.dtype == torch.float32 and ((bf16 * ref).sum(1) > 0.99).all()
