@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,7 +256,7 @@ class ContrastiveTrainer(Trainer):
                 loss = mk.info_nce(q.float(), d.float(), temperature=self.module.temperature(), impl=lc.impl,
                                    hard_negatives=k, hard_negative_scope=lc.hard_negative_scope, group=self.group)
             stats["loss"] = float(loss.detach())
-            stats["accuracy"] = in_batch_accuracy(q.detach(), d.detach(), k, lc.hard_negative_scope)
+            stats["accuracy"] = in_batch_accuracy(q.detach(), d.detach(), k, lc.hard_negative_scope)  # local docs
             return loss * scale
 
         gc = self.cl.grad_cache
@@ -363,7 +364,7 @@ def _train_cl(args) -> int:
 
     cfg = load_config(ClConfig, args.config, args.set)
     history = run_cl(cfg)
-    if history:
+    if history and os.environ.get("RANK", "0") == "0":
         last = history[-1]
         print(f"stage 2 done: step {last['step']}, loss {last.get('loss', float('nan')):.4f}, in-batch accuracy "
               f"{last.get('accuracy', float('nan')):.3f}, temperature {last.get('temperature', float('nan')):.4f}; "

@@ -3,6 +3,8 @@ equals the plain step, resume equals an uninterrupted run, bad pair records, LoR
 
 import json
 import math
+import os
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -270,3 +272,31 @@ def test_a_grad_cache_step_equals_the_plain_step_on_gpu(tmp_path, subsets, monke
     bf = trainer(tmp_path / "c", **{"train.bf16": "true", "grad_cache.enabled": True})
     m = bf.compute_step()
     assert math.isfinite(m["loss"]) and math.isfinite(bf.optimizer_step())
+
+
+@pytest.mark.distributed
+def test_two_process_ddp_run_equals_one_process_on_the_global_batch(tmp_path, subsets):
+    """torchrun, 2 gloo ranks, GradCache, learnable temperature, documents gathered across ranks: the same losses,
+    temperatures and gradient norms as one process training on the global batch."""
+    import yaml
+
+    cfg = {"model": dict(TINY), "data": {"subsets": subsets, "global_batch_size": 4, "hard_negatives": 2},
+           "loss": {"learnable_temperature": True},
+           "grad_cache": {"enabled": True, "query_chunk_size": 1, "doc_chunk_size": 3},
+           "train": {"output_dir": str(tmp_path / "ddp"), "max_steps": 3, "lr": 1e-3, "log_every": 1,
+                     "progress": False, "tensorboard": False}}
+    (tmp_path / "cl.yaml").write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", MOCA_KERNELS_IMPL="torch",
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "moca.cli", "train", "cl", "--config", str(tmp_path / "cl.yaml")]
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count("stage 2 done") == 1, "only rank 0 reports"
+    one = run_cl(from_dict(ClConfig, dict(cfg, train=dict(cfg["train"], output_dir=str(tmp_path / "one")))), DistEnv())
+    two = [json.loads(x) for x in (tmp_path / "ddp" / "logs" / "train.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        for key in ("loss", "temperature", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (key, a, b)
