@@ -83,3 +83,25 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     # the Stage 2 arms differ from the untrained model (training happened and was evaluated)
     bi = res["attention"]["bidirectional"]["arms"]
     assert bi["Stage 2 only"]["eval"] != bi["no training"]["eval"]
+
+
+def test_quick_demo_runs_from_a_local_checkpoint(tmp_path, capsys):
+    """``--model PATH``: a plain transformers Qwen2.5-VL save (no moca files) goes through the same pipeline."""
+    from moca.cli import main
+    from moca.data.processor import MocaProcessor
+    from moca.modeling import MocaBackbone
+
+    proc = MocaProcessor.tiny(112)
+    bb = MocaBackbone.tiny(proc.vocab_size, proc.ids, seed=3, hidden=32, layers=1, heads=2, kv_heads=1,
+                           vision_hidden=16, vision_depth=1)
+    bb.vlm.save_pretrained(tmp_path / "ckpt")
+    proc.save_pretrained(tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt" / "moca_config.json").exists()
+    assert main(["demo", "--quick", "--model", str(tmp_path / "ckpt"), "--attention", "bidirectional",
+                 "--out", str(tmp_path / "demo"), "--device", "cpu"]) == 0
+    res = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert res["settings"]["model"] == str(tmp_path / "ckpt") and res["settings"]["temperature"] == 0.03
+    assert list(res["attention"]) == ["bidirectional"]
+    final = tmp_path / "demo" / "bidirectional" / "stage1_stage2" / "final"
+    assert json.loads((final / "moca_config.json").read_text())["stage"] == "contrastive"
+    assert sum(ln.startswith("| ") for ln in capsys.readouterr().out.splitlines()) == 2 + 1 + 3
