@@ -29,8 +29,8 @@ python3 -c "from moca_kernels import _ext; print('moca_kernels._C:', _ext.availa
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   stamp "GPU tests"
-  timeout "${TEST_TIMEOUT:-180}" python3 -m pytest tests -m gpu -q -x -p no:cacheprovider ${PYTEST_ARGS:-} \
-    > "$OUT/gpu_tests.log" 2>&1
+  timeout "${TEST_TIMEOUT:-180}" python3 -m pytest tests -m gpu -q --maxfail=25 --durations=12 -p no:cacheprovider \
+    ${PYTEST_ARGS:-} > "$OUT/gpu_tests.log" 2>&1
   echo "pytest exit $?"; grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -3
   grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -20
 fi
@@ -42,6 +42,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     stamp "bench $n"
     timeout "${BENCH_TIMEOUT:-150}" python3 "bench/bench_$n.py" --quick --out "$W/results" > "$W/bench_$n.log" 2>&1
     rc=$?; [ $rc -ne 0 ] && { echo "bench $n exit $rc"; tail -15 "$W/bench_$n.log"; }
+    tar czf "$OUT/gpu_check.tgz" -C "$W" . 2>/dev/null   # after every bench: a cut-off run still returns what it did
   done
   python3 bench/summary.py "$W/results"
 fi

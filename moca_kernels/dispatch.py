@@ -122,6 +122,12 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def autotune_enabled() -> bool:
+    """False under MOCA_KERNELS_AUTOTUNE=0: every kernel takes its first (default) config instead of timing its
+    few candidates on the first call per shape. The test suite sets it on GPUs to keep compile time down."""
+    return os.environ.get("MOCA_KERNELS_AUTOTUNE", "1").strip() != "0"
+
+
 def triton_reasons(*tensors: torch.Tensor) -> List[str]:
     """Why Triton cannot run on these tensors: missing package, or CPU tensors without the interpreter."""
     why = []

@@ -12,6 +12,9 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # One config per kernel instead of timing several: the GPU tests check results, not speed.
+    os.environ.setdefault("MOCA_KERNELS_AUTOTUNE", "0")
 # Tests choose backends explicitly; a developer's MOCA_KERNELS_IMPL must not change what they test.
 os.environ.pop("MOCA_KERNELS_IMPL", None)
 

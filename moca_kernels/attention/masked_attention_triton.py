@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from ..dispatch import autotune_enabled
 from .metadata import n_tiles
 
 LOG2E = math.log2(math.e)
@@ -399,6 +400,8 @@ def _candidates(kind: str, dtype: torch.dtype, bd: int, device: torch.device):
     the first N (0 or 1: no timing, one compile per kernel; tests and quick benchmarks save compile time)."""
     cands = _all_candidates(kind, dtype, bd, device)
     keep = os.environ.get("MOCA_ATTENTION_TUNE", "").strip()
+    if not autotune_enabled():
+        return cands[:1]
     return cands[:max(1, int(keep))] if keep.isdigit() else cands
 
 
@@ -554,7 +557,7 @@ def _dq_strategy(q, k, q_tile, k_tile, run) -> str:
     if forced in ("atomic", "separate"):
         return forced
     tune = os.environ.get("MOCA_ATTENTION_TUNE", "").strip()
-    if q.device.type != "cuda" or (tune.isdigit() and int(tune) <= 1):
+    if q.device.type != "cuda" or (tune.isdigit() and int(tune) <= 1) or not autotune_enabled():
         return "atomic"
     key = (q.shape[2], q.dtype, q.shape[1] // k.shape[1], q_tile, k_tile, q.device)
     if key not in _DQ_STRATEGY:

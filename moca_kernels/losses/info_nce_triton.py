@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from ..dispatch import triton_interpret
+from ..dispatch import autotune_enabled, triton_interpret
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -74,8 +74,8 @@ def _configs():
 def _prune(configs, named_args, **kwargs):
     """Exact fp32 products run on CUDA cores: keep the FMA tiles for them, the tensor-core tiles otherwise."""
     fma = kwargs.get("DOT_PRECISION") == "ieee"
-    kept = [c for c in configs if bool(c.kwargs.get("FMA")) == fma]
-    return kept or configs
+    kept = [c for c in configs if bool(c.kwargs.get("FMA")) == fma] or configs
+    return kept if autotune_enabled() else kept[:1]
 
 
 _TUNE_KEY = ["R_KEY", "C_KEY", "D", "HAS_KEYS", "DOT_PRECISION"]

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from ..dispatch import triton_interpret
+from ..dispatch import autotune_enabled, triton_interpret
 
 # Rows up to this many elements are held whole in registers (one read of pred and target).
 MAX_SINGLE_TILE = 8192
@@ -157,7 +157,7 @@ def _pick(key, candidates, launch):
     """The fastest candidate for ``key`` (timed once with triton.testing.do_bench; the first one when
     interpreted or when there is one)."""
     if key not in _TUNED:
-        if triton_interpret() or len(candidates) == 1:
+        if triton_interpret() or len(candidates) == 1 or not autotune_enabled():
             _TUNED[key] = candidates[0]
         else:
             from triton.testing import do_bench

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from ..dispatch import triton_interpret
+from ..dispatch import autotune_enabled, triton_interpret
 
 # Backward G chunk budget in bytes, and the smallest chunk (columns) whatever the budget says.
 G_CHUNK_BYTES = 48 * 2**20
@@ -100,7 +100,7 @@ def _prune(operand_names, n_name):
         fit = fit or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] + c.kwargs[n_name]) * c.kwargs["BLOCK_K"])]
         # 128-byte K slices: BLOCK_K = 64 for 16-bit types, 32 for float32 (fewer candidates to compile)
         fit = [c for c in fit if c.kwargs["BLOCK_K"] * esize >= 128] or fit
-        return fit if AUTOTUNE else fit[:1]
+        return fit if (AUTOTUNE and autotune_enabled()) else fit[:1]
 
     return prune
 

@@ -198,8 +198,7 @@ def test_cpu_tensor_to_the_cuda_backend_raises_with_the_reason():
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("P", [3, 1176, 4704, 20000])
-@pytest.mark.parametrize("norm_pix", [False, True])
+@pytest.mark.parametrize("P,norm_pix", [(3, False), (1176, True), (4704, False), (20000, True)])
 def test_gpu_backends_match_float64(impl, dtype, P, norm_pix):
     if impl == "cuda" and not _ext.available():
         pytest.fail(f"moca_kernels._C did not build: {_ext.unavailable_reason()}")
