@@ -12,7 +12,7 @@
 
 The default model is a tiny Qwen2.5-VL (random init, the shipped tokenizer). ``--model PATH`` runs the same
 pipeline from a local Qwen2-VL / Qwen2.5-VL checkpoint (learning rates and temperature of the paper).
-On a CPU the two attention variants run side by side, one process per core.
+With the tiny model the two attention variants run side by side in two processes (one per core on a CPU).
 """
 
 from __future__ import annotations
@@ -444,8 +444,8 @@ def _demo_command(args) -> int:
     cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
     if args.workers is not None:
         s.workers = args.workers
-    elif cpu and s.model is None and not s.quick and (os.cpu_count() or 1) >= 2:
-        s.workers = 2
+    elif s.model is None and not s.quick and (not cpu or (os.cpu_count() or 1) >= 2):
+        s.workers = 2   # the tiny model is bound by per-op overhead: one process per attention variant
     if cpu and s.workers == 1 and s.model is None:
         torch.set_num_threads(1)   # the tiny model's ops are too small for threads to pay off
     run_demo(s)
@@ -461,7 +461,7 @@ def add_cli(sub, train_sub) -> None:
     p.add_argument("--quick", action="store_true", help="a reduced run of a few seconds (smoke test)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--workers", type=int, default=None,
-                   help="processes (default: 2 on a CPU with the tiny model, one per attention variant)")
+                   help="processes (default with the tiny model: 2, one per attention variant; 1 with --model)")
     p.add_argument("--attention", choices=ATTENTIONS, default=None, help="run only one attention variant")
     p.add_argument("--stage1-steps", type=int, default=None)
     p.add_argument("--stage2-steps", type=int, default=None)
