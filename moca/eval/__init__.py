@@ -224,15 +224,14 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str
 
 
 def results_table(results: dict) -> str:
-    """One row per task: its metrics (in %), and the overall score."""
+    """One row per task: its headline metric as the score, every metric (in %), and the overall score."""
     keys = []
     for r in results["tasks"].values():
         keys += [k for k in r["metrics"] if k not in keys]
-    rows = [[name, r["type"], r["n_queries"]] + [r["metrics"].get(k, "") for k in keys]
-            for name, r in results["tasks"].items()]
-    rows.append(["overall (mean of headline metrics)", "", ""] + [""] * len(keys))
-    rows[-1][3] = results["overall"]
-    return format_table(["task", "type", "queries"] + keys, rows)
+    rows = [[name, r["type"], r["n_queries"], r["headline"], r["metrics"][r["headline"]]] +
+            [r["metrics"].get(k, "") for k in keys] for name, r in results["tasks"].items()]
+    rows.append(["overall (mean of the scores)", "", "", "", results["overall"]] + [""] * len(keys))
+    return format_table(["task", "type", "queries", "headline", "score"] + keys, rows)
 
 
 # ------------------------------------------------------------------------------------------------------------
