@@ -19,10 +19,11 @@ import moca_kernels as mk
 from moca_kernels import _ext, reference
 
 
-def make_setup(fn, N, P, dtype, device, backward=True):
+def make_setup(fn, N, P, dtype, device, backward=True, requires_grad=None):
     def setup():
         g = torch.Generator(device=device).manual_seed(0)
-        pred = torch.randn(N, P, device=device, dtype=dtype, generator=g).requires_grad_(backward)
+        pred = torch.randn(N, P, device=device, dtype=dtype, generator=g).requires_grad_(
+            backward if requires_grad is None else requires_grad)
         target = torch.randn(N, P, device=device, dtype=dtype, generator=g)
         mask = torch.rand(N, device=device, generator=g) < 0.5
 
@@ -50,7 +51,33 @@ def cases_for(N, P, dtype, device, norm_pix=True):
             lambda p, t, m: mk.masked_patch_loss(p, t, m, norm_pix=norm_pix, impl="cuda"), N, P, dtype, device)))
     else:
         cases.append(Case("moca cuda", lambda: (_ for _ in ()).throw(RuntimeError(_ext.unavailable_reason()))))
+    # phases of the fused op (which part costs what): forward alone, forward writing the gradient
+    best = "cuda" if _ext.available() else "triton"
+    ours = lambda p, t, m: mk.masked_patch_loss(p, t, m, norm_pix=norm_pix, impl=best)  # noqa: E731
+    cases.append(Case(f"moca {best}: forward only, no grad", make_setup(ours, N, P, dtype, device, backward=False)))
+    cases.append(Case(f"moca {best}: forward writing grad, no bwd", make_setup(
+        ours, N, P, dtype, device, backward=False, requires_grad=True)))
     return cases
+
+
+def gradient_adopted(device, dtype, impl) -> str:
+    """Whether autograd keeps the fused gradient buffer as pred.grad (yes) or copies it (a whole extra pass)."""
+    from moca_kernels import _alloc
+
+    made, original = [], _alloc.empty_like
+
+    def recording(t, dtype=None):
+        out = original(t, dtype)
+        made.append(out.data_ptr())
+        return out
+
+    pred = torch.randn(64, 1176, device=device, dtype=dtype, requires_grad=True)
+    _alloc.empty_like = recording
+    try:
+        mk.masked_patch_loss(pred, torch.randn_like(pred), impl=impl).backward()
+    finally:
+        _alloc.empty_like = original
+    return "yes" if pred.grad.data_ptr() in made else "NO (copied)"
 
 
 def main(argv=None):
@@ -63,6 +90,9 @@ def main(argv=None):
         shapes += [(65536, 1176), (262144, 4704 // 4 * 4)]
     if not cuda:
         print("no GPU: a CPU smoke run at a small shape (triton skipped unless TRITON_INTERPRET=1)")
+    if cuda:
+        for impl in (["cuda"] if _ext.available() else []) + ["triton"]:
+            print(f"fused gradient adopted as pred.grad ({impl}): {gradient_adopted(device, dtype, impl)}")
     for N, P in shapes:
         el = torch.finfo(dtype).bits // 8
         bytes_moved = (2 * (N // 2) * P + N * P) * el  # counted rows of pred+target read, grad written

@@ -373,6 +373,10 @@ def plan(device: torch.device, dtype: torch.dtype, head_dim: int) -> Tuple[int, 
         return _TILE_OVERRIDE["q_tile"], _TILE_OVERRIDE["k_tile"]
     if device.type != "cuda":   # interpreted: tiny tiles keep the interpreter fast and exercise many tiles
         return 16, 16
+    forced = os.environ.get("MOCA_ATTENTION_TILES", "").strip()   # "q_tile,k_tile" (sweeps)
+    if forced and dtype != torch.float32:
+        q_tile, k_tile = (int(x) for x in forced.split(","))
+        return q_tile, k_tile
     if dtype == torch.float32:   # correctness path (tf32x3): small tiles keep it free of spills
         return (64, 64) if head_dim <= 64 else (16, 16)
     return 128, 128
@@ -416,10 +420,16 @@ def _all_candidates(kind, dtype, bd, device):
     # Register/spill counts of every candidate were checked by compiling for sm_90a with triton 3.6 (the first
     # one spills nothing); FlexAttention's H100 defaults are fwd 128 x 64 (8 warps, 3 stages), bwd 64 x 128.
     if kind == "fwd":    # 128-row query tiles walking key tiles
-        return [(64, 8, 2), (64, 8, 3), (128, 8, 3)] if bd > 64 else [(128, 8, 3), (64, 4, 3), (128, 8, 2)]
-    if kind == "dkdv":   # 128-key tiles walking query tiles
-        return [(32, 8, 3), (64, 8, 2), (64, 8, 3)] if bd > 64 else [(64, 8, 3), (32, 8, 3), (64, 8, 2)]
-    return [(64, 8, 3), (32, 8, 3), (64, 8, 2)] if bd > 64 else [(64, 8, 3), (32, 8, 3), (32, 4, 3)]   # dq
+        cands = [(64, 8, 2), (64, 8, 3), (128, 8, 3)] if bd > 64 else [(128, 8, 3), (64, 4, 3), (128, 8, 2)]
+    elif kind == "dkdv":   # 128-key tiles walking query tiles
+        cands = [(32, 8, 3), (64, 8, 2), (64, 8, 3)] if bd > 64 else [(64, 8, 3), (32, 8, 3), (64, 8, 2)]
+    else:   # dq
+        cands = [(64, 8, 3), (32, 8, 3), (64, 8, 2)] if bd > 64 else [(64, 8, 3), (32, 8, 3), (32, 4, 3)]
+    if os.environ.get("MOCA_ATTENTION_EXTRA", "0") == "1":   # a wider search (bench/sweep_attention.py)
+        extra = {"fwd": [(128, 8, 2), (32, 4, 3), (64, 4, 3)], "dkdv": [(32, 4, 3), (64, 4, 3), (16, 4, 4), (32, 8, 4)],
+                 "dq": [(32, 4, 3), (64, 4, 3), (128, 8, 2)]}[kind]
+        cands = cands + [c for c in extra if c not in cands]
+    return cands
 
 
 # Tuned choice per (kernel, head dim, dtype, group size, owner tile, flags, device); never keyed by T.
@@ -455,7 +465,7 @@ _SM_COUNT: Dict[int, int] = {}
 # The dK/dV kernel runs one program per (key tile, key/value head). With few key/value heads (GQA) that can be
 # too few programs to fill the GPU evenly (2 heads x 128 tiles on 132 SMs: the longest programs set the end);
 # below this many programs per SM, the query heads of a group are split over several programs.
-MIN_DKDV_PROGRAMS_PER_SM = 3
+MIN_DKDV_PROGRAMS_PER_SM = int(os.environ.get("MOCA_ATTENTION_MIN_DKDV_PROGRAMS", "3"))
 
 
 def _group_split(programs: int, group: int, device: torch.device) -> int:

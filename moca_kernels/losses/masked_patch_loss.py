@@ -42,7 +42,7 @@ def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[t
 
     Gradients flow to ``pred`` (the cuda and triton backends differentiate pred only; a target that requires
     grad is sent to the torch backend). Backward may run once per forward: the fused gradient buffer is
-    scaled in place, so a second backward through the same graph raises.
+    handed to autograd by the first backward, so a second backward through the same graph raises.
     """
     _validate(pred, target, mask, norm_pix, eps)
     return _OP(impl, pred=pred, target=target, mask=mask, norm_pix=bool(norm_pix), eps=float(eps))
@@ -122,11 +122,19 @@ def _setup_context(ctx, inputs, output):
     _, _, mask, _, _, backend, write_grad = inputs
     ctx.backend = backend
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(output[1], mask)
+    # The fused gradient is kept in a one-item list, not save_for_backward: backward hands the buffer itself to
+    # autograd, and with no other reference left AccumulateGrad adopts it instead of copying it (a copy would
+    # re-read and re-write the whole [N, P] buffer and double the memory).
+    ctx.grad_box = [output[1]]
+    ctx.save_for_backward(mask)
 
 
 def _backward(ctx, grad_loss, _grad_of_grad):
-    grad, mask = ctx.saved_tensors
+    (mask,) = ctx.saved_tensors
+    if not ctx.grad_box:
+        raise RuntimeError(f"{_NAME}: backward ran twice through one forward; the fused gradient is consumed by the "
+                           "first backward (compute the loss again, or use impl='torch' for retain_graph)")
+    grad = ctx.grad_box.pop()
     if grad.numel() == 0:
         raise RuntimeError(f"{_NAME}: backward through a forward that ran without grad enabled for pred")
     _scale_grad(grad, grad_loss, mask, ctx.backend)

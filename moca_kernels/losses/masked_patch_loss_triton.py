@@ -187,9 +187,9 @@ def forward(pred: torch.Tensor, target: torch.Tensor, mask, count, norm_pix: boo
 def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, mask) -> None:
     """grad (contiguous [N, P]) *= grad_output on counted rows, in place."""
     N, P = grad.shape
-    block = min(triton.next_power_of_2(P), 2048)
-    rows = max(1, 2048 // block)
+    block = min(triton.next_power_of_2(P), 1024)
+    rows = 4 if triton_interpret() else 8  # 8 rows a program: few programs when grad_output == 1 (all return)
     _masked_patch_loss_scale_grad_kernel[(triton.cdiv(N, rows),)](
         grad, grad_output, mask if mask is not None else grad_output, N,
-        P=P, HAS_MASK=mask is not None, ROWS=rows, BLOCK_P=block, num_warps=8 if rows * block >= 2048 else 4,
+        P=P, HAS_MASK=mask is not None, ROWS=rows, BLOCK_P=block, num_warps=8 if rows * block >= 4096 else 4,
     )

@@ -224,3 +224,34 @@ def test_gpu_default_dispatch_prefers_cuda_then_triton():
     pred, target, mask = make_inputs(8, 16, torch.bfloat16, "cuda", "random")
     chosen = _OP.select(None, pred=pred, target=target, mask=mask, norm_pix=False, eps=1e-6).name
     assert chosen == ("cuda" if _ext.available() else "triton")
+
+
+def _adopted(impl, device, dtype=torch.float32):
+    """True when pred.grad is the very buffer the fused forward wrote (no copy by autograd)."""
+    made = []
+    original = _alloc.empty_like
+
+    def recording(t, dtype=None):
+        out = original(t, dtype)
+        made.append(out.data_ptr())
+        return out
+
+    pred, target, mask = make_inputs(16, 24, dtype, device, "random")
+    pred.requires_grad_()
+    _alloc.empty_like = recording
+    try:
+        (mk.masked_patch_loss(pred, target, mask, impl=impl) * 0.5).backward()
+    finally:
+        _alloc.empty_like = original
+    return pred.grad.data_ptr() in made
+
+
+def test_the_fused_gradient_is_adopted_not_copied(device):
+    assert _adopted("triton", device)
+
+
+@pytest.mark.gpu
+def test_gpu_the_fused_gradient_is_adopted_not_copied():
+    if not _ext.available():
+        pytest.fail(f"moca_kernels._C did not build: {_ext.unavailable_reason()}")
+    assert _adopted("cuda", "cuda", torch.bfloat16) and _adopted("triton", "cuda", torch.bfloat16)
