@@ -60,7 +60,7 @@ class DemoSettings:
     stage1_lr: float = 3e-4
     stage1_token_budget: int = 512
     # Stage 2
-    stage2_steps: int = 250
+    stage2_steps: int = 500
     stage2_lr: float = 3e-4
     batch_size: int = 16
     hard_negatives: int = 1
