@@ -255,3 +255,31 @@ def test_gpu_the_fused_gradient_is_adopted_not_copied():
     if not _ext.available():
         pytest.fail(f"moca_kernels._C did not build: {_ext.unavailable_reason()}")
     assert _adopted("cuda", "cuda", torch.bfloat16) and _adopted("triton", "cuda", torch.bfloat16)
+
+
+def test_backward_allocates_no_full_size_buffer(device):
+    """The fused backward neither copies the gradient nor receives a zero-filled [N, P] gradient of its
+    internal output: no aten op in backward produces an [N, P] tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class FullSize(TorchDispatchMode):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.seen = shape, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(r.alias_info is not None for r in func._schema.returns):
+                return out  # a view or an in-place op allocates nothing
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor) and tuple(t.shape) == self.shape:
+                    self.seen.append(str(func))
+            return out
+
+    pred, target, mask = make_inputs(12, 40, torch.float32, device, "random")
+    pred.requires_grad_()
+    loss = mk.masked_patch_loss(pred, target, mask, norm_pix=True, impl="triton") * 0.5
+    with FullSize((12, 40)) as spy:
+        loss.backward()
+    assert spy.seen == [], spy.seen
+    assert pred.grad is not None and torch.isfinite(pred.grad).all()
