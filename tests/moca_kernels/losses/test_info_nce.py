@@ -326,3 +326,25 @@ def test_gpu_memory_stays_far_below_the_logits(one_config):
     budget = kernels.workspace_bytes(n, n, dim, 2) + grads + (48 << 20)   # + forward partials, small buffers
     assert extra <= budget, f"peak extra {extra / 2**20:.0f} MiB > workspace + grads {budget / 2**20:.0f} MiB"
     assert extra < n * n * 4 // 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="drives the interpreted kernel's tf32 branch")
+def test_tf32_products_use_round_to_nearest_operands(monkeypatch):
+    """In tf32 mode the kernels round fp32 operands to the nearest tf32 value before tl.dot. The interpreter
+    multiplies whatever it is given exactly, so the forward loss must equal float64 math on rounded inputs,
+    and differ from float64 math on the raw inputs."""
+    from moca_kernels.losses import info_nce_triton as kernels
+
+    monkeypatch.setattr(kernels, "dot_precision", lambda dtype: "tf32")
+    q, d, t, kw = make_case(OPTIONS["plain"], torch.float32, "cpu")
+
+    def tf32(x):
+        bits = x.contiguous().view(torch.int32)
+        return ((bits + 0x1000) & -0x2000).view(torch.float32)
+
+    with torch.no_grad():
+        ours = mk.info_nce(q, d, t, impl="triton").double()
+    rounded = reference.info_nce(tf32(q).double(), tf32(d).double(), t.double())
+    raw = reference.info_nce(q.double(), d.double(), t.double())
+    assert abs(ours - rounded) < 1e-5 * abs(rounded)
+    assert abs(raw - rounded) > 10 * abs(ours - rounded)

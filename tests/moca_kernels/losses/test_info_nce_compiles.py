@@ -46,6 +46,8 @@ out = {
                  divisible, cfg.num_warps, cfg.num_stages),
     "grad": build(K._grad_kernel, dict(common, lse2_ptr="*fp32", g_ptr="*bf16", stride_g="i32"), consts,
                   divisible, cfg.num_warps, cfg.num_stages),
+    "fwd_fp32_tf32": build(K._fwd_kernel, dict(common, x_ptr="*fp32", y_ptr="*fp32", part_ptr="*fp32",
+                           cols_per_split="i32", NSPLIT="i32"), dict(consts, BLOCK_D=32), divisible, cfg.num_warps, 2),
     "own": build(K._own_logits_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", "out_ptr": "*fp32", "R": "i32",
                  "D": "i32", "K": "i32", "first": "i32", "stride_x": "i32", "stride_y": "i32"},
                  dict(BLOCK_R=32, BLOCK_D=256), [], 4, 1),
