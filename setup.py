@@ -193,7 +193,8 @@ setup(
                   "matplotlib"],  # tensorboard optional; matplotlib: moca demo's loss-curve PNG
         "lora": ["peft>=0.10"],   # Stage 2 with lora.enabled: true
         "bench": ["matplotlib"],
-        "test": ["pytest", "triton>=3.0", "transformers>=5.17", "tokenizers", "safetensors", "pillow", "matplotlib"],
+        "test": ["pytest", "triton>=3.0", "transformers>=5.17", "tokenizers", "safetensors", "pillow", "matplotlib",
+                 "peft>=0.10", "pyarrow"],  # peft, pyarrow: the LoRA and parquet tests run instead of skipping
     },
     entry_points={"console_scripts": ["moca=moca.cli:main"]},
     zip_safe=False,
