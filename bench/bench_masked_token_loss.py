@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from bench.harness import Case, common_args, floor_ms, peer, run_cases, time_fn
+    from bench.harness import Case, common_args, floor_ms, kernel_breakdown, peer, run_cases, time_fn
 except ImportError:  # run as a script from bench/
-    from harness import Case, common_args, floor_ms, peer, run_cases, time_fn
+    from harness import Case, common_args, floor_ms, kernel_breakdown, peer, run_cases, time_fn
 
 import moca_kernels as mk
 
@@ -154,6 +154,23 @@ def phases(N, H, V, dtype, device, rep):
           f"chunk {kernels.vocab_chunk(N, V, torch.finfo(dtype).bits // 8)} columns")
 
 
+def chunk_cases(N, H, V, dtype, device, mibs):
+    """moca triton with the backward's G chunk budget set to each of ``mibs`` MiB: fewer, wider chunks mean
+    fewer read-modify-writes of the float32 dHidden accumulator (8 N H bytes each) and larger GEMMs, at the
+    price of a larger G buffer (extra memory)."""
+    from moca_kernels.losses import masked_token_loss_triton as kernels
+
+    cases = []
+    for mib in mibs:
+        def before(mib=mib):
+            kernels.BWD_GEMM = "auto"
+            kernels.G_CHUNK_BYTES = int(mib * 2**20)
+        cv = max(kernels.MIN_CHUNK_V, int(mib * 2**20) // (N * torch.finfo(dtype).bits // 8) // 256 * 256)
+        cases.append(Case(f"moca triton, G chunk {mib:g} MiB ({min(cv, V)} cols)",
+                          make_setup(moca()[0], N, H, V, dtype, device, before=before)))
+    return cases
+
+
 def check(N, H, V, dtype, device):
     """moca triton against float32 logits on the headline inputs: the loss and the gradients' relative error."""
     hidden, weight, labels = make_inputs(N, H, V, dtype, device)
@@ -176,7 +193,12 @@ def check(N, H, V, dtype, device):
 
 
 def main(argv=None):
-    args = common_args(__doc__.splitlines()[0]).parse_args(argv)
+    parser = common_args(__doc__.splitlines()[0])
+    parser.add_argument("--profile", action="store_true",
+                        help="print the device time per kernel of moca's forward + backward at the headline shape")
+    parser.add_argument("--chunks", type=float, nargs="+", default=None, metavar="MIB",
+                        help="only time moca at the headline shape with these backward G chunk budgets (MiB)")
+    args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -188,8 +210,22 @@ def main(argv=None):
     runs = [(head, 1.0)]
     if cuda and not args.quick:
         runs += [(head, 0.4)] + [(n, 1.0) for n in (2048, 4096, 16384, 32768, 65536)]
+    if args.chunks:
+        from moca_kernels.losses import masked_token_loss_triton as kernels
+
+        default = kernels.G_CHUNK_BYTES
+        try:
+            run_cases("masked_token_loss fwd+bwd, G chunk sweep", chunk_cases(head, H, V, dtype, device, args.chunks),
+                      shape=dict(N=head, H=H, V=V, dtype=str(dtype)), flops=6 * head * H * V, warmup=2, rep=rep,
+                      out=args.out, tag=f"masked_token_loss_chunks_N{head}")
+        finally:
+            kernels.G_CHUNK_BYTES = default
+        return 0
     if cuda:
         check(head, H, V, dtype, device)
+    if args.profile:
+        kernel_breakdown(make_setup(moca()[0], head, H, V, dtype, device)(), calls=3,
+                         title=f"moca masked_token_loss fwd+bwd N={head}")
     for N, counted in runs:
         n = int(N * counted)
         eff = 6 * n * H * V

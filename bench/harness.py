@@ -122,6 +122,41 @@ def time_fn(fn: Callable[[], object], warmup: int = 5, rep: int = 30, max_second
     return times
 
 
+def kernel_breakdown(fn: Callable[[], object], calls: int = 3, top: int = 10, title: str = "") -> List[tuple]:
+    """Device time per kernel of one call of ``fn`` (torch.profiler, averaged over ``calls`` calls after one
+    warm-up), printed longest first; returns [(kernel name, ms per call, launches per call)].
+
+    Where the time goes inside a fused op (which kernel, which GEMM), without touching the op's code. On CPU
+    the profiler sees operators, not kernels: the table is a smoke test there.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        for _ in range(calls):
+            fn()
+        _sync()
+    rows = []
+    for evt in prof.key_averages():
+        t = getattr(evt, "self_device_time_total", None)
+        if t is None:
+            t = getattr(evt, "self_cuda_time_total", 0.0)
+        if not torch.cuda.is_available():
+            t = evt.self_cpu_time_total
+        if t and t > 0:
+            rows.append((evt.key, t / 1e3 / calls, evt.count / calls))
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    print(f"  kernel breakdown{(' of ' + title) if title else ''}: {total:.3f} ms per call on the "
+          f"{'device' if torch.cuda.is_available() else 'CPU'}")
+    for name, ms, n in rows[:top]:
+        short = name if len(name) <= 70 else name[:67] + "..."
+        print(f"    {ms:9.3f} ms {100 * ms / total if total else 0:5.1f}%  x{n:<5.4g} {short}")
+    return rows
+
+
 def measure(case: Case, warmup: int, rep: int, flops: Optional[float], bytes_moved: Optional[float]) -> Result:
     gc.collect()
     if torch.cuda.is_available():
