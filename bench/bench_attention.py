@@ -288,7 +288,11 @@ def run_shape(label, lens, Hq, Hkv, D, kinds, args, device, dtype, full):
 
 
 def main(argv=None):
-    args = common_args(__doc__.splitlines()[0]).parse_args(argv)
+    parser = common_args(__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", choices=("headline", "7B-text", "vision"), default=None,
+                        help="run only these shapes (default: the headline with --quick, all three without); "
+                             "with --quick, no dense-mask SDPA case")
+    args = parser.parse_args(argv)
     if args.quick:   # time the first 2 of the 3 config candidates per kernel (compile time), unless told otherwise
         os.environ.setdefault("MOCA_ATTENTION_TUNE", "2")
     cuda = torch.cuda.is_available()
@@ -296,10 +300,14 @@ def main(argv=None):
     t_start = time.perf_counter()
     if cuda:
         dtype = torch.bfloat16
-        run_shape("headline", HEADLINE_DOCS, 16, 2, 128, ("documents", "mixed"), args, device, dtype, not args.quick)
-        if not args.quick:
-            run_shape("7B-text", HEADLINE_DOCS, 28, 4, 128, ("documents", "mixed"), args, device, dtype, True)
-            run_shape("vision", VISION_IMAGES, 16, 16, 80, ("documents",), args, device, dtype, True)
+        shapes = args.shapes or (("headline",) if args.quick else ("headline", "7B-text", "vision"))
+        full = not args.quick
+        if "headline" in shapes:
+            run_shape("headline", HEADLINE_DOCS, 16, 2, 128, ("documents", "mixed"), args, device, dtype, full)
+        if "7B-text" in shapes:
+            run_shape("7B-text", HEADLINE_DOCS, 28, 4, 128, ("documents", "mixed"), args, device, dtype, full)
+        if "vision" in shapes:
+            run_shape("vision", VISION_IMAGES, 16, 16, 80, ("documents",), args, device, dtype, full)
     else:
         print("no GPU: a CPU smoke run at a small shape (moca triton runs only under TRITON_INTERPRET=1)")
         small = [d // 64 for d in HEADLINE_DOCS]
