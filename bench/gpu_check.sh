@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The one GPU check: on a bare GPU machine holding this repository's source, install without network, run the
 # GPU tests and every benchmark at its headline shape, and print a short table. Target: under 8 minutes on an
-# H100. Usage: bash bench/gpu_check.sh [bench names...]   (default: every bench/bench_*.py)
+# H100. Usage: bash bench/gpu_check.sh [jobs...]   (default: every bench/bench_*.py with --quick)
+# A job is NAME or "NAME:ARGS": bench/bench_NAME.py runs with --quick ARGS; any other bench/NAME.py (sweeps)
+# runs with ARGS alone. Example: bash bench/gpu_check.sh masked_patch_loss "info_nce:--sweep 4096 262144"
 # Environment: OUT (gets gpu_tests.log and gpu_check.tgz with every log and result; default /tmp/moca_gpu), SKIP_TESTS=1, SKIP_BENCH=1,
 # TEST_TIMEOUT / BENCH_TIMEOUT (seconds), PYTEST_ARGS (extra pytest arguments).
 set -uo pipefail
@@ -38,10 +40,19 @@ fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   names=("$@")
   [ ${#names[@]} -eq 0 ] && names=($(ls bench/bench_*.py | sed 's#bench/bench_##; s#\.py##'))
-  for n in "${names[@]}"; do
-    stamp "bench $n"
-    timeout "${BENCH_TIMEOUT:-150}" python3 "bench/bench_$n.py" --quick --out "$W/results" > "$W/bench_$n.log" 2>&1
-    rc=$?; [ $rc -ne 0 ] && { echo "bench $n exit $rc"; tail -15 "$W/bench_$n.log"; }
+  i=0
+  for job in "${names[@]}"; do
+    i=$((i + 1)); n=${job%%:*}; jargs=""; [ "$job" != "$n" ] && jargs=${job#*:}
+    log="$W/bench_${i}_$n.log"
+    stamp "bench $n $jargs"
+    if [ -f "bench/bench_$n.py" ]; then
+      timeout "${BENCH_TIMEOUT:-150}" python3 "bench/bench_$n.py" --quick --out "$W/results" $jargs > "$log" 2>&1
+    elif [ -f "bench/$n.py" ]; then
+      timeout "${BENCH_TIMEOUT:-150}" python3 "bench/$n.py" $jargs > "$log" 2>&1
+    else
+      echo "no bench/bench_$n.py or bench/$n.py" > "$log"; false
+    fi
+    rc=$?; [ $rc -ne 0 ] && { echo "bench $n exit $rc"; tail -15 "$log"; }
     tar czf "$OUT/gpu_check.tgz" -C "$W" . 2>/dev/null   # after every bench: a cut-off run still returns what it did
   done
   python3 bench/summary.py "$W/results"
