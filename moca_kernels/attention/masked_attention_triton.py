@@ -197,29 +197,50 @@ def _bwd_delta_kernel(
 
 
 @triton.jit
+def _load_rows(ptrs, row_ok, d_ok, EVEN_T: tl.constexpr, EVEN_D: tl.constexpr):
+    """A [rows, BLOCK_D] tile: no load mask at all when every row is inside T (EVEN_T) and D == BLOCK_D; the
+    masks' predicates and addresses cost registers the dK/dV loop does not have (see bench/NOTES.md)."""
+    if EVEN_T:
+        if EVEN_D:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    else:
+        return tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _load_vec(ptrs, ok, EVEN_T: tl.constexpr):
+    if EVEN_T:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=ok, other=0)
+
+
+@triton.jit
 def _dkdv_tiles(dk, dv, k, v, Q_head, dO_head, Lse_head, Delta_head, DQ_head, Spans, cols, start, full_lo, full_hi,
                 end, T, qk_scale, sm_scale, stride_qt, stride_dot, stride_dqt, offs_m, offs_d, d_ok,
-                ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, OFFS64: tl.constexpr):
+                ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, OFFS64: tl.constexpr,
+                EVEN_T: tl.constexpr, EVEN_D: tl.constexpr):
     """Accumulate dK, dV of one key tile over its query tiles start, start + BLOCK_M, ... < end (one query head);
     tiles outside [full_lo, full_hi) are partial and get the span mask (a branch uniform over the program).
     With ATOMIC_DQ, also add this key tile's share of dQ into the float32 accumulator.
     One loop rather than three (as in the forward): the dK/dV accumulators leave few registers, and three
-    pipelined loops spill."""
+    pipelined loops spill. EVEN_T (T % BLOCK_M == 0, so every walked row is < T): unmasked loads."""
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < T
         roff = _offsets(rows, OFFS64)
-        ld = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q_head + roff[:, None] * stride_qt + offs_d[None, :], mask=ld, other=0.0)
-        do = tl.load(dO_head + roff[:, None] * stride_dot + offs_d[None, :], mask=ld, other=0.0)
-        lse = tl.load(Lse_head + rows, mask=row_ok, other=0.0)
-        delta = tl.load(Delta_head + rows, mask=row_ok, other=0.0)
+        q = _load_rows(Q_head + roff[:, None] * stride_qt + offs_d[None, :], row_ok, d_ok, EVEN_T, EVEN_D)
+        do = _load_rows(dO_head + roff[:, None] * stride_dot + offs_d[None, :], row_ok, d_ok, EVEN_T, EVEN_D)
+        lse = _load_vec(Lse_head + rows, row_ok, EVEN_T)
+        delta = _load_vec(Delta_head + rows, row_ok, EVEN_T)
         # P^T [BLOCK_N, BLOCK_M] = exp(scale * k.q - lse), in base 2
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
         p_t = tl.math.exp2(qk_t * qk_scale - (lse * 1.4426950408889634)[None, :])
         if (start_m < full_lo) | (start_m >= full_hi):
-            row_lo = tl.load(Spans + rows, mask=row_ok, other=0)
-            row_hi = tl.load(Spans + T + rows, mask=row_ok, other=0)   # padding rows: empty span
+            row_lo = _load_vec(Spans + rows, row_ok, EVEN_T)
+            row_hi = _load_vec(Spans + T + rows, row_ok, EVEN_T)   # padding rows: empty span
             allowed = (cols[:, None] >= row_lo[None, :]) & (cols[:, None] < row_hi[None, :])
             p_t = tl.where(allowed, p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)          # dV += P^T dO
@@ -229,27 +250,26 @@ def _dkdv_tiles(dk, dv, k, v, Q_head, dO_head, Lse_head, Delta_head, DQ_head, Sp
         dk = tl.dot(ds_lp, q, dk, input_precision=DOT_PREC)                      # dK += dS^T Q (scaled later)
         if ATOMIC_DQ:
             dq = tl.dot(tl.trans(ds_lp), k, input_precision=DOT_PREC) * sm_scale  # dQ += scale * dS K
-            tl.atomic_add(DQ_head + roff[:, None] * stride_dqt + offs_d[None, :], dq, mask=ld, sem="relaxed")
+            tl.atomic_add(DQ_head + roff[:, None] * stride_dqt + offs_d[None, :], dq,
+                          mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["T"])
-def _bwd_dkdv_kernel(
-    Q, K, V, dO, Lse, Delta, dK, dV, DQacc,   # dk, dv [T, Hkv, D]; DQacc float32 [T, Hq, D] (ATOMIC_DQ only)
-    Spans, KTable,                             # KTable: k_table [nK, 4] followed by k_order [nK]
+@triton.jit
+def _dkdv_program(
+    head_part, slot,
+    Q, K, V, dO, Lse, Delta, dK, dV, DQacc, Spans, KTable,
     T, GROUP, SPLIT, HEADS_PER_PROG, qk_scale, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dks, stride_dkt, stride_dkh, stride_dvs, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr, OFFS64: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr, OFFS64: tl.constexpr, EVEN_T: tl.constexpr,
 ):
-    """Program (hk * SPLIT + part, slot) owns key tile KOrder[slot] of key/value head hk and the query heads
-    hk * GROUP + [part * HEADS_PER_PROG, ...) reading it: writes their summed dK and dV rows (into partial
-    buffer ``part`` when SPLIT > 1; the host sums the parts) and (ATOMIC_DQ) adds to dQ of the query tiles
-    it meets. SPLIT > 1 only when key tiles x heads are too few to fill the GPU."""
-    hk = tl.program_id(0) // SPLIT
-    part = tl.program_id(0) % SPLIT
-    tile = tl.load(KTable + 4 * tl.cdiv(T, BLOCK_N) + tl.program_id(1))
+    """One dK/dV program: key tile KOrder[slot] of key/value head head_part // SPLIT, query heads of part
+    head_part % SPLIT (see _bwd_dkdv_kernel)."""
+    hk = head_part // SPLIT
+    part = head_part % SPLIT
+    tile = tl.load(KTable + 4 * tl.cdiv(T, BLOCK_N) + slot)
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -274,7 +294,7 @@ def _bwd_dkdv_kernel(
         DQ_head = DQacc + h * stride_dqh
         dk, dv = _dkdv_tiles(dk, dv, k, v, Q_head, dO_head, Lse_head, Delta_head, DQ_head, Spans, cols, a, b, c, d,
                              T, qk_scale, sm_scale, stride_qt, stride_dot, stride_dqt, offs_m, offs_d, d_ok,
-                             ATOMIC_DQ, BLOCK_M, DOT_PREC, OFFS64)
+                             ATOMIC_DQ, BLOCK_M, DOT_PREC, OFFS64, EVEN_T, BLOCK_D == HEAD_DIM)
     dk = dk * sm_scale   # s = scale * q.k
     tl.store(dK + part * stride_dks + cols64[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :],
              dk.to(dK.dtype.element_ty), mask=kv_ok)
@@ -282,11 +302,33 @@ def _bwd_dkdv_kernel(
              dv.to(dV.dtype.element_ty), mask=kv_ok)
 
 
+@triton.jit(do_not_specialize=["T"])
+def _bwd_dkdv_kernel(
+    Q, K, V, dO, Lse, Delta, dK, dV, DQacc,   # dk, dv [T, Hkv, D]; DQacc float32 [T, Hq, D] (ATOMIC_DQ only)
+    Spans, KTable,                             # KTable: k_table [nK, 4] followed by k_order [nK]
+    T, GROUP, SPLIT, HEADS_PER_PROG, qk_scale, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dks, stride_dkt, stride_dkh, stride_dvs, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr, OFFS64: tl.constexpr, EVEN_T: tl.constexpr = False,
+):
+    """Program (hk * SPLIT + part, slot) owns key tile KOrder[slot] of key/value head hk and the query heads
+    hk * GROUP + [part * HEADS_PER_PROG, ...) reading it: writes their summed dK and dV rows (into partial
+    buffer ``part`` when SPLIT > 1; the host sums the parts) and (ATOMIC_DQ) adds to dQ of the query tiles
+    it meets. SPLIT > 1 only when key tiles x heads are too few to fill the GPU."""
+    _dkdv_program(tl.program_id(0), tl.program_id(1),
+                  Q, K, V, dO, Lse, Delta, dK, dV, DQacc, Spans, KTable,
+                  T, GROUP, SPLIT, HEADS_PER_PROG, qk_scale, sm_scale,
+                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                  stride_dks, stride_dkt, stride_dkh, stride_dvs, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
+                  HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ATOMIC_DQ, DOT_PREC, OFFS64, EVEN_T)
+
+
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_kt, stride_vt, row_lo, row_hi, start, end, T, qk_scale,
               offs_n, offs_d, d_ok,
               MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-              OFFS64: tl.constexpr):
+              OFFS64: tl.constexpr, EVEN_T: tl.constexpr):
     """Accumulate dQ (unscaled) of one query tile over the key tiles starting at start, ... < end."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
@@ -294,9 +336,8 @@ def _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_kt, stride_vt, row_
         k_ptrs = K_head + coff[:, None] * stride_kt + offs_d[None, :]
         v_ptrs = V_head + coff[:, None] * stride_vt + offs_d[None, :]
         if MASKED:
-            kv_ok = (cols < T)[:, None] & d_ok[None, :]
-            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
-            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+            k = _load_rows(k_ptrs, cols < T, d_ok, EVEN_T, EVEN_D)
+            v = _load_rows(v_ptrs, cols < T, d_ok, EVEN_T, EVEN_D)
         elif EVEN_D:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
@@ -314,17 +355,17 @@ def _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_kt, stride_vt, row_
     return dq
 
 
-@triton.jit(do_not_specialize=["T"])
-def _bwd_dq_kernel(
+@triton.jit
+def _dq_program(
+    h, slot,
     Q, K, V, dO, Lse, Delta, dQ, Spans, QTable,
     T, GROUP, qk_scale, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, OFFS64: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, OFFS64: tl.constexpr, EVEN_T: tl.constexpr,
 ):
-    """Program (h, slot) owns query tile QOrder[slot] of head h: writes its dQ rows (deterministic mode)."""
-    h = tl.program_id(0)
-    tile = tl.load(QTable + 4 * tl.cdiv(T, BLOCK_M) + tl.program_id(1))
+    """One dQ program: query tile QOrder[slot] of head h."""
+    tile = tl.load(QTable + 4 * tl.cdiv(T, BLOCK_M) + slot)
     hk = h // GROUP
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -344,13 +385,60 @@ def _bwd_dq_kernel(
     a, b, c, d = _tile_runs(QTable, tile, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_kt, stride_vt, row_lo, row_hi, a, b, T, qk_scale,
-                   offs_n, offs_d, d_ok, True, EVEN_D, BLOCK_N, DOT_PREC, OFFS64)
+                   offs_n, offs_d, d_ok, True, EVEN_D, BLOCK_N, DOT_PREC, OFFS64, EVEN_T)
     dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_kt, stride_vt, row_lo, row_hi, b, c, T, qk_scale,
-                   offs_n, offs_d, d_ok, False, EVEN_D, BLOCK_N, DOT_PREC, OFFS64)
+                   offs_n, offs_d, d_ok, False, EVEN_D, BLOCK_N, DOT_PREC, OFFS64, EVEN_T)
     dq = _dq_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_kt, stride_vt, row_lo, row_hi, c, d, T, qk_scale,
-                   offs_n, offs_d, d_ok, True, EVEN_D, BLOCK_N, DOT_PREC, OFFS64)
+                   offs_n, offs_d, d_ok, True, EVEN_D, BLOCK_N, DOT_PREC, OFFS64, EVEN_T)
     tl.store(dQ + rows64[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], (dq * sm_scale).to(dQ.dtype.element_ty),
              mask=ld)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _bwd_dq_kernel(
+    Q, K, V, dO, Lse, Delta, dQ, Spans, QTable,
+    T, GROUP, qk_scale, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, OFFS64: tl.constexpr, EVEN_T: tl.constexpr = False,
+):
+    """Program (h, slot) owns query tile QOrder[slot] of head h: writes its dQ rows (deterministic mode)."""
+    _dq_program(tl.program_id(0), tl.program_id(1),
+                Q, K, V, dO, Lse, Delta, dQ, Spans, QTable, T, GROUP, qk_scale, sm_scale,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                stride_dqt, stride_dqh, HEAD_DIM, BLOCK_D, EVEN_D, BLOCK_M, BLOCK_N, DOT_PREC, OFFS64, EVEN_T)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _bwd_fused_kernel(
+    Q, K, V, dO, Lse, Delta, dK, dV, dQ, Spans, KTable, QTable,
+    T, GROUP, HQ, SPLIT, HEADS_PER_PROG, N_DKDV, qk_scale, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dks, stride_dkt, stride_dkh, stride_dvs, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, K_TILE: tl.constexpr, DKDV_WALK: tl.constexpr,
+    Q_TILE: tl.constexpr, DQ_WALK: tl.constexpr, DOT_PREC: tl.constexpr, OFFS64: tl.constexpr,
+    EVEN_T: tl.constexpr,
+):
+    """dK/dV and dQ in one launch (bwd variant "fused", deterministic: no atomics). Programs 0 .. N_DKDV - 1 are
+    dK/dV programs (key tiles largest first, each slot for every head part), the rest dQ programs (query tiles
+    largest first, each slot for every query head): the dQ programs fill the SMs that the long dK/dV programs
+    leave idle at the end, instead of waiting for a second launch."""
+    pid = tl.program_id(0)
+    if pid < N_DKDV:
+        parts = N_DKDV // tl.cdiv(T, K_TILE)
+        _dkdv_program(pid % parts, pid // parts,
+                      Q, K, V, dO, Lse, Delta, dK, dV, Delta, Spans, KTable,
+                      T, GROUP, SPLIT, HEADS_PER_PROG, qk_scale, sm_scale,
+                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                      stride_dks, stride_dkt, stride_dkh, stride_dvs, stride_dvt, stride_dvh, 0, 0,
+                      HEAD_DIM, BLOCK_D, DKDV_WALK, K_TILE, False, DOT_PREC, OFFS64, EVEN_T)
+    else:
+        off = pid - N_DKDV
+        _dq_program(off % HQ, off // HQ,
+                    Q, K, V, dO, Lse, Delta, dQ, Spans, QTable, T, GROUP, qk_scale, sm_scale,
+                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                    stride_dqt, stride_dqh, HEAD_DIM, BLOCK_D, BLOCK_D == HEAD_DIM, Q_TILE, DQ_WALK, DOT_PREC,
+                    OFFS64, EVEN_T)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -399,10 +487,33 @@ class use_tiles:
         _TILE_OVERRIDE = self.old
 
 
-def _candidates(kind: str, dtype: torch.dtype, bd: int, device: torch.device):
+def _candidates(kind: str, dtype: torch.dtype, bd: int, device: torch.device, variant: str = "base"):
     """(walked tile, num_warps, num_stages) candidates; the first is the default. MOCA_ATTENTION_TUNE=N keeps
     the first N (0 or 1: no timing, one compile per kernel; tests and quick benchmarks save compile time)."""
     cands = _all_candidates(kind, dtype, bd, device)
+    if variant != "base" and kind == "dkdv" and device.type == "cuda" and dtype != torch.float32 and bd > 64:
+        # with unmasked loads the 64-row walk compiles without spills at 3 stages (triton 3.6, sm_90; NOTES.md)
+        cands = [(64, 8, 3)] + [c for c in cands if c != (64, 8, 3)]
+    keep = os.environ.get("MOCA_ATTENTION_TUNE", "").strip()
+    if not autotune_enabled():
+        return cands[:1]
+    return cands[:max(1, int(keep))] if keep.isdigit() else cands
+
+
+def _fused_candidates(dtype: torch.dtype, bd: int, device: torch.device):
+    """(dK/dV walked rows, dQ walked keys, num_warps, num_stages) of the fused backward kernel; the first is the
+    default (FlexAttention's H100 backward walks 64 / 64 with 8 warps, 3 stages). MOCA_ATTENTION_TUNE as
+    _candidates."""
+    if _TILE_OVERRIDE is not None:
+        cands = [(_TILE_OVERRIDE["dkdv_m"], _TILE_OVERRIDE["dq_n"], 4, 1)]
+    elif device.type != "cuda":
+        cands = [(16, 16, 4, 1)]
+    elif dtype == torch.float32:
+        cands = [(32, 32, 4, 2)] if bd <= 64 else [(16, 16, 4, 2)]
+    elif bd > 64:   # sm_90, triton 3.6, EVEN_T: the first spills nothing; 64 / 64 spills 132 B (2 stages: 56 B)
+        cands = [(32, 64, 8, 3), (64, 64, 8, 3), (64, 64, 8, 2)]
+    else:           # D <= 64: all three spill-free
+        cands = [(64, 64, 8, 3), (32, 64, 8, 3), (64, 64, 8, 2)]
     keep = os.environ.get("MOCA_ATTENTION_TUNE", "").strip()
     if not autotune_enabled():
         return cands[:1]
@@ -529,6 +640,22 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tens
     return out, lse
 
 
+# Backward variants, read at call time from MOCA_ATTENTION_BWD (compared side by side by
+# bench/sweep_attention_bwd.py; the default stays "base" until an H100 run says otherwise):
+#   base   two launches (dK/dV, then dQ by atomics or by its own kernel), loads masked at T;
+#   even   base, plus unmasked loads in the walked loops when T is a multiple of the walked tile (EVEN_T), and
+#          the dK/dV kernel's 64-row walk first among its candidates (it spills without EVEN_T);
+#   fused  even, with dK/dV and dQ programs in one launch (_bwd_fused_kernel; no atomics, deterministic).
+BWD_VARIANTS = ("base", "even", "fused")
+
+
+def bwd_variant() -> str:
+    v = os.environ.get("MOCA_ATTENTION_BWD", "").strip() or "base"
+    if v not in BWD_VARIANTS:
+        raise ValueError(f"MOCA_ATTENTION_BWD must be one of {', '.join(BWD_VARIANTS)}, got {v!r}")
+    return v
+
+
 # dQ strategy of the non-deterministic backward per (head dim, dtype, group, tiles, device): "atomic" or
 # "separate", the faster of the two, timed on the first GPU call (MOCA_ATTENTION_DQ=atomic|separate forces one).
 _DQ_STRATEGY: Dict[tuple, str] = {}
@@ -555,21 +682,24 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         out.stride(0), out.stride(1), do.stride(0), do.stride(1),
         HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=block, HAS_DLSE=dlse_c is not None, num_warps=4)
 
+    variant = bwd_variant()
+    if variant == "fused":
+        return _backward_fused(do, q, k, v, lse, delta, spans, tables, scale, q_tile, k_tile)
     run = lambda strategy: _backward_from_delta(do, q, k, v, out, lse, delta, spans, tables, scale,  # noqa: E731
-                                                q_tile, k_tile, strategy)
+                                                q_tile, k_tile, strategy, variant)
     if deterministic:
         return run("separate")
-    return run(_dq_strategy(q, k, q_tile, k_tile, run))
+    return run(_dq_strategy(q, k, q_tile, k_tile, run, variant))
 
 
-def _dq_strategy(q, k, q_tile, k_tile, run) -> str:
+def _dq_strategy(q, k, q_tile, k_tile, run, variant="base") -> str:
     forced = os.environ.get("MOCA_ATTENTION_DQ", "").strip()
     if forced in ("atomic", "separate"):
         return forced
     tune = os.environ.get("MOCA_ATTENTION_TUNE", "").strip()
     if q.device.type != "cuda" or (tune.isdigit() and int(tune) <= 1) or not autotune_enabled():
         return "atomic"
-    key = (q.shape[2], q.dtype, q.shape[1] // k.shape[1], q_tile, k_tile, q.device)
+    key = (q.shape[2], q.dtype, q.shape[1] // k.shape[1], q_tile, k_tile, variant, q.device)
     if key not in _DQ_STRATEGY:
         from triton.testing import do_bench
 
@@ -581,7 +711,9 @@ def _dq_strategy(q, k, q_tile, k_tile, run) -> str:
     return _DQ_STRATEGY[key]
 
 
-def _backward_from_delta(do, q, k, v, out, lse, delta, spans, tables, scale, q_tile, k_tile, strategy):
+def _backward_from_delta(do, q, k, v, out, lse, delta, spans, tables, scale, q_tile, k_tile, strategy,
+                         variant="base"):
+    even = variant != "base"   # EVEN_T where T is a multiple of the walked tile
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     group = Hq // Hkv
@@ -619,11 +751,11 @@ def _backward_from_delta(do, q, k, v, out, lse, delta, spans, tables, scale, q_t
             dv.stride(-4) if split > 1 else 0, dv.stride(-3), dv.stride(-2),
             dq_acc.stride(0) if atomic else 0, dq_acc.stride(1) if atomic else 0,
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=walk, BLOCK_N=k_tile, ATOMIC_DQ=atomic, DOT_PREC=prec, OFFS64=offs64,
-            num_warps=warps, num_stages=stages)
+            EVEN_T=even and T % walk == 0, num_warps=warps, num_stages=stages)
 
-    key = ("dkdv", D, q.dtype, group, split, k_tile, atomic, dev)
+    key = ("dkdv", D, q.dtype, group, split, k_tile, atomic, variant, dev)
     timing = key not in _TUNED
-    cfg = _pick(key, _candidates("dkdv", q.dtype, bd, dev), launch_dkdv,
+    cfg = _pick(key, _candidates("dkdv", q.dtype, bd, dev, variant), launch_dkdv,
                 before_each=(lambda: dq_acc.zero_()) if atomic else None)
     if atomic and timing:
         dq_acc.zero_()   # timing runs (if any) added into it
@@ -641,8 +773,50 @@ def _backward_from_delta(do, q, k, v, out, lse, delta, spans, tables, scale, q_t
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
                 HEAD_DIM=D, BLOCK_D=bd, EVEN_D=D == bd, BLOCK_M=q_tile, BLOCK_N=walk, DOT_PREC=prec, OFFS64=offs64,
-                num_warps=warps, num_stages=stages)
+                EVEN_T=even and T % walk == 0, num_warps=warps, num_stages=stages)
 
-        key = ("dq", D, q.dtype, group, q_tile, dev)
-        launch_dq(_pick(key, _candidates("dq", q.dtype, bd, dev), launch_dq))
+        key = ("dq", D, q.dtype, group, q_tile, variant, dev)
+        launch_dq(_pick(key, _candidates("dq", q.dtype, bd, dev, variant), launch_dq))
+    return dq, dk, dv
+
+
+def _backward_fused(do, q, k, v, lse, delta, spans, tables, scale, q_tile, k_tile):
+    """Backward variant "fused": one launch of _bwd_fused_kernel (dK/dV programs first, then dQ programs)."""
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    group = Hq // Hkv
+    bd = block_d(D)
+    dev = q.device
+    nq, nk = n_tiles(T, q_tile), n_tiles(T, k_tile)
+    q_tables, k_tables = tables[:5 * nq], tables[5 * nq:]
+    # the dQ programs already fill the GPU, so the group is split only when both kinds together are too few
+    split = _group_split(Hkv * nk + Hq * nq, group, dev)
+    heads_per_prog = triton.cdiv(group, split)
+    split = triton.cdiv(group, heads_per_prog)
+    if split == 1:
+        dk = _alloc.empty(T, Hkv, D, dtype=k.dtype, device=dev)
+        dv = _alloc.empty(T, Hkv, D, dtype=v.dtype, device=dev)
+    else:
+        dk = _alloc.empty(split, T, Hkv, D, dtype=torch.float32, device=dev)
+        dv = _alloc.empty(split, T, Hkv, D, dtype=torch.float32, device=dev)
+    dq = _alloc.empty(T, Hq, D, dtype=q.dtype, device=dev)
+    n_dkdv = Hkv * split * nk
+    offs64 = _needs_int64(q, k, v, do)
+
+    def launch(cfg):
+        dkdv_walk, dq_walk, warps, stages = cfg
+        _bwd_fused_kernel[(n_dkdv + Hq * nq,)](
+            q, k, v, do, lse, delta, dk, dv, dq, spans, k_tables, q_tables,
+            T, group, Hq, split, heads_per_prog, n_dkdv, scale * LOG2E, scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+            dk.stride(-4) if split > 1 else 0, dk.stride(-3), dk.stride(-2),
+            dv.stride(-4) if split > 1 else 0, dv.stride(-3), dv.stride(-2), dq.stride(0), dq.stride(1),
+            HEAD_DIM=D, BLOCK_D=bd, K_TILE=k_tile, DKDV_WALK=dkdv_walk, Q_TILE=q_tile, DQ_WALK=dq_walk,
+            DOT_PREC=_dot_prec(q.dtype, dev), OFFS64=offs64, EVEN_T=T % dkdv_walk == 0 and T % dq_walk == 0,
+            num_warps=warps, num_stages=stages)
+
+    key = ("fused", D, q.dtype, group, split, q_tile, k_tile, dev)
+    launch(_pick(key, _fused_candidates(q.dtype, bd, dev), launch))
+    if split > 1:
+        dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
     return dq, dk, dv

@@ -1,0 +1,158 @@
+"""masked_attention's backward variants (MOCA_ATTENTION_BWD = base | even | fused, read at call time): every
+variant's gradients against the float64 reference (interpreted, float32 / float16; sequence lengths that are
+and are not multiples of the walked tiles, so both the unmasked EVEN_T loads and the masked ones run), the
+fused kernel with a split GQA group, poisoned outputs, a bad value; and, without a GPU, that the variants'
+first configs compile for sm_90 without register spills and with pipelined main loops."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import moca_kernels as mk
+from moca_kernels import _alloc
+from moca_kernels.attention import masked_attention_triton as kernels
+from tests.helpers import rand
+
+from .helpers import random_mask
+from .test_masked_attention import check_against_float64
+
+VARIANTS = ("even", "fused")
+
+# kind, Hq, Hkv, D, dtype, T (48 and 64: multiples of the 16-token interpreted tiles; 37, 45: not), deterministic
+CASES = [
+    ("documents", 3, 1, 64, torch.float32, 48, False),
+    ("mixed", 7, 1, 80, torch.float16, 37, False),
+    ("causal", 6, 2, 128, torch.float32, 64, True),
+    ("mixed", 4, 4, 64, torch.float16, 45, True),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kind,Hq,Hkv,D,dtype,T,deterministic", CASES)
+def test_backward_variant_matches_float64(variant, kind, Hq, Hkv, D, dtype, T, deterministic, device, monkeypatch):
+    monkeypatch.setenv("MOCA_ATTENTION_BWD", variant)
+    check_against_float64(kind, Hq, Hkv, D, dtype, T, seed=T * 7 + Hq, deterministic=deterministic, device=device,
+                          lse_grad=kind == "mixed")
+
+
+@pytest.mark.parametrize("split", [2, 3])
+def test_fused_backward_with_split_group_and_other_walks(split, device, monkeypatch):
+    """The fused kernel with the GQA group split over programs (float32 partial sums) and walked tiles other
+    than the owner tiles (dK/dV walks 32 rows under 16-key owner tiles, dQ walks 32 keys)."""
+    if device.type == "cuda":
+        pytest.skip("tile overrides are an interpreter check")
+    monkeypatch.setenv("MOCA_ATTENTION_BWD", "fused")
+    with kernels.use_tiles(q_tile=32, k_tile=16, fwd_n=16, dkdv_m=32, dq_n=32, split=split):
+        check_against_float64("mixed", 7, 1, 64, torch.float32, 64, seed=split, deterministic=False, device=device)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_backward_variant_writes_every_gradient_element(variant, device, monkeypatch):
+    monkeypatch.setenv("MOCA_ATTENTION_BWD", variant)
+    mask = random_mask(random.Random(4), 48, "mixed", device=device)
+    q, k, v = (rand(48, h, 64, device=device).requires_grad_() for h in (4, 2, 2))
+    tiles = kernels.use_tiles(*kernels.plan(device, torch.float32, 64), 16, 16, 16, split=2)
+    with _alloc.poisoned(), tiles:
+        out = mk.masked_attention(q, k, v, mask, impl="triton")
+        out.sum().backward()
+    for name, t in (("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+        assert torch.isfinite(t).all(), f"{name} has unwritten (NaN) elements"
+
+
+def test_unknown_backward_variant_raises(monkeypatch):
+    monkeypatch.setenv("MOCA_ATTENTION_BWD", "v9")
+    with pytest.raises(ValueError, match="MOCA_ATTENTION_BWD"):
+        kernels.bwd_variant()
+
+
+SCRIPT = r"""
+import json, os, re, subprocess, tempfile
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from moca_kernels.attention import masked_attention_triton as K
+
+def jit_of(k):
+    while not isinstance(k, triton.runtime.jit.JITFunction):
+        k = k.fn
+    return k
+
+def ptxas_regs(ptx):
+    from triton.backends.nvidia.compiler import get_ptxas
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        open(path, "w").write(ptx)
+        r = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", path, "-o", path + ".cubin"],
+                           capture_output=True, text=True)
+    text = r.stderr + r.stdout
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return int(regs.group(1)), int(spill.group(1)) + int(spill.group(2))
+
+def build(kernel, ptrs, consts, warps, stages):
+    fn = jit_of(kernel)
+    sig = {}
+    for i, n in enumerate(fn.arg_names):
+        if n in ptrs:
+            sig[n] = ptrs[n]
+        elif fn.params[i].is_constexpr:
+            sig[n] = "constexpr"
+        else:
+            sig[n] = "fp32" if n in ("qk_scale", "sm_scale") else "i32"
+    divisible = [n for n in fn.arg_names if sig[n].startswith("*") or n.startswith("stride")]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    ck = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                        options=dict(num_warps=warps, num_stages=stages))
+    regs, spilled = ptxas_regs(ck.asm["ptx"])
+    return {"regs": regs, "spilled_bytes": spilled, "shared": ck.metadata.shared,
+            "async_copies": ck.asm["ttgir"].count("async_copy_global_to_local"),
+            "wgmma": ck.asm["ttgir"].count("warp_group_dot ")}
+
+bf = "*bf16"
+common = dict(Q=bf, K=bf, V=bf, dO=bf, Lse="*fp32", Delta="*fp32", Spans="*i32")
+cuda = torch.device("cuda")
+walk, warps, stages = K._candidates("dkdv", torch.bfloat16, 128, cuda, "even")[0]
+# as launched at the headline shape (Hkv = 2: the group is split, float32 partial dK / dV)
+out = {"dkdv_even": build(K._bwd_dkdv_kernel, dict(common, dK="*fp32", dV="*fp32", DQacc="*fp32", KTable="*i32"),
+                          dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=walk, BLOCK_N=128, ATOMIC_DQ=False,
+                               DOT_PREC="tf32", OFFS64=False, EVEN_T=True), warps, stages)}
+dkdv_walk, dq_walk, warps, stages = K._fused_candidates(torch.bfloat16, 128, cuda)[0]
+out["fused"] = build(K._bwd_fused_kernel, dict(common, dK=bf, dV=bf, dQ=bf, KTable="*i32", QTable="*i32"),
+                     dict(HEAD_DIM=128, BLOCK_D=128, K_TILE=128, DKDV_WALK=dkdv_walk, Q_TILE=128, DQ_WALK=dq_walk,
+                          DOT_PREC="tf32", OFFS64=False, EVEN_T=True), warps, stages)
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the kernels compile for real in other tests")
+def test_variant_kernels_compile_for_sm90_without_spills():
+    """The first config of the "even" dK/dV kernel and of the fused kernel at D = 128, bf16: no spills under
+    triton 3.6 (which the base dK/dV kernel has at a 64-row walk), main loops on wgmma and software-pipelined.
+    Run it against the GPU machine's triton with PYTHONPATH pointing at an unpacked triton 3.6 wheel."""
+    triton = pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MOCA_ATTENTION_BWD")}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        err = proc.stderr.strip().splitlines()
+        if any(s in proc.stderr for s in ("ptxas", "No such file", "libcuda")) and "NameError" not in proc.stderr:
+            pytest.skip(f"this triton {triton.__version__} cannot compile for sm_90 here: {err[-1] if err else ''}")
+        raise AssertionError("compiling for sm_90 failed:\n" + "\n".join(err[-25:]))
+    result = json.loads(lines[-1][len("RESULT "):])
+    # triton 3.6 (the GPU machine's) allocates these without spills; 3.9 (this machine's) spills a few bytes
+    # (dK/dV 68, fused 80; the base dK/dV kernel at a 64-row walk: 156 B under 3.6). With bf16 dK / dV outputs
+    # (no group split) the 64-row dK/dV walk spills 52 B under 3.6 too: bench/NOTES.md.
+    limit = 0 if triton.__version__.startswith("3.6") else 96
+    for name, r in result.items():
+        assert r["spilled_bytes"] <= limit, f"{name} spills: {r}"
+        assert r["async_copies"] > 0 and r["wgmma"] >= 4, f"{name} main loop not pipelined on wgmma: {r}"
+        assert r["shared"] <= 227 * 1024, f"{name} needs {r['shared']} B of shared memory"
