@@ -22,8 +22,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("masked_patch_loss_fwd", &moca::masked_patch_loss_fwd, py::arg("pred"), py::arg("target"), py::arg("mask"),
         py::arg("count"), py::arg("grad"), py::arg("row_loss"), py::arg("N"), py::arg("P"), py::arg("stride_pred"),
         py::arg("stride_target"), py::arg("stride_grad"), py::arg("dtype"), py::arg("eps"), py::arg("norm_pix"),
-        py::arg("write_grad"), py::arg("stream"),
-        "Per-row masked patch loss (divided by count * P) and optionally the fused gradient of pred.");
+        py::arg("write_grad"), py::arg("stream"), py::arg("variant") = 1,
+        "Per-row masked patch loss (divided by count * P) and optionally the fused gradient of pred. "
+        "variant: 1 one warp per row (v1), 2 persistent warps (v2), 3 persistent + next-row prefetch (v2p).");
   m.def("masked_patch_loss_scale_grad", &moca::masked_patch_loss_scale_grad, py::arg("grad"),
         py::arg("grad_output"), py::arg("mask"), py::arg("N"), py::arg("P"), py::arg("stride_grad"),
         py::arg("dtype"), py::arg("stream"), "grad *= grad_output on counted rows (no-op when grad_output == 1).");

@@ -7,10 +7,17 @@ The fast backends (cuda, triton) read pred and target once and, when pred needs 
 d loss / d pred = 2 (pred - t) / (n_counted * P) in the same pass; rows not counted get a zero gradient
 without being read. Backward then only scales the saved gradient by grad_output, and skips even that when
 grad_output is 1 (a plain ``loss.backward()``), so forward + backward moves each byte once.
+
+Kernel variants (environment variable ``MOCA_MPL_KERNEL``, read at every call; see :func:`kernel_variant`):
+``v1`` (the default) is the original kernel of each backend; ``v2`` is persistent warps over rows with exact
+per-lane pack counts (cuda) or a head + tail row tile in persistent programs (triton); ``v2p`` adds a next-row
+prefetch to the cuda v2 (triton treats it as v2). The variants compute the same values; v1 stays the default
+until a GPU run shows which is fastest (bench/bench_masked_patch_loss.py --quick times them side by side).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -20,6 +27,38 @@ from .._checks import KERNEL_DTYPES, check_float, check_ndim, check_nonempty, ch
 from ..dispatch import Backend, Op, cuda_ext_reasons, triton_reasons
 
 _NAME = "masked_patch_loss"
+
+# Kernel variants per backend (MOCA_MPL_KERNEL); cuda's values are the launcher's `variant` argument.
+VARIANTS = {"cuda": {"v1": 1, "v2": 2, "v2p": 3}, "triton": {"v1": "v1", "v2": "v2", "v2p": "v2"}}
+DEFAULT_VARIANT = "v1"
+
+
+def kernel_variant(backend: str) -> str:
+    """The kernel variant ("v1", "v2" or "v2p") that ``MOCA_MPL_KERNEL`` selects for ``backend`` ("cuda" or
+    "triton"), read from the environment at each call.
+
+    ``MOCA_MPL_KERNEL`` unset or empty: "v1". One name ("v1", "v2", "v2p") applies to both backends; per backend,
+    e.g. ``cuda=v2p,triton=v2`` (a backend not named gets "v1"). Raises ValueError on anything else.
+    """
+    raw = os.environ.get("MOCA_MPL_KERNEL", "").strip()
+    if not raw:
+        return DEFAULT_VARIANT
+    names = sorted(VARIANTS["cuda"])
+    if "=" not in raw:
+        chosen = raw
+    else:
+        parts = {}
+        for item in raw.split(","):
+            key, sep, value = (x.strip() for x in item.partition("="))
+            if not sep or key not in VARIANTS or value not in VARIANTS[key]:
+                raise ValueError(f"{_NAME}: cannot read MOCA_MPL_KERNEL={raw!r}: expected one of {names} or "
+                                 "per backend, e.g. 'cuda=v2p,triton=v2'")
+            parts[key] = value
+        chosen = parts.get(backend, DEFAULT_VARIANT)
+    if chosen not in VARIANTS[backend]:
+        raise ValueError(f"{_NAME}: unknown kernel variant {chosen!r} in MOCA_MPL_KERNEL={raw!r}; expected one of "
+                         f"{names}")
+    return chosen
 
 
 def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,
@@ -81,12 +120,15 @@ def _fused(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor
     target = target if target.stride(-1) == 1 else target.contiguous()
     mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else None
     count = mask.sum(dtype=torch.int32).reshape(1) if mask is not None else None
+    variant = kernel_variant(backend)
     if backend == "triton":
         from . import masked_patch_loss_triton as kernels
 
-        row_loss, grad = kernels.forward(pred, target, mask_u8, count, norm_pix, eps, write_grad)
+        row_loss, grad = kernels.forward(pred, target, mask_u8, count, norm_pix, eps, write_grad,
+                                         variant=VARIANTS["triton"][variant])
     else:
-        row_loss, grad = _cuda_forward(pred, target, mask_u8, count, norm_pix, eps, write_grad)
+        row_loss, grad = _cuda_forward(pred, target, mask_u8, count, norm_pix, eps, write_grad,
+                                       variant=VARIANTS["cuda"][variant])
     return row_loss.sum(), grad if grad is not None else pred.new_empty(0)
 
 
@@ -149,7 +191,7 @@ def _backward(ctx, grad_loss, _grad_of_grad):
 torch.library.register_autograd("moca_kernels::masked_patch_loss_fused", _backward, setup_context=_setup_context)
 
 
-def _cuda_forward(pred, target, mask_u8, count, norm_pix, eps, write_grad):
+def _cuda_forward(pred, target, mask_u8, count, norm_pix, eps, write_grad, variant=1):
     N, P = pred.shape
     row_loss = _alloc.empty(N, dtype=torch.float32, device=pred.device)
     grad = _alloc.empty_like(pred) if write_grad else None
@@ -157,7 +199,7 @@ def _cuda_forward(pred, target, mask_u8, count, norm_pix, eps, write_grad):
         pred.data_ptr(), target.data_ptr(), mask_u8.data_ptr() if mask_u8 is not None else 0,
         count.data_ptr() if count is not None else 0, grad.data_ptr() if grad is not None else 0, row_loss.data_ptr(),
         N, P, pred.stride(0), target.stride(0), grad.stride(0) if grad is not None else 0,
-        _ext.dtype_code(pred), eps, norm_pix, write_grad, _ext.stream_handle(pred.device))
+        _ext.dtype_code(pred), eps, norm_pix, write_grad, _ext.stream_handle(pred.device), variant)
     _ext.check_launch("masked_patch_loss_fwd", status)
     return row_loss, grad
 

@@ -1,6 +1,14 @@
 """Triton kernels of masked_patch_loss: the forward with fused gradient, and the backward's scaling.
 
 Imported lazily (only when the triton backend runs), so moca_kernels works without triton installed.
+
+Two forward variants (``forward(..., variant=)``, chosen by MOCA_MPL_KERNEL in masked_patch_loss.py):
+- "v1": ROWS rows per program, the row held as one tile of next_power_of_2(P) columns (P = 1176 -> 2048,
+  43% of the tile masked off); rows longer than MAX_SINGLE_TILE loop over column blocks.
+- "v2": the row held as a head tile of the largest power of two <= P plus a tail tile of
+  next_power_of_2(P - head) (1176 -> 1024 + 256 = 1280 lanes, 8% masked off), in a persistent grid of
+  about SMs x k programs that loop over row blocks (or one program per row block, per candidate). Rows longer
+  than MAX_SINGLE_TILE take v1's looped path.
 """
 
 from __future__ import annotations
@@ -97,6 +105,80 @@ def _masked_patch_loss_fwd_kernel(
 
 
 @triton.jit
+def _masked_patch_loss_fwd_v2_kernel(
+    pred_ptr,          # [N, P] pred, contiguous
+    target_ptr,        # [N, P] target, contiguous
+    mask_ptr,          # [N] uint8, 1 = counted (unused without HAS_MASK)
+    count_ptr,         # [1] int32 number of counted rows (unused without HAS_MASK)
+    grad_ptr,          # [N, P] out, contiguous: d loss / d pred (unused without WRITE_GRAD)
+    row_loss_ptr,      # [N] out float32: sum_p (pred - t)^2 / (count * P)
+    N,
+    eps,
+    P: tl.constexpr,
+    HEAD: tl.constexpr,  # largest power of two <= P: columns [0, HEAD), all inside the row
+    TAIL: tl.constexpr,  # next_power_of_2(P - HEAD), 0 when P == HEAD: columns [HEAD, HEAD + TAIL), masked at P
+    HAS_MASK: tl.constexpr, NORM_PIX: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    ROWS: tl.constexpr,        # rows per block of work
+    NUM_STAGES: tl.constexpr,  # software-pipelining depth of the loop over row blocks (1: none)
+):
+    """Program i handles row blocks i, i + num_programs, ... (a persistent grid when num_programs is small).
+    Rows not counted load nothing and write zeros."""
+    if HAS_MASK:
+        count = tl.maximum(tl.load(count_ptr), 1).to(tl.float32)
+    else:
+        count = N * 1.0
+    inv = 1.0 / (count * P)
+    ch = tl.arange(0, HEAD)
+    n_blocks = tl.cdiv(N, ROWS)
+    for blk in tl.range(tl.program_id(0), n_blocks, tl.num_programs(0), num_stages=NUM_STAGES):
+        rows = (blk * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # int64: row * P can pass 2^31
+        row_ok = rows < N
+        if HAS_MASK:
+            counted = (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0) & row_ok
+        else:
+            counted = row_ok
+        p_rows = pred_ptr + rows[:, None] * P
+        t_rows = target_ptr + rows[:, None] * P
+        g_rows = grad_ptr + rows[:, None] * P
+        ld_h = counted[:, None] & (ch[None, :] < HEAD)
+        th = tl.load(t_rows + ch[None, :], mask=ld_h, other=0.0).to(tl.float32)
+        ph = tl.load(p_rows + ch[None, :], mask=ld_h, other=0.0).to(tl.float32)
+        if TAIL > 0:
+            ct = HEAD + tl.arange(0, TAIL)
+            col_ok_t = ct[None, :] < P
+            ld_t = counted[:, None] & col_ok_t
+            tt = tl.load(t_rows + ct[None, :], mask=ld_t, other=0.0).to(tl.float32)
+            pt = tl.load(p_rows + ct[None, :], mask=ld_t, other=0.0).to(tl.float32)
+        if NORM_PIX:
+            s = tl.sum(th, axis=1)
+            if TAIL > 0:
+                s += tl.sum(tt, axis=1)
+            mean = s / P
+            dev_h = tl.where(ld_h, th - mean[:, None], 0.0)
+            s2 = tl.sum(dev_h * dev_h, axis=1)
+            if TAIL > 0:
+                dev_t = tl.where(ld_t, tt - mean[:, None], 0.0)
+                s2 += tl.sum(dev_t * dev_t, axis=1)
+            rstd = 1.0 / tl.sqrt(s2 / (P - 1) + eps)  # unbiased, as MAE
+            th = dev_h * rstd[:, None]
+            if TAIL > 0:
+                tt = dev_t * rstd[:, None]
+        diff_h = tl.where(ld_h, ph - th, 0.0)
+        acc = tl.sum(diff_h * diff_h, axis=1)
+        if WRITE_GRAD:
+            # d/dpred (pred - t)^2 / (count * P) = 2 (pred - t) / (count * P); zero on uncounted rows
+            tl.store(g_rows + ch[None, :], (2.0 * inv * diff_h).to(grad_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & (ch[None, :] < HEAD))
+        if TAIL > 0:
+            diff_t = tl.where(ld_t, pt - tt, 0.0)
+            acc += tl.sum(diff_t * diff_t, axis=1)
+            if WRITE_GRAD:
+                tl.store(g_rows + ct[None, :], (2.0 * inv * diff_t).to(grad_ptr.dtype.element_ty),
+                         mask=row_ok[:, None] & col_ok_t)
+        tl.store(row_loss_ptr + rows, acc * inv, mask=row_ok)
+
+
+@triton.jit
 def _masked_patch_loss_scale_grad_kernel(
     grad_ptr,         # [N, P] in/out: the gradient saved by the forward
     grad_output_ptr,  # [1] float32: d out / d loss
@@ -138,6 +220,37 @@ def _configs(P: int):
     return [(1, 2048, False, 8), (1, 4096, False, 8)]
 
 
+def head_tail(P: int):
+    """(HEAD, TAIL) of the v2 row tile: the largest power of two <= P and next_power_of_2(P - HEAD) (0 when P
+    is a power of two). 1176 -> (1024, 256): 1280 lanes for 1176 values."""
+    head = 1 << (P.bit_length() - 1)
+    return head, (triton.next_power_of_2(P - head) if P > head else 0)
+
+
+def _configs_v2(P: int):
+    """Candidate (ROWS, num_warps, programs per SM (0: one program per row block), NUM_STAGES) of the v2 kernel
+    for rows of P <= MAX_SINGLE_TILE elements; the first is the default (MOCA_KERNELS_AUTOTUNE=0, interpreter)."""
+    head, tail = head_tail(P)
+    width = head + tail
+    rows = 1 << (max(1, min(16, 6144 // width)).bit_length() - 1)  # 1280 lanes -> 4 rows (5120 values a tile)
+    warps = 8 if rows * width >= 4096 else 4
+    # sm_90a, P = 1176 bf16 (triton 3.9): 64 registers at (4 rows, 8 warps) -> 4 programs resident per SM; the
+    # pipelined loop (cp.async through shared memory) takes 80 -> 3.
+    out = [(rows, warps, 4, 1), (rows, warps, 0, 1), (max(1, rows // 2), 4, 8, 1), (rows, warps, 3, 2)]
+    if 2 * rows * width <= 2 * MAX_SINGLE_TILE:
+        out.append((2 * rows, 8, 2, 1))
+    return list(dict.fromkeys(out))
+
+
+_SMS = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.index not in _SMS:
+        _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device.index]
+
+
 # Tuned choice per (P, dtypes, flags), found on the first call on a GPU by timing the candidates.
 _TUNED = {}
 
@@ -153,33 +266,70 @@ def _launch_fwd(cfg, pred, target, mask, count, grad, row_loss, norm_pix, eps, w
     )
 
 
+def _launch_fwd_v2(cfg, pred, target, mask, count, grad, row_loss, norm_pix, eps, write_grad):
+    rows, warps, per_sm, stages = cfg
+    N, P = pred.shape
+    head, tail = head_tail(P)
+    n_blocks = triton.cdiv(N, rows)
+    if triton_interpret():
+        grid = min(n_blocks, 2)  # few programs, so the loop over row blocks wraps in small tests
+    else:
+        grid = n_blocks if per_sm == 0 else min(n_blocks, per_sm * _sm_count(pred.device))
+    _masked_patch_loss_fwd_v2_kernel[(grid,)](
+        pred, target, mask if mask is not None else row_loss, count if count is not None else row_loss,
+        grad if grad is not None else row_loss, row_loss, N, eps,
+        P=P, HEAD=head, TAIL=tail, HAS_MASK=mask is not None, NORM_PIX=norm_pix, WRITE_GRAD=write_grad,
+        ROWS=rows, NUM_STAGES=stages, num_warps=warps,
+    )
+
+
 def _pick(key, candidates, launch):
     """The fastest candidate for ``key`` (timed once with triton.testing.do_bench; the first one when
-    interpreted or when there is one)."""
+    interpreted or when there is one). A candidate that fails to compile or run is skipped; if all fail, the
+    first one's error is raised."""
     if key not in _TUNED:
         if triton_interpret() or len(candidates) == 1 or not autotune_enabled():
             _TUNED[key] = candidates[0]
         else:
             from triton.testing import do_bench
 
-            times = [do_bench(lambda c=c: launch(c), warmup=5, rep=20) for c in candidates]
+            times, errors = [], []
+            for c in candidates:
+                try:
+                    times.append(do_bench(lambda c=c: launch(c), warmup=5, rep=20))
+                except Exception as exc:  # e.g. a pipelined candidate this triton cannot compile
+                    times.append(float("inf"))
+                    errors.append(exc)
+            if len(errors) == len(candidates):
+                raise errors[0]
             _TUNED[key] = candidates[min(range(len(times)), key=times.__getitem__)]
     return _TUNED[key]
 
 
 def forward(pred: torch.Tensor, target: torch.Tensor, mask, count, norm_pix: bool, eps: float,
-            write_grad: bool):
-    """Returns (row_loss float32 [N], grad [N, P] or None). pred and target are made contiguous."""
+            write_grad: bool, variant: str = "v1"):
+    """Returns (row_loss float32 [N], grad [N, P] or None). pred and target are made contiguous.
+    variant: "v1" or "v2" (see the module docstring); v2 on rows longer than MAX_SINGLE_TILE runs v1."""
+    if variant not in ("v1", "v2"):
+        raise ValueError(f"masked_patch_loss triton: unknown kernel variant {variant!r}; expected 'v1' or 'v2'")
     pred, target = pred.contiguous(), target.contiguous()
     N, P = pred.shape
     row_loss = _alloc.empty(N, dtype=torch.float32, device=pred.device)
     grad = _alloc.empty_like(pred) if write_grad else None
-    candidates = _configs(P)
-    if triton_interpret():
-        rows, block, single, warps = candidates[0]
-        candidates = [(min(rows, 4), block, single, warps)]  # the interpreter's cost grows with the tile
-    key = ("fwd", P, pred.dtype, target.dtype, mask is not None, norm_pix, write_grad, pred.device.index)
-    launch = lambda cfg: _launch_fwd(cfg, pred, target, mask, count, grad, row_loss, norm_pix, eps, write_grad)  # noqa: E731
+    if variant == "v2" and triton.next_power_of_2(P) > MAX_SINGLE_TILE:
+        variant = "v1"
+    if variant == "v2":
+        candidates, launch_fn = _configs_v2(P), _launch_fwd_v2
+        if triton_interpret():
+            rows, warps, per_sm, stages = candidates[0]
+            candidates = [(min(rows, 4), warps, per_sm, stages)]
+    else:
+        candidates, launch_fn = _configs(P), _launch_fwd
+        if triton_interpret():
+            rows, block, single, warps = candidates[0]
+            candidates = [(min(rows, 4), block, single, warps)]  # the interpreter's cost grows with the tile
+    key = ("fwd", variant, P, pred.dtype, target.dtype, mask is not None, norm_pix, write_grad, pred.device.index)
+    launch = lambda cfg: launch_fn(cfg, pred, target, mask, count, grad, row_loss, norm_pix, eps, write_grad)  # noqa: E731
     launch(_pick(key, candidates, launch))
     return row_loss, grad
 

@@ -39,7 +39,13 @@ def make_inputs(N, P, dtype, device, mask_kind, target_dtype=None):
 
 def check_against_float64(impl, N, P, dtype, device, mask_kind, norm_pix, target_dtype=None, grad_scale=1.0):
     pred, target, mask = make_inputs(N, P, dtype, device, mask_kind, target_dtype)
-    p = pred.clone().requires_grad_()
+    check_inputs_against_float64(impl, pred, target, mask, norm_pix, grad_scale)
+
+
+def check_inputs_against_float64(impl, pred, target, mask, norm_pix, grad_scale=1.0):
+    """Loss and gradient of ``impl`` on these tensors (pred may be a strided view) against float64."""
+    dtype = pred.dtype
+    p = pred.detach().requires_grad_()  # an alias keeps pred's strides
     loss = mk.masked_patch_loss(p, target, mask, norm_pix=norm_pix, impl=impl)
     assert loss.dtype == torch.float32 and loss.shape == ()
     (loss * grad_scale).backward()
@@ -153,6 +159,114 @@ def test_works_under_torch_compile(device):
     torch.testing.assert_close(p.grad, p2.grad, rtol=1e-4, atol=1e-7)
 
 
+# --- kernel variants (MOCA_MPL_KERNEL) -------------------------------------------------------------------
+# The interpreted v2 runs at most 2 programs, so N above 2 * ROWS (ROWS <= 4 when interpreted) makes each
+# program loop over several row blocks.
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("P", [2, 3, 37, 64, 1176])  # 37 = 32 + 5 (tail tile of 8), 64: no tail, 1176 = 1024 + 152
+@pytest.mark.parametrize("mask_kind", ["none", "random"])
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_triton_v2_matches_float64(dtype, P, mask_kind, norm_pix, device, monkeypatch):
+    monkeypatch.setenv("MOCA_MPL_KERNEL", "v2")
+    check_against_float64("triton", 23, P, dtype, device, mask_kind, norm_pix)
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+@pytest.mark.parametrize("N", [1, 5, 21])
+def test_triton_variants_write_every_row_and_zero_the_uncounted(variant, N, device, monkeypatch):
+    monkeypatch.setenv("MOCA_MPL_KERNEL", variant)
+    pred, target, mask = make_inputs(N, 37, torch.float32, device, "random")
+    p = pred.clone().requires_grad_()
+    with _alloc.poisoned():
+        loss = mk.masked_patch_loss(p, target, mask, norm_pix=True, impl="triton")
+        loss.backward()
+    assert torch.isfinite(p.grad).all()
+    assert torch.equal(p.grad[~mask], torch.zeros_like(p.grad[~mask]))
+    ref = reference.masked_patch_loss(pred.double(), target.double(), mask, norm_pix=True)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mask_kind", ["all_false", "all_true"])
+def test_triton_v2_with_no_row_or_every_row_counted(mask_kind, device, monkeypatch):
+    monkeypatch.setenv("MOCA_MPL_KERNEL", "v2")
+    pred, target, _ = make_inputs(11, 37, torch.float32, device, "none")
+    mask = torch.full((11,), mask_kind == "all_true", device=device)
+    p = pred.clone().requires_grad_()
+    with _alloc.poisoned():
+        loss = mk.masked_patch_loss(p, target, mask, norm_pix=True, impl="triton")
+        loss.backward()
+    p64 = pred.double().requires_grad_()
+    ref = reference.masked_patch_loss(p64, target.double(), mask, norm_pix=True)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(p.grad.double(), p64.grad, rtol=1e-5, atol=1e-8)
+    if mask_kind == "all_false":
+        assert loss.item() == 0.0 and torch.equal(p.grad, torch.zeros_like(p.grad))
+
+
+def test_triton_v2_constant_rows_with_norm_pix_give_no_nan(device, monkeypatch):
+    monkeypatch.setenv("MOCA_MPL_KERNEL", "v2")
+    pred = rand(9, 37, device=device).requires_grad_()
+    target = torch.full((9, 37), 0.7, device=device)
+    loss = mk.masked_patch_loss(pred, target, norm_pix=True, impl="triton")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(pred.grad).all()
+    torch.testing.assert_close(loss, pred.detach().pow(2).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_triton_v2_strided_rows_and_no_grad(device, monkeypatch):
+    monkeypatch.setenv("MOCA_MPL_KERNEL", "v2")
+    big = rand(13, 64, device=device)
+    pred, target = big[:, :37], rand(13, 37, device=device)  # row stride 64
+    mask = torch.rand(13, device=device) < 0.5
+    with torch.no_grad():
+        ours = mk.masked_patch_loss(pred, target, mask, norm_pix=True, impl="triton")
+    ref = reference.masked_patch_loss(pred.double(), target.double(), mask, norm_pix=True)
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-7)
+
+
+def test_triton_v2_head_and_tail_tiles_cover_the_row():
+    from moca_kernels.losses import masked_patch_loss_triton as kernels
+
+    assert kernels.head_tail(1176) == (1024, 256)
+    assert kernels.head_tail(37) == (32, 8)
+    assert kernels.head_tail(64) == (64, 0)
+    for P in range(2, 3000):
+        head, tail = kernels.head_tail(P)
+        assert head <= P <= head + tail or (tail == 0 and head == P)
+        assert head & (head - 1) == 0 and tail & (tail - 1) == 0
+        assert head + tail < 2 * P  # never wider than twice the row (v1's next_power_of_2 can be 2P - 2)
+
+
+def test_kernel_variant_reads_the_environment_at_each_call(monkeypatch):
+    from moca_kernels.losses.masked_patch_loss import kernel_variant
+
+    monkeypatch.delenv("MOCA_MPL_KERNEL", raising=False)
+    assert kernel_variant("cuda") == kernel_variant("triton") == "v1"
+    monkeypatch.setenv("MOCA_MPL_KERNEL", "v2p")
+    assert kernel_variant("cuda") == "v2p" and kernel_variant("triton") == "v2p"
+    monkeypatch.setenv("MOCA_MPL_KERNEL", " cuda=v2p , triton=v2 ")
+    assert kernel_variant("cuda") == "v2p" and kernel_variant("triton") == "v2"
+    monkeypatch.setenv("MOCA_MPL_KERNEL", "triton=v2")
+    assert kernel_variant("cuda") == "v1" and kernel_variant("triton") == "v2"
+
+
+@pytest.mark.parametrize("value", ["v3", "V2", "cuda=v9", "gpu=v2", "cuda="])
+def test_unknown_kernel_variant_raises(value, device, monkeypatch):
+    monkeypatch.setenv("MOCA_MPL_KERNEL", value)
+    with pytest.raises(ValueError, match="MOCA_MPL_KERNEL"):
+        mk.masked_patch_loss(rand(4, 8, device=device), rand(4, 8, device=device), impl="triton")
+
+
+@pytest.mark.skipif(not _ext.available(), reason="extension not built")
+@pytest.mark.parametrize("variant", [0, 4])
+def test_cuda_launcher_rejects_an_unknown_variant_without_touching_memory(variant):
+    status = _ext.module().masked_patch_loss_fwd(0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 0, 1e-6, False, False, 0, variant)
+    assert status == 1  # cudaErrorInvalidValue, before any launch
+
+
 # --- bad input: one clear error each ---------------------------------------------------------------------
 
 
@@ -215,6 +329,124 @@ def test_gpu_every_gradient_element_is_written(impl):
         mk.masked_patch_loss(p, target, mask, norm_pix=True, impl=impl).backward()
     assert torch.isfinite(p.grad).all()
     assert (p.grad[~mask] == 0).all()
+
+
+# Every (backend, MOCA_MPL_KERNEL) pair. The cuda kernels are compiled ahead, so they are checked widely; each
+# triton shape compiles on first use, so triton is checked at a few shapes.
+CUDA_VARIANTS = ["v1", "v2", "v2p"]
+ALL_VARIANTS = [("cuda", v) for v in CUDA_VARIANTS] + [("triton", "v1"), ("triton", "v2")]
+
+
+def _need_ext(impl):
+    if impl == "cuda" and not _ext.available():
+        pytest.fail(f"moca_kernels._C did not build: {_ext.unavailable_reason()}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", CUDA_VARIANTS)
+@pytest.mark.parametrize("dtype,P", [(torch.bfloat16, P) for P in (8, 264, 520, 1176, 1536, 1800, 2048, 2056, 37, 1183)]
+                         + [(torch.float16, 1176), (torch.float16, 37), (torch.float32, 520), (torch.float32, 1176)])
+def test_gpu_cuda_variants_match_float64(variant, dtype, P, monkeypatch):
+    """bf16 P = 8 .. 2048 take 1, 2, 3, 5, 6, 8 (7 rounded up), 8 packs per lane; 2056 has 9 (looped); 37 and
+    1183 are not multiples of 8 (looped); fp32 520 / 1176 take 5 / 10 packs (registers / looped). N = 300 is not a
+    multiple of 8 rows."""
+    _need_ext("cuda")
+    monkeypatch.setenv("MOCA_MPL_KERNEL", variant)
+    check_against_float64("cuda", 300, P, dtype, "cuda", "random", True)
+    check_against_float64("cuda", 33, P, dtype, "cuda", "none", False, grad_scale=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+@pytest.mark.parametrize("dtype,P", [(torch.bfloat16, 1176), (torch.bfloat16, 37), (torch.float16, 1176)])
+def test_gpu_triton_variants_match_float64(variant, dtype, P, monkeypatch):
+    monkeypatch.setenv("MOCA_MPL_KERNEL", variant)
+    check_against_float64("triton", 300, P, dtype, "cuda", "random", True)
+
+
+@pytest.mark.gpu
+def test_gpu_triton_v2_every_candidate_matches_float64():
+    """The GPU tests take each kernel's first config (MOCA_KERNELS_AUTOTUNE=0); the timed pick may take any."""
+    from moca_kernels.losses import masked_patch_loss_triton as kernels
+
+    N, P = 1000, 1176
+    pred, target, mask = make_inputs(N, P, torch.bfloat16, "cuda", "random")
+    count = mask.sum(dtype=torch.int32).reshape(1)
+    t = target.double()
+    t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6).sqrt()
+    diff = (pred.double() - t) * mask[:, None]
+    inv = 1.0 / (count.item() * P)
+    for cfg in kernels._configs_v2(P):
+        row_loss = torch.full((N,), float("nan"), device="cuda")
+        grad = torch.full_like(pred, float("nan"))
+        kernels._launch_fwd_v2(cfg, pred, target, mask.view(torch.uint8), count, grad, row_loss, True, 1e-6, True)
+        # float32 math on the same bf16 inputs; the gradient is rounded to bf16 (relative 2^-9)
+        torch.testing.assert_close(row_loss.double(), diff.pow(2).sum(-1) * inv, rtol=1e-4, atol=1e-3 * inv,
+                                   msg=str(cfg))
+        torch.testing.assert_close(grad.double(), 2 * diff * inv, rtol=2**-7, atol=1e-5 * inv, msg=str(cfg))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl,variant", ALL_VARIANTS)
+@pytest.mark.parametrize("row_stride", [1184, 1177])  # 16-byte aligned rows (register path) or not (looped)
+def test_gpu_variants_on_strided_rows(impl, variant, row_stride, monkeypatch):
+    _need_ext(impl)
+    monkeypatch.setenv("MOCA_MPL_KERNEL", variant)
+    big = rand(301, row_stride, dtype=torch.bfloat16, device="cuda")
+    pred = big[:, :1176]
+    target = rand(301, 1176, dtype=torch.bfloat16, device="cuda", scale=2.0) + 0.5
+    mask = torch.rand(301, device="cuda") < 0.5
+    check_inputs_against_float64(impl, pred, target, mask, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl,variant", ALL_VARIANTS)
+def test_gpu_variants_loop_over_rows_many_times(impl, variant, monkeypatch):
+    """More rows than (SMs x resident warps) of the persistent cuda grid (<= 32 warps per SM) and the
+    persistent triton grid (<= 4 programs of <= 8 rows per SM): each warp / program takes several rows / blocks.
+    Every gradient element is written (poisoned buffers), uncounted rows get zeros."""
+    _need_ext(impl)
+    monkeypatch.setenv("MOCA_MPL_KERNEL", variant)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    N = 4 * sms * 32 + 37
+    pred, target, mask = make_inputs(N, 1176, torch.bfloat16, "cuda", "random")
+    with _alloc.poisoned():
+        check_inputs_against_float64(impl, pred, target, mask, True)
+    p = pred.clone().requires_grad_()
+    with _alloc.poisoned():
+        mk.masked_patch_loss(p, target, mask, norm_pix=True, impl=impl).backward()
+    assert torch.isfinite(p.grad).all() and (p.grad[~mask] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl,variant", ALL_VARIANTS)
+def test_gpu_variants_with_no_row_or_every_row_counted(impl, variant, monkeypatch):
+    _need_ext(impl)
+    monkeypatch.setenv("MOCA_MPL_KERNEL", variant)
+    pred, target, _ = make_inputs(777, 1176, torch.bfloat16, "cuda", "none")
+    for counted in (False, True):
+        mask = torch.full((777,), counted, device="cuda")
+        p = pred.clone().requires_grad_()
+        with _alloc.poisoned():
+            loss = mk.masked_patch_loss(p, target, mask, norm_pix=True, impl=impl)
+            loss.backward()
+        if counted:
+            check_inputs_against_float64(impl, pred, target, mask, True)
+        else:
+            assert loss.item() == 0.0 and (p.grad == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl,variant", ALL_VARIANTS)
+def test_gpu_variants_constant_rows_with_norm_pix_give_no_nan(impl, variant, monkeypatch):
+    _need_ext(impl)
+    monkeypatch.setenv("MOCA_MPL_KERNEL", variant)
+    pred = rand(40, 1176, dtype=torch.bfloat16, device="cuda").requires_grad_()
+    target = torch.full((40, 1176), 0.7, dtype=torch.bfloat16, device="cuda")
+    loss = mk.masked_patch_loss(pred, target, norm_pix=True, impl=impl)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(pred.grad).all()
+    torch.testing.assert_close(loss, pred.detach().float().pow(2).mean(), rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.gpu
