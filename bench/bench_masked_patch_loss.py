@@ -2,10 +2,17 @@
 
 Headline (DESIGN.md section 4): N=262144 rows, P=1176, bf16, half the rows counted, norm_pix, fwd+bwd.
 Floor: read pred and target of the counted rows once, write the whole gradient once.
+
+Kernel variants (MOCA_MPL_KERNEL, see moca_kernels/losses/masked_patch_loss.py) run side by side: "moca cuda v1"
+and "moca triton v1" (the original kernels), then "moca cuda v2", "moca cuda v2p", "moca triton v2", and each
+cuda variant split into phases (forward alone; forward writing the gradient, no backward). The v1 cases run
+first, so a failing new variant cannot spoil them. At the end each variant is checked against v1 on a smaller
+shape (loss and gradient differences printed).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -37,27 +44,87 @@ def make_setup(fn, N, P, dtype, device, backward=True, requires_grad=None):
     return setup
 
 
+def moca(impl, variant, norm_pix):
+    """masked_patch_loss on ``impl`` with MOCA_MPL_KERNEL=variant (read by the op at each call)."""
+    def run(p, t, m):
+        old = os.environ.get("MOCA_MPL_KERNEL")
+        os.environ["MOCA_MPL_KERNEL"] = variant
+        try:
+            return mk.masked_patch_loss(p, t, m, norm_pix=norm_pix, impl=impl)
+        finally:
+            if old is None:
+                del os.environ["MOCA_MPL_KERNEL"]
+            else:
+                os.environ["MOCA_MPL_KERNEL"] = old
+    return run
+
+
+def _unavailable(reason):
+    def setup():
+        raise RuntimeError(reason)
+    return setup
+
+
 def cases_for(N, P, dtype, device, norm_pix=True):
     naive = lambda p, t, m: reference.masked_patch_loss(p, t, m, norm_pix=norm_pix)  # noqa: E731
     compiled = torch.compile(reference.masked_patch_loss)
-    cases = [
+    cuda = _ext.available()
+
+    def fused(impl, variant):
+        if impl == "cuda" and not cuda:
+            return _unavailable(_ext.unavailable_reason())
+        return make_setup(moca(impl, variant, norm_pix), N, P, dtype, device)
+
+    def phases(impl, variant):
+        """Which part costs what: forward alone (reads the counted rows), forward writing the gradient."""
+        if impl == "cuda" and not cuda:
+            return []
+        fn = moca(impl, variant, norm_pix)
+        return [Case(f"moca {impl} {variant}: forward only, no grad",
+                     make_setup(fn, N, P, dtype, device, backward=False), note="reads half the bytes"),
+                Case(f"moca {impl} {variant}: forward writing grad, no bwd",
+                     make_setup(fn, N, P, dtype, device, backward=False, requires_grad=True))]
+
+    best = "cuda" if cuda else "triton"
+    return [
         Case("naive torch (fp32 math)", make_setup(naive, N, P, dtype, device)),
         Case("torch.compile", make_setup(lambda p, t, m: compiled(p, t, m, norm_pix=norm_pix), N, P, dtype, device)),
-        Case("moca triton", make_setup(lambda p, t, m: mk.masked_patch_loss(p, t, m, norm_pix=norm_pix, impl="triton"),
-                                       N, P, dtype, device)),
+        Case("moca triton v1", fused("triton", "v1")),
+        Case("moca cuda v1", fused("cuda", "v1")),
+        *phases(best, "v1"),
+        # variants prepared for measurement (bench/NOTES.md); a failing one reports its error, the others go on
+        Case("moca triton v2", fused("triton", "v2")),
+        Case("moca cuda v2", fused("cuda", "v2")),
+        Case("moca cuda v2p", fused("cuda", "v2p")),
+        *(phases("cuda", "v2") + phases("cuda", "v2p") if cuda else phases("triton", "v2")),
     ]
-    if _ext.available():
-        cases.append(Case("moca cuda", make_setup(
-            lambda p, t, m: mk.masked_patch_loss(p, t, m, norm_pix=norm_pix, impl="cuda"), N, P, dtype, device)))
-    else:
-        cases.append(Case("moca cuda", lambda: (_ for _ in ()).throw(RuntimeError(_ext.unavailable_reason()))))
-    # phases of the fused op (which part costs what): forward alone, forward writing the gradient
-    best = "cuda" if _ext.available() else "triton"
-    ours = lambda p, t, m: mk.masked_patch_loss(p, t, m, norm_pix=norm_pix, impl=best)  # noqa: E731
-    cases.append(Case(f"moca {best}: forward only, no grad", make_setup(ours, N, P, dtype, device, backward=False)))
-    cases.append(Case(f"moca {best}: forward writing grad, no bwd", make_setup(
-        ours, N, P, dtype, device, backward=False, requires_grad=True)))
-    return cases
+
+
+def variants_agree(device, dtype, N=4096, P=1176) -> None:
+    """Each variant's loss and gradient against v1 of the same backend, on one random input (printed)."""
+    g = torch.Generator(device=device).manual_seed(1)
+    pred = torch.randn(N, P, device=device, dtype=dtype, generator=g)
+    target = torch.randn(N, P, device=device, dtype=dtype, generator=g)
+    mask = torch.rand(N, device=device, generator=g) < 0.5
+    cuda = _ext.available() and torch.device(device).type == "cuda"
+    for impl, variants in (("triton", ["v2"]), ("cuda", ["v2", "v2p"] if cuda else [])):
+        if impl == "cuda" and not cuda:
+            continue
+        out = {}
+        for v in ["v1"] + variants:
+            try:
+                p = pred.clone().requires_grad_()
+                loss = moca(impl, v, True)(p, target, mask)
+                loss.backward()
+                out[v] = (loss.detach().double(), p.grad.double())
+            except Exception as exc:  # report, go on
+                print(f"variant check {impl} {v}: FAILED ({type(exc).__name__}: {str(exc)[:200]})")
+        for v in variants:
+            if v in out and "v1" in out:
+                dl = ((out[v][0] - out["v1"][0]).abs() / out["v1"][0].abs()).item()
+                dg = (out[v][1] - out["v1"][1]).abs().max().item() / out["v1"][1].abs().max().item()
+                print(f"variant check {impl} {v} vs v1 (N={N}, P={P}, {dtype}): loss rel diff {dl:.2e}, "
+                      f"grad max abs diff / max |grad| {dg:.2e}")
 
 
 def gradient_adopted(device, dtype, impl) -> str:
@@ -101,6 +168,8 @@ def main(argv=None):
         run_cases("masked_patch_loss fwd+bwd", cases_for(N, P, dtype, device), shape=dict(N=N, P=P, dtype=str(dtype),
                   counted="half", norm_pix=True), bytes_moved=bytes_moved, baseline="naive torch (fp32 math)",
                   warmup=args.warmup, rep=args.rep if not args.quick else 20, out=args.out, tag=f"masked_patch_loss_N{N}_P{P}")
+    if cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        variants_agree(device, dtype, N=4096 if cuda else 64)
 
 
 if __name__ == "__main__":

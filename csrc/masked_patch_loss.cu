@@ -374,7 +374,8 @@ template <typename Kernel> int resident_blocks(Kernel kernel, int *out) {
   if (it == cache.end()) {
     int sms = 0, per_sm = 0;
     err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarpsPerBlock * 32, 0);
+    if (err == cudaSuccess)
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarpsPerBlock * 32, 0);
     if (err != cudaSuccess) return static_cast<int>(err);
     it = cache.emplace(key, std::max(1, sms * per_sm)).first;
   }
