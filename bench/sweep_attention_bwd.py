@@ -1,0 +1,166 @@
+"""masked_attention's backward variants side by side with FlexAttention, at the headline shape, in one process.
+
+T = 16384 (documents of bench_attention.HEADLINE_DOCS), Hq = 16, Hkv = 2, D = 128, bf16; masks "documents" and
+"mixed". Variants (MOCA_ATTENTION_BWD, read at call time; see masked_attention_triton.py):
+
+* base   the default: dK/dV kernel, then dQ by its own kernel (MOCA_ATTENTION_DQ=separate here, which the H100
+         tuner chose; pass --dq auto to let it time atomics too, which compiles two more kernels);
+* even   base + unmasked loads when T is a multiple of the walked tile, the 64-row dK/dV walk tried first;
+* fused  even + dK/dV and dQ programs in one launch (no atomics).
+
+Before timing a variant, its out / dq / dk / dv on the documents mask are compared with float32 attention
+(reference.masked_attention on float32 copies): relative error max|ours - ref| / max|ref| per tensor. Then per
+mask: forward + backward and backward alone (autograd.grad on a kept graph, includes the delta kernel), median
+of CUDA-event times. One kernel-time breakdown of each variant's backward (documents) follows the table, and
+the configs its tuner chose. FlexAttention (torch.compile'd, block mask built once outside the timing) is timed
+the same way.
+
+    python bench/sweep_attention_bwd.py                    # all variants + Flex (~60-90 s on an H100)
+    python bench/sweep_attention_bwd.py --variants fused --no-flex
+    python bench/sweep_attention_bwd.py --tune 3           # time every config candidate (slower: more compiles)
+
+Without a GPU, TRITON_INTERPRET=1 runs a tiny smoke version (T = 128, fp32, ~1 min) of the same code path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_attention import HEADLINE_DOCS, _flex_mask_mod, build_mask, inputs  # noqa: E402
+from bench.harness import kernel_breakdown, time_fn  # noqa: E402
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def grads(fn, q, k, v, do):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    gq, gk, gv = torch.autograd.grad(out, leaves, do)
+    return [out.detach(), gq, gk, gv]
+
+
+def timings(fn, q, k, v, do, warmup, rep):
+    """(fwd+bwd ms, bwd-only ms): medians."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+
+    def fwd_bwd():
+        out = fn(*leaves)
+        torch.autograd.grad(out, leaves, do)
+    full = statistics.median(time_fn(fwd_bwd, warmup=warmup, rep=rep))
+    out = fn(*leaves)
+
+    def bwd():
+        torch.autograd.grad(out, leaves, do, retain_graph=True)
+    back = statistics.median(time_fn(bwd, warmup=warmup, rep=rep))
+    return full, back
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", nargs="+", default=["base", "even", "fused"])
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--tune", default="2", help="MOCA_ATTENTION_TUNE: config candidates timed per kernel")
+    ap.add_argument("--dq", default="separate", choices=["separate", "atomic", "auto"],
+                    help="dQ route of the base / even variants (auto: timed, compiles the atomic kernels too)")
+    ap.add_argument("--rep", type=int, default=15)
+    ap.add_argument("--no-breakdown", action="store_true")
+    args = ap.parse_args(argv)
+
+    import moca_kernels as mk
+    from moca_kernels import reference
+    from moca_kernels.attention import masked_attention_triton as kernels
+
+    t_start = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    os.environ["MOCA_ATTENTION_TUNE"] = str(args.tune)
+    if args.dq != "auto":
+        os.environ["MOCA_ATTENTION_DQ"] = args.dq
+    if cuda:
+        dev, dt, docs, Hq, Hkv, D = "cuda", torch.bfloat16, HEADLINE_DOCS, 16, 2, 128
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+              f"{__import__('triton').__version__}")
+    else:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            print("no GPU: run with TRITON_INTERPRET=1 for the interpreted smoke version")
+            return 1
+        dev, dt, docs, Hq, Hkv, D = "cpu", torch.float32, [d // 128 for d in HEADLINE_DOCS], 2, 1, 64
+        args.no_flex, args.rep, args.no_breakdown = True, 1, True
+    T = sum(docs)
+    q, k, v, do = inputs(T, Hq, Hkv, D, dt, dev)
+    masks = {kind: build_mask(kind, docs, dev) for kind in ("documents", "mixed")}
+    print(f"T={T} Hq={Hq} Hkv={Hkv} D={D} {dt}; tune={args.tune} dq={args.dq}")
+
+    ref = grads(lambda a, b, c: reference.masked_attention(a.float(), b.float(), c.float(), masks["documents"]),
+                q, k, v, do.float())
+    warmup = 3
+    rows = []
+    for variant in args.variants:
+        os.environ["MOCA_ATTENTION_BWD"] = variant
+        t0 = time.perf_counter()
+        try:
+            mine = grads(lambda a, b, c: mk.masked_attention(a, b, c, masks["documents"]), q, k, v, do)
+            errs = [rel_err(a, b) for a, b in zip(mine, ref)]
+            del mine
+            res = {kind: timings(lambda a, b, c, m=m: mk.masked_attention(a, b, c, m), q, k, v, do, warmup, args.rep)
+                   for kind, m in masks.items()}
+        except Exception as exc:  # a variant that fails to compile or run: report it, go on
+            print(f"{variant}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
+            continue
+        rows.append((variant, res, errs, time.perf_counter() - t0))
+        print(f"  {variant} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    if not args.no_flex:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        t0 = time.perf_counter()
+        flex = torch.compile(flex_attention)
+        qb, kb, vb, dob = (t.transpose(0, 1).unsqueeze(0).contiguous() for t in (q, k, v, do))
+        res, errs = {}, None
+        for kind, m in masks.items():
+            bm = create_block_mask(_flex_mask_mod(m), None, None, T, T, device=dev)
+            fn = lambda a, b, c, bm=bm: flex(a, b, c, block_mask=bm, enable_gqa=True)  # noqa: E731
+            if kind == "documents":
+                out = grads(fn, qb, kb, vb, dob)
+                back = [out[0][0].transpose(0, 1), out[1][0].transpose(0, 1), out[2][0].transpose(0, 1),
+                        out[3][0].transpose(0, 1)]
+                errs = [rel_err(a, b) for a, b in zip(back, ref)]
+            res[kind] = timings(fn, qb, kb, vb, dob, warmup, args.rep)
+        rows.append(("FlexAttention", res, errs, time.perf_counter() - t0))
+
+    print(f"\n{'variant':<14} {'docs f+b':>9} {'docs bwd':>9} {'mixed f+b':>10} {'mixed bwd':>10}   "
+          f"max rel err out / dq / dk / dv (documents, vs fp32)")
+    for name, res, errs, secs in rows:
+        e = " / ".join(f"{x:.2e}" for x in errs) if errs else "-"
+        print(f"{name:<14} {res['documents'][0]:9.3f} {res['documents'][1]:9.3f} {res['mixed'][0]:10.3f} "
+              f"{res['mixed'][1]:10.3f}   {e}   ({secs:.0f} s)")
+    print("targets (H100): documents fwd+bwd <= 3.25 ms, mixed fwd+bwd <= 2.45 ms")
+
+    if not args.no_breakdown:
+        for variant in [r[0] for r in rows if r[0] != "FlexAttention"]:
+            os.environ["MOCA_ATTENTION_BWD"] = variant
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            out = mk.masked_attention(*leaves, masks["documents"])
+            kernel_breakdown(lambda: torch.autograd.grad(out, leaves, do, retain_graph=True), calls=3, top=6,
+                             title=f"{variant} backward (documents)")
+    print("\nconfigs chosen (kernel, head dim, dtype, group, ...): (walked tile(s), warps, stages)")
+    for key, cfg in kernels._TUNED.items():
+        print(f"  {key[:-1]}: {cfg}")
+    print(f"\nsweep_attention_bwd total {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
