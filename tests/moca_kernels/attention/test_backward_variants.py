@@ -156,3 +156,15 @@ def test_variant_kernels_compile_for_sm90_without_spills():
         assert r["spilled_bytes"] <= limit, f"{name} spills: {r}"
         assert r["async_copies"] > 0 and r["wgmma"] >= 4, f"{name} main loop not pipelined on wgmma: {r}"
         assert r["shared"] <= 227 * 1024, f"{name} needs {r['shared']} B of shared memory"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gpu_backward_variant_bf16_within_twice_torch_bf16_error(variant, monkeypatch):
+    """bf16 on the GPU, one config per kernel; T = 2048 (the unmasked EVEN_T loads) and 2001 (masked)."""
+    monkeypatch.setenv("MOCA_ATTENTION_BWD", variant)
+    monkeypatch.setenv("MOCA_ATTENTION_TUNE", "0")
+    dev = torch.device("cuda")
+    check_against_float64("documents", 16, 2, 128, torch.bfloat16, 2048, seed=1, deterministic=False, device=dev)
+    check_against_float64("mixed", 8, 2, 128, torch.bfloat16, 2001, seed=2, deterministic=True, device=dev,
+                          lse_grad=True)
