@@ -30,19 +30,21 @@ _NAME = "masked_patch_loss"
 
 # Kernel variants per backend (MOCA_MPL_KERNEL); cuda's values are the launcher's `variant` argument.
 VARIANTS = {"cuda": {"v1": 1, "v2": 2, "v2p": 3}, "triton": {"v1": "v1", "v2": "v2", "v2p": "v2"}}
-DEFAULT_VARIANT = "v1"
+# What each backend runs when MOCA_MPL_KERNEL does not name a variant for it (flip after a GPU measurement).
+DEFAULT_VARIANT = {"cuda": "v1", "triton": "v1"}
 
 
 def kernel_variant(backend: str) -> str:
     """The kernel variant ("v1", "v2" or "v2p") that ``MOCA_MPL_KERNEL`` selects for ``backend`` ("cuda" or
     "triton"), read from the environment at each call.
 
-    ``MOCA_MPL_KERNEL`` unset or empty: "v1". One name ("v1", "v2", "v2p") applies to both backends; per backend,
-    e.g. ``cuda=v2p,triton=v2`` (a backend not named gets "v1"). Raises ValueError on anything else.
+    ``MOCA_MPL_KERNEL`` unset or empty: ``DEFAULT_VARIANT[backend]`` ("v1" for both until measured). One name
+    ("v1", "v2", "v2p") applies to both backends; per backend, e.g. ``cuda=v2p,triton=v2`` (a backend not named
+    gets its default). Raises ValueError on anything else.
     """
     raw = os.environ.get("MOCA_MPL_KERNEL", "").strip()
     if not raw:
-        return DEFAULT_VARIANT
+        return DEFAULT_VARIANT[backend]
     names = sorted(VARIANTS["cuda"])
     if "=" not in raw:
         chosen = raw
@@ -54,7 +56,7 @@ def kernel_variant(backend: str) -> str:
                 raise ValueError(f"{_NAME}: cannot read MOCA_MPL_KERNEL={raw!r}: expected one of {names} or "
                                  "per backend, e.g. 'cuda=v2p,triton=v2'")
             parts[key] = value
-        chosen = parts.get(backend, DEFAULT_VARIANT)
+        chosen = parts.get(backend, DEFAULT_VARIANT[backend])
     if chosen not in VARIANTS[backend]:
         raise ValueError(f"{_NAME}: unknown kernel variant {chosen!r} in MOCA_MPL_KERNEL={raw!r}; expected one of "
                          f"{names}")
@@ -73,7 +75,8 @@ def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[t
         mask: bool [N] or None. True = the row is reconstructed and counted; None counts every row.
         norm_pix: compare with the per-row normalised target (target - mean) / sqrt(var + eps), var unbiased.
         eps: added to the variance under ``norm_pix``.
-        impl: "cuda", "triton", "torch" or None (automatic; see moca_kernels.dispatch).
+        impl: "cuda", "triton", "torch" or None (automatic; see moca_kernels.dispatch). The cuda and triton
+            kernel variant comes from the environment variable MOCA_MPL_KERNEL (see :func:`kernel_variant`).
 
     Returns:
         float32 scalar: the mean over counted rows and over P of the squared error (float64 on the torch

@@ -251,6 +251,13 @@ def test_kernel_variant_reads_the_environment_at_each_call(monkeypatch):
     assert kernel_variant("cuda") == "v2p" and kernel_variant("triton") == "v2"
     monkeypatch.setenv("MOCA_MPL_KERNEL", "triton=v2")
     assert kernel_variant("cuda") == "v1" and kernel_variant("triton") == "v2"
+    # a backend's default (DEFAULT_VARIANT, flipped once measured) applies where the variable names none
+    from moca_kernels.losses import masked_patch_loss as module
+
+    monkeypatch.setitem(module.DEFAULT_VARIANT, "cuda", "v2")
+    assert kernel_variant("cuda") == "v2" and kernel_variant("triton") == "v2"
+    monkeypatch.delenv("MOCA_MPL_KERNEL")
+    assert kernel_variant("cuda") == "v2" and kernel_variant("triton") == "v1"
 
 
 @pytest.mark.parametrize("value", ["v3", "V2", "cuda=v9", "gpu=v2", "cuda="])
@@ -416,6 +423,19 @@ def test_gpu_variants_loop_over_rows_many_times(impl, variant, monkeypatch):
     with _alloc.poisoned():
         mk.masked_patch_loss(p, target, mask, norm_pix=True, impl=impl).backward()
     assert torch.isfinite(p.grad).all() and (p.grad[~mask] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl,variant", ALL_VARIANTS)
+def test_gpu_variants_forward_without_grad_matches(impl, variant, monkeypatch):
+    _need_ext(impl)
+    monkeypatch.setenv("MOCA_MPL_KERNEL", variant)
+    pred, target, mask = make_inputs(1001, 1176, torch.bfloat16, "cuda", "random")
+    with torch.no_grad():
+        ours = mk.masked_patch_loss(pred, target, mask, norm_pix=True, impl=impl)
+    ref = reference.masked_patch_loss(pred.double(), target.double(), mask, norm_pix=True)
+    base = naive_lowp(pred, target, mask, True, 1e-6)
+    assert_close_like_torch(ours, ref, base, dtype=torch.bfloat16, what="loss")
 
 
 @pytest.mark.gpu
