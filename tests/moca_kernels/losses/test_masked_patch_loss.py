@@ -165,7 +165,8 @@ def test_works_under_torch_compile(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("P", [2, 3, 37, 64, 1176])  # 37 = 32 + 5 (tail tile of 8), 64: no tail, 1176 = 1024 + 152
+# 37 = 32 + 5 (tail tile of 8), 64: no tail, 147 = 1176 / 8 = 128 + 19 (tail 32), 1176 = 1024 + 152 (tail 256)
+@pytest.mark.parametrize("P", [2, 3, 37, 64, 147, 1176])
 @pytest.mark.parametrize("mask_kind", ["none", "random"])
 @pytest.mark.parametrize("norm_pix", [False, True])
 def test_triton_v2_matches_float64(dtype, P, mask_kind, norm_pix, device, monkeypatch):
