@@ -12,6 +12,14 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Import triton now, under that setting: its own library functions (tl.sum, ...) are decorated at import,
+    # and a first import inside a test that sets TRITON_INTERPRET=0 would leave them compiled-only, breaking
+    # every interpreted kernel run after it (seen with test_dispatch.py run before the kernel tests).
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except ImportError:
+        pass
 else:
     # One config per kernel instead of timing several: the GPU tests check results, not speed.
     os.environ.setdefault("MOCA_KERNELS_AUTOTUNE", "0")
