@@ -5,7 +5,7 @@
 # A job is NAME or "NAME:ARGS": bench/bench_NAME.py runs with --quick ARGS; any other bench/NAME.py (sweeps)
 # runs with ARGS alone. Example: bash bench/gpu_check.sh masked_patch_loss "info_nce:--sweep 4096 262144"
 # Environment: OUT (gets gpu_tests.log and gpu_check.tgz with every log and result; default /tmp/moca_gpu), SKIP_TESTS=1, SKIP_BENCH=1,
-# TEST_TIMEOUT / BENCH_TIMEOUT (seconds), PYTEST_ARGS (extra pytest arguments).
+# TEST_TIMEOUT / BENCH_TIMEOUT (seconds), TEST_PATHS (default tests), PYTEST_ARGS (extra pytest arguments).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/moca_gpu}
@@ -31,7 +31,7 @@ python3 -c "from moca_kernels import _ext; print('moca_kernels._C:', _ext.availa
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   stamp "GPU tests"
-  timeout "${TEST_TIMEOUT:-180}" python3 -m pytest tests -m gpu -q --maxfail=25 --durations=12 -p no:cacheprovider \
+  timeout "${TEST_TIMEOUT:-180}" python3 -m pytest ${TEST_PATHS:-tests} -m gpu -q --maxfail=25 --durations=12 -p no:cacheprovider \
     ${PYTEST_ARGS:-} > "$OUT/gpu_tests.log" 2>&1
   echo "pytest exit $?"; grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -3
   grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -20
