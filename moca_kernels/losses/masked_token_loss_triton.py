@@ -33,7 +33,24 @@ float32 when available, otherwise on the Triton GEMM below (``_gemm_kernel``). f
 GEMM: its G is stored pre-scaled by 2^14 / max|g| (p * 2^14 stays a normal float16 number down to p ~ 4e-9,
 where (p - y) / n_counted unscaled would flush to zero below p ~ 5e-4 at n = 8192) and the GEMM epilogue undoes
 the scale in float32 before rounding.
+
+Kernel variants of the two tile kernels (environment variable ``MOCA_MTL_KERNEL``, read at every call; see
+:func:`kernel_variant`). They compute the same values; v1 stays the default until a GPU run shows which is faster
+(``bench/bench_masked_token_loss.py --quick --profile`` times them side by side):
+
+- ``v1``: the kernels above; operand tiles come through pointer loads (cp.async on sm_80+), one G tile per program.
+- ``v2``: the same work per program, operand tiles through tensor descriptors (TMA on sm_90: one bulk copy per
+  tile, out-of-range rows / columns / K zero-filled by the copy engine instead of masks), and candidates with
+  automatic warp specialisation of the K loop (``tl.range(..., warp_specialize=True)``: a producer warp issues
+  the copies while the consumer warps run the tensor-core dots).
+- ``v3``: tensor descriptors, and the tile loop flattened with the K loop (``tl.range(..., flatten=True)``) so
+  the next tile's first copies are issued while the current tile's epilogue runs: the forward's walk over its
+  vocabulary split, and the G kernel as persistent programs (one per SM) looping over the chunk's tiles.
+
+The descriptor variants need what the copy engine needs: unit stride along H and 16-byte aligned row strides
+and base addresses of hidden and weight; a call that does not meet it runs v1 (``last_kernels`` says which ran).
 """
+
 
 from __future__ import annotations
 
@@ -58,6 +75,13 @@ BWD_GEMM = os.environ.get("MOCA_MTL_BWD_GEMM", "auto")
 AUTOTUNE = True
 # Last backward's GEMM engine, for benchmarks and tests to report.
 last_bwd_gemm: Optional[str] = None
+
+# Last call's kernel variant per tile kernel ("fwd", "grad"), for benchmarks and tests to report.
+last_kernels: Dict[str, str] = {}
+
+VARIANTS = ("v1", "v2", "v3")
+# What each tile kernel runs when MOCA_MTL_KERNEL does not name a variant for it (flip after a GPU measurement).
+DEFAULT_VARIANT = {"fwd": "v1", "grad": "v1"}
 
 _FP16_G_RANGE = 2.0**14  # float16 G is stored as (p - y) * g * 2^14 / max|g|: |G| <= 16384 < 65504
 _LOG2E = 1.4426950408889634
@@ -276,6 +300,214 @@ def _gemm_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Variants v2 / v3: operand tiles through tensor descriptors (TMA on sm_90), warp-specialised or flattened loops.
+# ---------------------------------------------------------------------------------------------------------
+
+
+# Warp-specialised K loops compile for sm_90 under triton 3.6 (the GPU machine's); triton 3.9 stops with "descriptor
+# block and tensor must have the same number of elements" in its sm_90 warp specialisation, so there v2 leaves them out.
+_WS_COMPILES = tuple(int(x) for x in triton.__version__.split(".")[:2]) == (3, 6)
+
+
+def _desc_configs(variant: str):
+    """Candidates of the descriptor kernels: (BLOCK_M, BLOCK_V, BLOCK_K, GROUP_M) plus WS (warp-specialised K
+    loop) and FLATTEN (tile loop flattened with the K loop; Triton does not combine it with WS on sm_90).
+    Checked for sm_90 with triton 3.6 and 3.9 (registers, spills, shared memory, whether the warp
+    specialisation happened: on sm_90 it does with 4 warps, one consumer warp group, and not with 8; NOTES.md).
+    The last candidate has 128-byte K slices in float32 (the only one ``_prune_desc`` keeps for float32)."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_V": 16, "BLOCK_K": 16, "GROUP_M": 2, "WS": variant == "v2",
+                               "FLATTEN": variant == "v3"}, num_warps=1, num_stages=1, pre_hook=_set_block_shapes)]
+    if variant == "v2":
+        shapes = [(128, 128, 64, 8, 4, False)]
+        if _WS_COMPILES:
+            shapes += [(128, 128, 64, 4, 4, True), (128, 128, 64, 4, 3, True)]
+        shapes += [(128, 256, 64, 8, 3, False), (64, 128, 32, 4, 3, False)]
+    else:
+        shapes = [(128, 128, 64, 8, 4, False), (128, 256, 64, 8, 3, False), (64, 128, 32, 4, 3, False)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_V": bv, "BLOCK_K": bk, "GROUP_M": 16, "WS": ws,
+                           "FLATTEN": variant == "v3"}, num_warps=warps, num_stages=stages, pre_hook=_set_block_shapes)
+            for bm, bv, bk, warps, stages, ws in shapes]
+
+
+def _set_block_shapes(nargs):
+    """Config pre-hook: the descriptors' block shapes follow the config's tile."""
+    nargs["h_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["w_desc"].block_shape = [nargs["BLOCK_V"], nargs["BLOCK_K"]]
+
+
+# Tests on a GPU: index into the variant's candidates to run that one alone (None: prune and tune as usual).
+FORCE_DESC_CONFIG: Optional[int] = None
+
+
+def _prune_desc(configs, named_args, **kwargs):
+    """Candidates whose pipelined operand tiles fit in shared memory and whose K slice is 128 bytes (BLOCK_K 64
+    for 16-bit types, 32 for float32); with AUTOTUNE off the first of them."""
+    if FORCE_DESC_CONFIG is not None:
+        return [configs[FORCE_DESC_CONFIG]]
+    esize = named_args["ESIZE"]
+    fit = [c for c in configs
+           if c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_V"]) * c.kwargs["BLOCK_K"] * esize <= _SMEM_LIMIT
+           and c.kwargs["BLOCK_K"] * esize == 128]
+    fit = fit or [min(configs, key=lambda c: c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_V"]) * c.kwargs["BLOCK_K"])]
+    return fit if (AUTOTUNE and autotune_enabled()) else fit[:1]
+
+
+@triton.jit
+def _logits_tile_desc(h_desc, w_desc, bias_ptr, row0, col0, cols, col_ok, H,
+                      HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, WS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """S[row0:row0+BLOCK_M, col0:col0+BLOCK_V] (+ bias[cols]) in float32 from descriptor tiles; rows past n,
+    columns past V and K past H come zero-filled from the copy (no masks in the loop)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    for k0 in tl.range(0, H, BLOCK_K, warp_specialize=WS):
+        a = h_desc.load([row0, k0])    # [BLOCK_M, BLOCK_K]
+        b = w_desc.load([col0, k0])    # [BLOCK_V, BLOCK_K]
+        acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+def _lse_fwd_desc_kernel(
+    h_desc,          # descriptor of hidden [n, H], block [BLOCK_M, BLOCK_K]
+    w_desc,          # descriptor of weight [V, H], block [BLOCK_V, BLOCK_K]
+    bias_ptr, labels_ptr, part_lse_ptr, target_ptr,   # as in _lse_fwd_kernel
+    n, V, H, n_splits, ESIZE,                         # ESIZE: element size (autotune key and pruning only)
+    SPLIT_V: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    WS: tl.constexpr, FLATTEN: tl.constexpr,
+):
+    """_lse_fwd_kernel's work (BLOCK_M rows x one vocabulary split) on descriptor tiles; FLATTEN fuses the walk
+    over the split's tiles with the K loop so one tile's epilogue overlaps the next tile's first copies."""
+    pid_m, pid_s = _swizzle(tl.program_id(0), tl.cdiv(n, BLOCK_M), n_splits, GROUP_M)
+    row0 = pid_m * BLOCK_M
+    rows = row0.to(tl.int64) + tl.arange(0, BLOCK_M)
+    row_ok = rows < n
+    label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    v_start = pid_s * SPLIT_V
+    v_end = tl.minimum(v_start + SPLIT_V, V)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    target = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for v0 in tl.range(v_start, v_end, BLOCK_V, flatten=FLATTEN):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_end
+        s = _logits_tile_desc(h_desc, w_desc, bias_ptr, row0, v0, cols, col_ok, H,
+                              HAS_BIAS, DOT_PRECISION, WS, BLOCK_M, BLOCK_V, BLOCK_K)
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp2((m_i - m_new) * 1.4426950408889634) + \
+            tl.sum(tl.exp2((s - m_new[:, None]) * 1.4426950408889634), axis=1)
+        m_i = m_new
+        target += tl.sum(tl.where(cols[None, :] == label[:, None], s, 0.0), axis=1)
+    tl.store(part_lse_ptr + rows * n_splits + pid_s, m_i + tl.log(l_i), mask=row_ok)
+    hit = row_ok & (label >= v_start) & (label < v_end)
+    tl.store(target_ptr + rows, target, mask=hit)
+
+
+def _grad_logits_desc_kernel(
+    h_desc, w_desc,  # descriptors of hidden [n, H] and weight [V, H]
+    bias_ptr, labels_ptr, lse_ptr, gscale_ptr, inv_scale_ptr, grad_ptr, dbias_ptr,   # as in _grad_logits_kernel
+    n, V, H, v_begin, v_count, ESIZE,
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    WS: tl.constexpr, FLATTEN: tl.constexpr,
+):
+    """_grad_logits_kernel's G tiles on descriptor tiles. Each program walks tiles pid, pid + programs, ...;
+    v2 launches one program per tile (one trip), v3 one per SM with FLATTEN (persistent, the next tile's copies
+    overlap this tile's epilogue)."""
+    num_m = tl.cdiv(n, BLOCK_M)
+    num_v = tl.cdiv(v_count, BLOCK_V)
+    for tile in tl.range(tl.program_id(0), num_m * num_v, tl.num_programs(0), flatten=FLATTEN):
+        pid_m, pid_v = _swizzle(tile, num_m, num_v, GROUP_M)
+        row0 = pid_m * BLOCK_M
+        rows = row0.to(tl.int64) + tl.arange(0, BLOCK_M)
+        local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)   # column within the chunk
+        cols = v_begin + local
+        row_ok = rows < n
+        col_ok = local < v_count
+        s = _logits_tile_desc(h_desc, w_desc, bias_ptr, row0, v_begin + pid_v * BLOCK_V, cols, col_ok, H,
+                              HAS_BIAS, DOT_PRECISION, WS, BLOCK_M, BLOCK_V, BLOCK_K)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        g = tl.load(gscale_ptr + rows, mask=row_ok, other=0.0)
+        label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+        p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
+        grad = (p - tl.where(cols[None, :] == label[:, None], 1.0, 0.0)) * g[:, None]
+        ok = row_ok[:, None] & col_ok[None, :]
+        grad = tl.where(ok, grad, 0.0)
+        tl.store(grad_ptr + rows[:, None] * v_count + local[None, :], grad.to(grad_ptr.dtype.element_ty), mask=ok)
+        if BIAS_GRAD:
+            col_sum = tl.sum(grad, axis=0)
+            if HAS_SCALE:
+                col_sum = col_sum * tl.load(inv_scale_ptr)
+            tl.atomic_add(dbias_ptr + cols, col_sum, mask=col_ok)
+
+
+def _desc_kernel(fn, variant: str, **extra):
+    return triton.autotune(configs=_desc_configs(variant), key=["H", "V", "ESIZE"],
+                           prune_configs_by={"early_config_prune": _prune_desc}, **extra)(triton.jit(fn))
+
+
+# One autotuned kernel per (variant, kernel): each variant keeps its own candidates and its own tuned choice.
+_FWD_DESC = {v: _desc_kernel(_lse_fwd_desc_kernel, v) for v in ("v2", "v3")}
+_GRAD_DESC = {v: _desc_kernel(_grad_logits_desc_kernel, v, restore_value=["dbias_ptr"]) for v in ("v2", "v3")}
+
+
+def reset_tuning() -> None:
+    """Forget every descriptor kernel's tuned choice (tests that change FORCE_DESC_CONFIG or AUTOTUNE)."""
+    for kernel in (*_FWD_DESC.values(), *_GRAD_DESC.values()):
+        kernel.cache.clear()
+
+
+def kernel_variant(kernel: str) -> str:
+    """The variant ("v1", "v2" or "v3") that ``MOCA_MTL_KERNEL`` selects for ``kernel`` ("fwd": the log-sum-exp
+    forward, "grad": the backward's G kernel), read from the environment at each call.
+
+    Unset or empty: ``DEFAULT_VARIANT[kernel]``. One name applies to both kernels; per kernel, e.g.
+    ``fwd=v3,grad=v2`` (a kernel not named gets its default). Raises ValueError on anything else."""
+    raw = os.environ.get("MOCA_MTL_KERNEL", "").strip()
+    if not raw:
+        return DEFAULT_VARIANT[kernel]
+    if "=" not in raw:
+        chosen = raw
+    else:
+        parts = {}
+        for item in raw.split(","):
+            key, sep, value = (x.strip() for x in item.partition("="))
+            if not sep or key not in DEFAULT_VARIANT or value not in VARIANTS:
+                raise ValueError(f"masked_token_loss: cannot read MOCA_MTL_KERNEL={raw!r}: expected one of "
+                                 f"{list(VARIANTS)} or per kernel, e.g. 'fwd=v3,grad=v2'")
+            parts[key] = value
+        chosen = parts.get(kernel, DEFAULT_VARIANT[kernel])
+    if chosen not in VARIANTS:
+        raise ValueError(f"masked_token_loss: unknown kernel variant {chosen!r} in MOCA_MTL_KERNEL={raw!r}; "
+                         f"expected one of {list(VARIANTS)}")
+    return chosen
+
+
+def _descriptor(t: torch.Tensor):
+    """A tensor descriptor of the 2-D ``t`` (block shape set per config), or None where the copy engine cannot
+    read it: a stride along H other than 1, a row stride or base address not 16-byte aligned."""
+    esize = t.element_size()
+    if t.stride(1) != 1 or (t.stride(0) * esize) % 16 or t.data_ptr() % 16 or t.shape[0] == 0:
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1])
+
+
+def _descriptors(variant: str, hidden: torch.Tensor, weight: torch.Tensor):
+    """(variant actually run, hidden descriptor, weight descriptor): v1 when a descriptor is not possible."""
+    if variant == "v1":
+        return "v1", None, None
+    hd, wd = _descriptor(hidden), _descriptor(weight)
+    if hd is None or wd is None:
+        return "v1", None, None
+    return variant, hd, wd
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Host launchers.
 # ---------------------------------------------------------------------------------------------------------
 
@@ -305,14 +537,31 @@ def lse_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]) * n_splits,)
 
-    _lse_fwd_kernel[grid](
-        hidden, weight, bias if bias is not None else part, labels, part, target,
-        n, V, H, n_splits,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        SPLIT_V=sv, HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(hidden.dtype),
-    )
+    variant, hd, wd = _descriptors(kernel_variant("fwd"), hidden, weight)
+    last_kernels["fwd"] = variant
+    if variant == "v1":
+        _lse_fwd_kernel[grid](
+            hidden, weight, bias if bias is not None else part, labels, part, target,
+            n, V, H, n_splits,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            SPLIT_V=sv, HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(hidden.dtype),
+        )
+    else:
+        _FWD_DESC[variant][grid](
+            hd, wd, bias if bias is not None else part, labels, part, target,
+            n, V, H, n_splits, hidden.element_size(),
+            SPLIT_V=sv, HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(hidden.dtype),
+        )
     lse = part[:, 0] if n_splits == 1 else torch.logsumexp(part, dim=1)
     return lse, target
+
+
+def _persistent_programs(device: torch.device) -> int:
+    """Programs of the persistent (v3) G kernel: one per SM (3 under the interpreter, so tests take several
+    tiles per program)."""
+    if device.type != "cuda":
+        return 3
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def vocab_chunk(n: int, V: int, esize: int) -> int:
@@ -413,21 +662,33 @@ def backward(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
     cv = vocab_chunk(n, V, hidden.element_size())
     g_buf = _alloc.empty(n * cv, dtype=dtype, device=device)
     precision = _dot_precision(dtype)
+    variant, hd, wd = _descriptors(kernel_variant("grad"), hidden, weight)
+    last_kernels["grad"] = variant
+    programs = _persistent_programs(device) if variant == "v3" else None
     first = True
     for v0 in range(0, V, cv):
         width = min(cv, V - v0)
         g = g_buf[: n * width].view(n, width)
 
         def grid(meta):
-            return (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_V"]),)
+            tiles = triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_V"])
+            return (tiles if programs is None else min(tiles, programs),)
 
-        _grad_logits_kernel[grid](
-            hidden, weight, bias if bias is not None else lse, labels, lse, gscale,
-            inv_scale if inv_scale is not None else lse, g, dbias if dbias is not None else lse,
-            n, V, H, v0, width,
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            HAS_BIAS=bias is not None, BIAS_GRAD=need_bias, HAS_SCALE=scaled, DOT_PRECISION=precision,
-        )
+        if variant == "v1":
+            _grad_logits_kernel[grid](
+                hidden, weight, bias if bias is not None else lse, labels, lse, gscale,
+                inv_scale if inv_scale is not None else lse, g, dbias if dbias is not None else lse,
+                n, V, H, v0, width,
+                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                HAS_BIAS=bias is not None, BIAS_GRAD=need_bias, HAS_SCALE=scaled, DOT_PRECISION=precision,
+            )
+        else:
+            _GRAD_DESC[variant][grid](
+                hd, wd, bias if bias is not None else lse, labels, lse, gscale,
+                inv_scale if inv_scale is not None else lse, g, dbias if dbias is not None else lse,
+                n, V, H, v0, width, hidden.element_size(),
+                HAS_BIAS=bias is not None, BIAS_GRAD=need_bias, HAS_SCALE=scaled, DOT_PRECISION=precision,
+            )
         w_chunk = weight[v0:v0 + width]
         if need_weight:
             out = dweight[v0:v0 + width]
