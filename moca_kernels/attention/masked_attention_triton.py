@@ -170,6 +170,74 @@ def _fwd_kernel(
     tl.store(Lse + h.to(tl.int64) * T + offs_m, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, mask=row_ok)
 
 
+@triton.jit(do_not_specialize=["T"])
+def _fwd_ws_kernel(
+    Q, K, V, Out, Lse, Spans, QTable,   # as _fwd_kernel, but Spans [2, T] with row stride stride_s
+    T, GROUP, qk_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_s,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, Q_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, WS: tl.constexpr,
+):
+    """Forward variants "ws" (WS) and "tma": one loop over every non-empty key tile, span mask on each, every
+    input read through a tensor descriptor (TMA on sm_90; zero outside [T, HEAD_DIM]). This is the form that
+    Triton's Hopper warp specialization accepts (triton 3.6 and 3.9, sm_90: a single loop whose loads, the
+    query tile's and the spans' included, are all descriptor loads; a second loop, a pointer load or a branch
+    in the loop makes it fail or give up; bench/NOTES.md). With WS it splits the loop into a producer warp
+    group (TMA loads) and two consumer warp groups (wgmma and softmax, half of the rows each).
+
+    Query tiles of BLOCK_M rows may be a part of the owner tile (Q_TILE = SUB x BLOCK_M): program
+    (h, slot * SUB + sub) owns rows [sub * BLOCK_M, (sub + 1) * BLOCK_M) of query tile QOrder[slot]; the owner
+    tile's key range covers each of its rows' spans, so the tables stay those of Q_TILE."""
+    SUB: tl.constexpr = Q_TILE // BLOCK_M
+    h = tl.program_id(0)
+    tile = tl.load(QTable + 4 * tl.cdiv(T, Q_TILE) + tl.program_id(1) // SUB)
+    hk = h // GROUP
+    row0 = tile * Q_TILE + (tl.program_id(1) % SUB) * BLOCK_M
+    q_desc = tl.make_tensor_descriptor(Q + h * stride_qh, shape=[T, HEAD_DIM], strides=[stride_qt, 1],
+                                       block_shape=[BLOCK_M, BLOCK_D])
+    k_desc = tl.make_tensor_descriptor(K + hk * stride_kh, shape=[T, HEAD_DIM], strides=[stride_kt, 1],
+                                       block_shape=[BLOCK_N, BLOCK_D])
+    v_desc = tl.make_tensor_descriptor(V + hk * stride_vh, shape=[T, HEAD_DIM], strides=[stride_vt, 1],
+                                       block_shape=[BLOCK_N, BLOCK_D])
+    # spans [2, T] with row stride stride_s (a multiple of 4: the host pads a copy when T is not), one 1-D
+    # descriptor per row (a [1, BLOCK_M] block of a 2-D one breaks triton 3.9's warp specialization); rows >= T
+    # read lo = hi = 0 (outside the descriptor): an empty span
+    lo_desc = tl.make_tensor_descriptor(Spans, shape=[T], strides=[1], block_shape=[BLOCK_M])
+    hi_desc = tl.make_tensor_descriptor(Spans + stride_s, shape=[T], strides=[1], block_shape=[BLOCK_M])
+    q = q_desc.load([row0, 0])
+    row_lo = lo_desc.load([row0])
+    row_hi = hi_desc.load([row0])
+    a, b, c, d = _tile_runs(QTable, tile, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in tl.range(a, d, BLOCK_N, warp_specialize=WS):
+        k = k_desc.load([start_n, 0])
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        cols = start_n + offs_n
+        qk = tl.where((cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None]), qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with no allowed key yet: no NaN
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = v_desc.load([start_n, 0])
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < T
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)   # only padding rows have l == 0
+    out = acc / l_safe[:, None]
+    tl.store(Out + offs_m.to(tl.int64)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    tl.store(Lse + h.to(tl.int64) * T + offs_m, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, mask=row_ok)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------------------------
@@ -635,9 +703,116 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tens
             OFFS64=_needs_int64(q, k, v, out),
             num_warps=warps, num_stages=stages)
 
+    variant = fwd_variant()
+    if variant != "base" and _descriptor_ready(q, k, v, spans):
+        _forward_desc(q, k, v, out, lse, spans, tables, scale, q_tile, variant)
+        return out, lse
     key = ("fwd", D, q.dtype, group, q_tile, q.device)
     launch(_pick(key, _candidates("fwd", q.dtype, bd, q.device), launch))
     return out, lse
+
+
+# Forward variants, read at call time from MOCA_ATTENTION_FWD (compared side by side by
+# bench/sweep_attention_bwd.py --fwd-variants; the default stays "base" until an H100 run says otherwise):
+#   base  _fwd_kernel: three loops (partial tiles masked, full tiles unmasked, partial tiles), pointer loads
+#         (cp.async), 8 warps;
+#   ws    _fwd_ws_kernel with WS: one loop over every non-empty key tile, all loads through tensor descriptors
+#         (TMA), warp-specialized by Triton (a producer warp group, two consumer warp groups: 12 warps);
+#   tma   the same kernel without warp specialization (separates the gain of WS from that of TMA / one loop).
+# ws and tma run where tensor descriptors can (16-bit inputs on a GPU with 16-byte aligned bases and strides,
+# see _descriptor_ready; float32 and any input when interpreted); elsewhere the base kernel runs.
+FWD_VARIANTS = ("base", "ws", "tma")
+
+
+def fwd_variant() -> str:
+    v = os.environ.get("MOCA_ATTENTION_FWD", "").strip() or "base"
+    if v not in FWD_VARIANTS:
+        raise ValueError(f"MOCA_ATTENTION_FWD must be one of {', '.join(FWD_VARIANTS)}, got {v!r}")
+    return v
+
+
+def _descriptor_ready(q, k, v, spans) -> bool:
+    """Whether _fwd_ws_kernel can read these through tensor descriptors: always when interpreted; on a GPU,
+    16-bit inputs (the float32 path keeps the base kernel's small tiles) whose base addresses are 16-byte
+    aligned and whose row and head strides are multiples of 16 bytes (TMA's rules)."""
+    if q.device.type != "cuda":
+        return True
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    size = q.element_size()
+    aligned = all(t.data_ptr() % 16 == 0 for t in (q, k, v, spans))
+    strides = all((t.stride(0) * size) % 16 == 0 and (t.stride(1) * size) % 16 == 0 for t in (q, k, v))
+    return aligned and strides and spans.is_contiguous()
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Device-side tensor descriptors live in a global scratch buffer that Triton asks an allocator for; give
+    it torch's (caching) allocator unless the caller set one. The setting is per thread (a ContextVar)."""
+    try:
+        from triton.runtime import _allocation
+
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):
+        pass
+    triton.set_allocator(_torch_scratch)
+
+
+def _fwd_desc_candidates(variant: str, dtype: torch.dtype, bd: int, device: torch.device, q_tile: int):
+    """(query rows per program, walked key tile, num_warps, num_stages) of _fwd_ws_kernel; the first is the
+    default. MOCA_ATTENTION_TUNE as _candidates."""
+    cands = _fwd_desc_all_candidates(variant, dtype, bd, device, q_tile)
+    keep = os.environ.get("MOCA_ATTENTION_TUNE", "").strip()
+    if not autotune_enabled():
+        return cands[:1]
+    return cands[:max(1, int(keep))] if keep.isdigit() else cands
+
+
+def _fwd_desc_all_candidates(variant, dtype, bd, device, q_tile):
+    if _TILE_OVERRIDE is not None:   # interpreter tests: two programs per owner tile where it is large enough
+        return [(q_tile // 2 if q_tile >= 32 else q_tile, _TILE_OVERRIDE["fwd_n"], 4, 1)]
+    if device.type != "cuda":
+        return [(q_tile, 16, 4, 1)]
+    # Compiled for sm_90a with triton 3.6 and 3.9 (bench/compile_attention_fwd.py; bench/NOTES.md): none spills.
+    # ws: warp specialization applies only with 4 warps (it adds a producer and a second consumer warp group:
+    # 12 warps, 168 registers each); Triton's Hopper attention tutorial searches BLOCK_M 64/128, BLOCK_N
+    # 32/64/128, 2-4 stages.
+    if variant == "ws":
+        cands = [(128, 64, 4, 3), (128, 128, 4, 2), (128, 64, 4, 2), (64, 64, 4, 3)]
+    else:   # tma: 138 registers at (128, 64, 8, 3); (64, 64, 8, 3) at 110 fits two programs per SM
+        cands = [(128, 64, 8, 3), (64, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3)]
+    cands = [c for c in cands if c[0] <= q_tile and q_tile % c[0] == 0]
+    return cands or [(q_tile, 64, 4 if variant == "ws" else 8, 3)]
+
+
+def _forward_desc(q, k, v, out, lse, spans, tables, scale, q_tile, variant):
+    """Forward variants "ws" / "tma" (_fwd_ws_kernel) into out and lse."""
+    T, Hq, D = q.shape
+    group = Hq // k.shape[1]
+    bd = block_d(D)
+    if q.device.type == "cuda":
+        _ensure_allocator()
+
+    spans = spans.view(2, T)
+    if T % 4:   # a descriptor's row stride must be a multiple of 16 bytes: a padded copy (odd T only)
+        spans = torch.nn.functional.pad(spans, (0, 4 - T % 4))
+    stride_s = spans.stride(0)
+
+    def launch(cfg):
+        block_m, walk, warps, stages = cfg
+        _fwd_ws_kernel[(Hq, n_tiles(T, q_tile) * (q_tile // block_m))](
+            q, k, v, out, lse, spans, tables, T, group, scale * LOG2E,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+            stride_s,
+            HEAD_DIM=D, BLOCK_D=bd, Q_TILE=q_tile, BLOCK_M=block_m, BLOCK_N=walk,
+            DOT_PREC=_dot_prec(q.dtype, q.device), WS=variant == "ws", num_warps=warps, num_stages=stages)
+
+    key = ("fwd_" + variant, D, q.dtype, group, q_tile, q.device)
+    launch(_pick(key, _fwd_desc_candidates(variant, q.dtype, bd, q.device, q_tile), launch))
 
 
 # Backward variants, read at call time from MOCA_ATTENTION_BWD (compared side by side by
