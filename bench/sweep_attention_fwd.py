@@ -1,0 +1,169 @@
+"""masked_attention's forward variants side by side with FlexAttention, at the headline shape, in one process.
+
+T = 16384 (documents of bench_attention.HEADLINE_DOCS), Hq = 16, Hkv = 2, D = 128, bf16; masks "documents" and
+"mixed". Variants (MOCA_ATTENTION_FWD, read at call time; see masked_attention_triton.py):
+
+* base  the default: three loops (partial / full / partial key tiles), pointer loads (cp.async), 8 warps;
+* ws    one masked loop over every non-empty key tile, loads through tensor descriptors (TMA), warp-specialized
+        by Triton (producer warp group + two consumer warp groups, 12 warps);
+* tma   the ws kernel without warp specialization (tells the gain of WS from that of TMA and the single loop).
+
+Per variant: out and lse on both masks against float32 attention (reference.masked_attention on float32
+copies; max |ours - ref| / max |ref| for out, max |ours - ref| for lse), then forward time per mask (no grad,
+median of CUDA-event times), the config its tuner chose, and which kernel ran (a variant whose inputs cannot be
+described falls back to base). Then every candidate config of every variant timed on the documents mask (the
+kernels are compiled by then: only timing), and FlexAttention's forward (torch.compile'd, block mask built once
+outside the timing). --with-bwd adds forward + backward on the documents mask (default backward).
+
+    python bench/sweep_attention_fwd.py                      # ~30-45 s on an H100
+    python bench/sweep_attention_fwd.py --variants base ws --no-flex
+
+Without a GPU, TRITON_INTERPRET=1 runs a tiny smoke version (T = 128, float32) of the same code path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_attention import HEADLINE_DOCS, _flex_mask_mod, build_mask, inputs  # noqa: E402
+from bench.harness import time_fn  # noqa: E402
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def median_ms(fn, warmup: int, rep: int) -> float:
+    return statistics.median(time_fn(fn, warmup=warmup, rep=rep))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", nargs="+", default=["base", "ws", "tma"])
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--tune", default="", help="MOCA_ATTENTION_TUNE (default: every candidate of each variant)")
+    ap.add_argument("--rep", type=int, default=30)
+    ap.add_argument("--no-configs", action="store_true", help="skip the per-config table")
+    ap.add_argument("--with-bwd", action="store_true", help="also forward + backward on the documents mask")
+    args = ap.parse_args(argv)
+
+    import moca_kernels as mk
+    from moca_kernels import reference
+    from moca_kernels.attention import masked_attention_triton as kernels
+
+    t_start = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    if args.tune:
+        os.environ["MOCA_ATTENTION_TUNE"] = str(args.tune)
+    if cuda:
+        dev, dt, docs, Hq, Hkv, D = "cuda", torch.bfloat16, HEADLINE_DOCS, 16, 2, 128
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+              f"{__import__('triton').__version__}")
+    else:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            print("no GPU: run with TRITON_INTERPRET=1 for the interpreted smoke version")
+            return 1
+        dev, dt, docs, Hq, Hkv, D = "cpu", torch.float32, [d // 128 for d in HEADLINE_DOCS], 2, 1, 64
+        args.no_flex, args.rep = True, 1
+    T = sum(docs)
+    q, k, v, do = inputs(T, Hq, Hkv, D, dt, dev)
+    masks = {kind: build_mask(kind, docs, dev) for kind in ("documents", "mixed")}
+    print(f"T={T} Hq={Hq} Hkv={Hkv} D={D} {dt}; tune={args.tune or 'all'}")
+    refs = {kind: reference.masked_attention(q.float(), k.float(), v.float(), m, return_lse=True)
+            for kind, m in masks.items()}
+    device = torch.device(dev)
+    q_tile = kernels.plan(device, dt, D)[0]
+    group = Hq // Hkv
+
+    def tuned_key(variant):
+        return ("fwd", D, dt, group, q_tile, device) if variant == "base" else \
+            ("fwd_" + variant, D, dt, group, q_tile, device)
+
+    warmup, rows = 3, []
+    for variant in args.variants:
+        os.environ["MOCA_ATTENTION_FWD"] = variant
+        t0 = time.perf_counter()
+        try:
+            errs = []
+            with torch.no_grad():
+                for kind, m in masks.items():
+                    out, lse = mk.masked_attention(q, k, v, m, return_lse=True)
+                    errs.append((rel_err(out, refs[kind][0]), (lse - refs[kind][1]).abs().max().item()))
+                ran = "base kernel (fallback)" if variant != "base" and tuned_key(variant) not in kernels._TUNED \
+                    else ("_fwd_kernel" if variant == "base" else "_fwd_ws_kernel")
+                times = {kind: median_ms(lambda m=m: mk.masked_attention(q, k, v, m), warmup, args.rep)
+                         for kind, m in masks.items()}
+            if args.with_bwd:
+                leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+
+                def fwd_bwd():
+                    out = mk.masked_attention(*leaves, masks["documents"])
+                    torch.autograd.grad(out, leaves, do)
+                times["docs f+b"] = median_ms(fwd_bwd, warmup, max(5, args.rep // 2))
+        except Exception as exc:  # a variant that fails to compile or run: report it, go on
+            print(f"{variant}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
+            continue
+        rows.append((variant, times, errs, kernels._TUNED.get(tuned_key(variant)), ran, time.perf_counter() - t0))
+        print(f"  {variant} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    if not args.no_flex:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        t0 = time.perf_counter()
+        flex = torch.compile(flex_attention)
+        qb, kb, vb = (t.transpose(0, 1).unsqueeze(0).contiguous() for t in (q, k, v))
+        times, errs = {}, []
+        with torch.no_grad():
+            for kind, m in masks.items():
+                bm = create_block_mask(_flex_mask_mod(m), None, None, T, T, device=dev)
+                fn = lambda bm=bm: flex(qb, kb, vb, block_mask=bm, enable_gqa=True)  # noqa: E731
+                errs.append((rel_err(fn()[0].transpose(0, 1), refs[kind][0]), float("nan")))
+                times[kind] = median_ms(fn, warmup, args.rep)
+        rows.append(("FlexAttention", times, errs, None, "flex_attention", time.perf_counter() - t0))
+
+    print(f"\n{'variant':<14} {'docs fwd':>9} {'mixed fwd':>10} {'docs f+b':>9}   "
+          f"out rel err / lse abs err vs fp32 (documents; mixed)   config   kernel")
+    for name, times, errs, cfg, ran, secs in rows:
+        e = "; ".join(f"{a:.1e} / {b:.1e}" for a, b in errs)
+        fb = f"{times['docs f+b']:9.3f}" if "docs f+b" in times else f"{'-':>9}"
+        print(f"{name:<14} {times['documents']:9.3f} {times['mixed']:10.3f} {fb}   {e}   {cfg}   {ran}   "
+              f"({secs:.0f} s)")
+    print("target (H100): documents fwd <= 0.83 ms; floor 0.53 ms (documents), 0.32 ms (mixed) at 738 TFLOP/s")
+
+    if not args.no_configs:
+        print("\nevery candidate on the documents mask, forward ms (config: base (walk, warps, stages); "
+              "ws / tma (rows per program, walk, warps, stages))")
+        for variant in [r[0] for r in rows if r[0] != "FlexAttention"]:
+            os.environ["MOCA_ATTENTION_FWD"] = variant
+            key = tuned_key(variant)
+            if key not in kernels._TUNED:
+                continue
+            chosen = kernels._TUNED[key]
+            cands = (kernels._candidates("fwd", dt, kernels.block_d(D), device) if variant == "base" else
+                     kernels._fwd_desc_candidates(variant, dt, kernels.block_d(D), device, q_tile))
+            for cfg in cands:
+                kernels._TUNED[key] = cfg
+                try:
+                    with torch.no_grad():
+                        ms = median_ms(lambda: mk.masked_attention(q, k, v, masks["documents"]), warmup, args.rep)
+                    print(f"  {variant:<5} {str(cfg):<18} {ms:8.3f}{'   (chosen)' if cfg == chosen else ''}")
+                except Exception as exc:
+                    print(f"  {variant:<5} {str(cfg):<18} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+            kernels._TUNED[key] = chosen
+    print(f"\nsweep_attention_fwd total {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
