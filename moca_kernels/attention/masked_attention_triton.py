@@ -783,8 +783,8 @@ def _fwd_desc_all_candidates(variant, dtype, bd, device, q_tile):
     # 32/64/128, 2-4 stages.
     if variant == "ws":
         cands = [(128, 64, 4, 3), (128, 128, 4, 2), (128, 64, 4, 2), (64, 64, 4, 3)]
-    else:   # tma: 138 registers at (128, 64, 8, 3); (64, 64, 8, 3) at 110 fits two programs per SM
-        cands = [(128, 64, 8, 3), (64, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3)]
+    else:   # tma: 138 registers at (128, 64, 8, 3); (64, 64, 8, 3) at 108-110 fits two programs per SM
+        cands = [(128, 64, 8, 3), (64, 64, 8, 3), (128, 128, 8, 2)]
     cands = [c for c in cands if c[0] <= q_tile and q_tile % c[0] == 0]
     return cands or [(q_tile, 64, 4 if variant == "ws" else 8, 3)]
 
