@@ -11,9 +11,9 @@ T = 16384 (documents of bench_attention.HEADLINE_DOCS), Hq = 16, Hkv = 2, D = 12
 Per variant: out and lse on both masks against float32 attention (reference.masked_attention on float32
 copies; max |ours - ref| / max |ref| for out, max |ours - ref| for lse), then forward time per mask (no grad,
 median of CUDA-event times), the config its tuner chose, and which kernel ran (a variant whose inputs cannot be
-described falls back to base). Then every candidate config of every variant timed on the documents mask (the
-kernels are compiled by then: only timing), and FlexAttention's forward (torch.compile'd, block mask built once
-outside the timing). --with-bwd adds forward + backward on the documents mask (default backward).
+described falls back to base). Then every candidate config of every variant (compiled by then): its out against
+fp32 on both masks, its documents forward time. Last, FlexAttention's forward (torch.compile'd, block mask built
+once outside the timing). --with-bwd adds forward + backward on the documents mask (default backward).
 
     python bench/sweep_attention_fwd.py                      # ~30-45 s on an H100
     python bench/sweep_attention_fwd.py --variants base ws --no-flex
@@ -142,8 +142,8 @@ def main(argv=None) -> int:
     print("target (H100): documents fwd <= 0.83 ms; floor 0.53 ms (documents), 0.32 ms (mixed) at 738 TFLOP/s")
 
     if not args.no_configs:
-        print("\nevery candidate on the documents mask, forward ms (config: base (walk, warps, stages); "
-              "ws / tma (rows per program, walk, warps, stages))")
+        print("\nevery candidate: documents forward ms, out rel err vs fp32 (documents / mixed); config: base "
+              "(walk, warps, stages), ws / tma (rows per program, walk, warps, stages)")
         for variant in [r[0] for r in rows if r[0] != "FlexAttention"]:
             os.environ["MOCA_ATTENTION_FWD"] = variant
             key = tuned_key(variant)
@@ -156,10 +156,14 @@ def main(argv=None) -> int:
                 kernels._TUNED[key] = cfg
                 try:
                     with torch.no_grad():
+                        err = {kind: rel_err(mk.masked_attention(q, k, v, m), refs[kind][0])
+                               for kind, m in masks.items()}
                         ms = median_ms(lambda: mk.masked_attention(q, k, v, masks["documents"]), warmup, args.rep)
-                    print(f"  {variant:<5} {str(cfg):<18} {ms:8.3f}{'   (chosen)' if cfg == chosen else ''}")
+                    print(f"  {variant:<5} {str(cfg):<18} {ms:8.3f}   out rel err {err['documents']:.1e} / "
+                          f"{err['mixed']:.1e}{'   (chosen)' if cfg == chosen else ''}")
                 except Exception as exc:
-                    print(f"  {variant:<5} {str(cfg):<18} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+                    print(f"  {variant:<5} {str(cfg):<18} failed: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:120]}")
             kernels._TUNED[key] = chosen
     print(f"\nsweep_attention_fwd total {time.perf_counter() - t_start:.0f} s")
     return 0
