@@ -24,6 +24,7 @@ is filtered; trained models give far peakier softmaxes and CCE's filter skips mo
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 
@@ -81,7 +82,22 @@ def naive(hidden, weight, labels):
     return F.cross_entropy(F.linear(hidden, weight).float(), labels, ignore_index=IGNORE)
 
 
-def moca(impl="triton", bwd_gemm="auto"):
+# Tile-kernel variants (MOCA_MTL_KERNEL, masked_token_loss_triton.kernel_variant); --variants picks which run.
+VARIANTS = ("v1", "v2", "v3")
+_USER_VARIANT = os.environ.get("MOCA_MTL_KERNEL")
+
+
+def set_variant(variant):
+    """MOCA_MTL_KERNEL for the next calls: a variant name, or None for what the caller's environment said (the
+    library's default when unset)."""
+    value = variant if variant is not None else _USER_VARIANT
+    if value is None:
+        os.environ.pop("MOCA_MTL_KERNEL", None)
+    else:
+        os.environ["MOCA_MTL_KERNEL"] = value
+
+
+def moca(impl="triton", bwd_gemm="auto", variant=None):
     def fn(hidden, weight, labels):
         return mk.masked_token_loss(hidden, weight, labels, ignore_index=IGNORE, impl=impl)
 
@@ -89,7 +105,15 @@ def moca(impl="triton", bwd_gemm="auto"):
         from moca_kernels.losses import masked_token_loss_triton as kernels
 
         kernels.BWD_GEMM = bwd_gemm
+        set_variant(variant)
     return fn, before
+
+
+def variant_label(variant):
+    from moca_kernels.losses import masked_token_loss_triton as kernels
+
+    default = variant is None or variant == kernels.DEFAULT_VARIANT["fwd"] == kernels.DEFAULT_VARIANT["grad"]
+    return "moca triton" if default else f"moca triton {variant}"
 
 
 def liger_case():
@@ -117,7 +141,7 @@ def naive_bytes(N, V):
     return N * V * (2 + 4 + 4 + 4)
 
 
-def cases_for(N, H, V, dtype, device, counted=1.0, quick=False):
+def cases_for(N, H, V, dtype, device, counted=1.0, quick=False, variants=("v1",)):
     cases = []
     total = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else 0
     if device == "cuda" and naive_bytes(N, V) > 0.8 * total:
@@ -125,10 +149,11 @@ def cases_for(N, H, V, dtype, device, counted=1.0, quick=False):
                           missing(f"skipped: needs ~{naive_bytes(N, V) / 2**30:.0f} GiB of logits")))
     else:
         cases.append(Case("naive torch (logits materialised)", make_setup(naive, N, H, V, dtype, device, counted)))
-    fn, before = moca("triton", "auto")
-    cases.append(Case("moca triton", make_setup(fn, N, H, V, dtype, device, counted, before=before)))
+    for variant in variants:
+        fn, before = moca("triton", "auto", variant)
+        cases.append(Case(variant_label(variant), make_setup(fn, N, H, V, dtype, device, counted, before=before)))
     if not quick:
-        fn, before = moca("triton", "triton")
+        fn, before = moca("triton", "triton", None)
         cases.append(Case("moca triton (Triton backward GEMMs)",
                           make_setup(fn, N, H, V, dtype, device, counted, before=before)))
     fn, why = liger_case()
@@ -141,15 +166,17 @@ def cases_for(N, H, V, dtype, device, counted=1.0, quick=False):
     return cases
 
 
-def phases(N, H, V, dtype, device, rep):
+def phases(N, H, V, dtype, device, rep, variant=None):
     """Forward alone and forward + backward of moca triton, each as a fraction of the 738 TFLOP/s ceiling."""
     from moca_kernels.losses import masked_token_loss_triton as kernels
 
     kernels.BWD_GEMM = "auto"
+    set_variant(variant)
     fwd = statistics.median(time_fn(make_setup(moca()[0], N, H, V, dtype, device, backward=False)(), rep=rep))
     both = statistics.median(time_fn(make_setup(moca()[0], N, H, V, dtype, device)(), rep=rep))
     unit = 2 * N * H * V
-    print(f"  phases: forward {fwd:.2f} ms ({unit / fwd / 1e9:.0f} TFLOP/s on 2NHV), backward {both - fwd:.2f} ms "
+    print(f"  phases of {variant_label(variant)} (kernels run: "
+          f"{dict(kernels.last_kernels)}): forward {fwd:.2f} ms ({unit / fwd / 1e9:.0f} TFLOP/s on 2NHV), backward {both - fwd:.2f} ms "
           f"({3 * unit / (both - fwd) / 1e9:.0f} TFLOP/s on 6NHV), backward GEMMs on {kernels.last_bwd_gemm}, "
           f"chunk {kernels.vocab_chunk(N, V, torch.finfo(dtype).bits // 8)} columns")
 
@@ -171,8 +198,11 @@ def chunk_cases(N, H, V, dtype, device, mibs):
     return cases
 
 
-def check(N, H, V, dtype, device):
+def check(N, H, V, dtype, device, variant=None):
     """moca triton against float32 logits on the headline inputs: the loss and the gradients' relative error."""
+    from moca_kernels.losses import masked_token_loss_triton as kernels
+
+    set_variant(variant)
     hidden, weight, labels = make_inputs(N, H, V, dtype, device)
     loss = mk.masked_token_loss(hidden, weight, labels, impl="triton")
     loss.backward()
@@ -186,7 +216,7 @@ def check(N, H, V, dtype, device):
     def rel(a, b):
         return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
-    print(f"  check vs float32 logits: loss {ours[0].item():.6f} (log V = {torch.log(torch.tensor(float(V))).item():.6f}); "
+    print(f"  check of {variant or 'the default'} ({dict(kernels.last_kernels)}) vs float32 logits: loss {ours[0].item():.6f} (log V = {torch.log(torch.tensor(float(V))).item():.6f}); "
           f"first {rows} rows: loss diff {abs(mine_rows.item() - ref.item()):.2e}, "
           f"max rel err dHidden {rel(ours[1][:rows], hidden.grad[:rows]):.2e}")
     del hidden, weight, labels, ours, ref
@@ -198,6 +228,9 @@ def main(argv=None):
                         help="print the device time per kernel of moca's forward + backward at the headline shape")
     parser.add_argument("--chunks", type=float, nargs="+", default=None, metavar="MIB",
                         help="only time moca at the headline shape with these backward G chunk budgets (MiB)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                        help="tile-kernel variants (MOCA_MTL_KERNEL) timed side by side at the headline shape "
+                             "(default: all; other shapes run the default variant only)")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -222,18 +255,25 @@ def main(argv=None):
             kernels.G_CHUNK_BYTES = default
         return 0
     if cuda:
-        check(head, H, V, dtype, device)
+        for variant in args.variants:
+            check(head, H, V, dtype, device, variant)
     if args.profile:
-        kernel_breakdown(make_setup(moca()[0], head, H, V, dtype, device)(), calls=3,
-                         title=f"moca masked_token_loss fwd+bwd N={head}")
+        for variant in args.variants:
+            set_variant(variant)
+            kernel_breakdown(make_setup(moca()[0], head, H, V, dtype, device)(), calls=3,
+                             title=f"{variant_label(variant)} masked_token_loss fwd+bwd N={head}")
     for N, counted in runs:
         n = int(N * counted)
         eff = 6 * n * H * V
         print(f"\nmasked_token_loss N={N} ({counted:.0%} counted) H={H} V={V} {dtype}: 6nHV = {eff / 1e12:.1f} TFLOP -> "
               f"{floor_ms(eff):.1f} ms at 738 TFLOP/s; our 8nHV -> {floor_ms(eff * 4 / 3):.1f} ms")
-        if cuda and N == head and counted == 1.0:
-            phases(N, H, V, dtype, device, rep)
-        run_cases("masked_token_loss fwd+bwd", cases_for(N, H, V, dtype, device, counted, quick=args.quick),
+        headline = N == head and counted == 1.0
+        if cuda and headline:
+            for variant in args.variants:
+                phases(N, H, V, dtype, device, rep, variant)
+        variants = args.variants if headline else [None]
+        run_cases("masked_token_loss fwd+bwd", cases_for(N, H, V, dtype, device, counted, quick=args.quick,
+                                                         variants=variants),
                   shape=dict(N=N, H=H, V=V, dtype=str(dtype), counted=counted), flops=eff,
                   baseline="naive torch (logits materialised)", warmup=args.warmup if not args.quick else 2,
                   rep=rep, out=args.out, tag=f"masked_token_loss_N{N}_c{int(counted * 100)}")
