@@ -2,9 +2,10 @@
 # The GPU checks still pending (bench/NOTES.md says which numbers are unmeasured), in two calls that each fit
 # one device command and together fit a 15-minute session with its start-up:
 #
-#   bash bench/gpu_pending.sh 1   # ~6 min: build; every kernel GPU test (the new masked_patch_loss and attention
+#   bash bench/gpu_pending.sh 1   # ~7 min: build; every kernel GPU test (the new masked_patch_loss and attention
 #                                 # variants, info_nce tf32); masked_patch_loss variants side by side (v1 with
-#                                 # set_materialize_grads, v2, v2p, triton v2); attention backward variants vs Flex
+#                                 # set_materialize_grads, v2, v2p, triton v2); attention backward variants
+#                                 # (base/even/fused) and forward variants (base/ws/tma) against Flex
 #   bash bench/gpu_pending.sh 2   # ~4 min: masked_token_loss per-kernel breakdown and G chunk sweep; info_nce
 #                                 # scaling sweep up to B = 262144 (fits one 80 GB card?); attention at the 7B-text
 #                                 # and vision-tower shapes
@@ -18,7 +19,7 @@ case "$part" in
   1)
     TEST_TIMEOUT=${TEST_TIMEOUT:-220} BENCH_TIMEOUT=${BENCH_TIMEOUT:-150} \
       TEST_PATHS="${TEST_PATHS:-tests/moca_kernels}" \
-      bash bench/gpu_check.sh masked_patch_loss "sweep_attention_bwd:--tune 2"
+      bash bench/gpu_check.sh masked_patch_loss "sweep_attention_bwd:--tune 2" sweep_attention_fwd
     ;;
   2)
     SKIP_TESTS=1 BENCH_TIMEOUT=${BENCH_TIMEOUT:-150} \
