@@ -281,9 +281,9 @@ def test_gpu_every_candidate_bf16_matches_float64(variant, index, kernels, monke
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", DESC_VARIANTS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("variant,dtype", [("v2", torch.float16), ("v3", torch.float32)])
 def test_gpu_variant_fp16_and_fp32_match_float64(variant, dtype, kernels, monkeypatch):
+    # float16: G pre-scaled, Triton backward GEMMs; float32: the 64 x 128 x 32 candidate (128-byte K slices)
     kernels.VOCAB_CHUNK = None
     monkeypatch.setenv("MOCA_MTL_KERNEL", variant)
     check_against_float64("triton", 257, 192, 4099, dtype, "cuda", "sum", with_bias=True)
