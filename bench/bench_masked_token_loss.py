@@ -166,6 +166,19 @@ def cases_for(N, H, V, dtype, device, counted=1.0, quick=False, variants=("v1",)
     return cases
 
 
+def tuned_configs(kernels):
+    """The autotuner's choice of the tile kernels that ran last (kwargs, warps, stages), for the log."""
+    fwd = kernels._lse_fwd_kernel if kernels.last_kernels.get("fwd", "v1") == "v1" else \
+        kernels._FWD_DESC[kernels.last_kernels["fwd"]]
+    grad = kernels._grad_logits_kernel if kernels.last_kernels.get("grad", "v1") == "v1" else \
+        kernels._GRAD_DESC[kernels.last_kernels["grad"]]
+    out = {}
+    for name, k in (("fwd", fwd), ("grad", grad)):
+        c = getattr(k, "best_config", None)
+        out[name] = "-" if c is None else f"{c.kwargs} w{c.num_warps} s{c.num_stages}"
+    return out
+
+
 def phases(N, H, V, dtype, device, rep, variant=None):
     """Forward alone and forward + backward of moca triton, each as a fraction of the 738 TFLOP/s ceiling."""
     from moca_kernels.losses import masked_token_loss_triton as kernels
@@ -179,6 +192,7 @@ def phases(N, H, V, dtype, device, rep, variant=None):
           f"{dict(kernels.last_kernels)}): forward {fwd:.2f} ms ({unit / fwd / 1e9:.0f} TFLOP/s on 2NHV), backward {both - fwd:.2f} ms "
           f"({3 * unit / (both - fwd) / 1e9:.0f} TFLOP/s on 6NHV), backward GEMMs on {kernels.last_bwd_gemm}, "
           f"chunk {kernels.vocab_chunk(N, V, torch.finfo(dtype).bits // 8)} columns")
+    print(f"    tuned: {tuned_configs(kernels)}")
 
 
 def chunk_cases(N, H, V, dtype, device, mibs):
