@@ -11,7 +11,8 @@
 #                                 # scaling sweep up to B = 262144 (fits one 80 GB card?); attention at the 7B-text
 #                                 # and vision-tower shapes; the G chunk budget sweep
 #
-# Part 1 first: it decides the defaults (MOCA_MPL_KERNEL, MOCA_ATTENTION_BWD). Both write under $OUT (logs,
+# Part 1 first: it decides the defaults of MOCA_MPL_KERNEL, MOCA_ATTENTION_FWD and MOCA_ATTENTION_BWD (part 2:
+# MOCA_MTL_KERNEL). Both write under $OUT (logs,
 # gpu_check.tgz with every JSON/PNG/log) through bench/gpu_check.sh, which this only drives.
 set -uo pipefail
 cd "$(dirname "$0")/.."
