@@ -2,9 +2,16 @@
 
 A kernel's result passes when its max abs error against float64 is at most ``factor`` times the max abs
 error of PyTorch computing the same thing in the same low precision, plus a small floor for rounding noise
-(FlashAttention's rule). NaN or inf never passes.
+(FlashAttention's rule). NaN or inf never passes. Also: ``compile_for_sm90``, the runner of the tests that
+compile kernels for the H100 on a machine without a GPU.
 """
 
+import json
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
 # Rounding floors relative to the reference's scale: a few units of the dtype's roundoff.
@@ -31,3 +38,27 @@ def assert_close_like_torch(ours: torch.Tensor, ref64: torch.Tensor, torch_lowp:
 def rand(*shape, dtype=torch.float32, device="cpu", scale=1.0) -> torch.Tensor:
     """Fresh random normal data (never zeros)."""
     return (torch.randn(*shape, dtype=torch.float32, device=device) * scale).to(dtype)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def compile_for_sm90(argv, drop_env=()):
+    """Run ``python argv...`` (a ``-c`` script or a bench script) with the real Triton compiler, not the
+    interpreter, and return the JSON of its last ``RESULT {...}`` line: kernels compiled for sm_90 on a machine
+    without a GPU. Skips the calling test where this triton cannot reach sm_90 here (no ptxas / libcuda); any
+    other failure is an assertion error with the end of stderr. ``drop_env``: variables to clear in the child
+    (a kernel-variant switch the test's own settings must not leak into). To check the GPU machine's triton,
+    put an unpacked wheel of it first on PYTHONPATH (bench/NOTES.md)."""
+    triton = pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and k not in drop_env}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        err = proc.stderr.strip().splitlines()
+        if any(s in proc.stderr for s in ("ptxas", "No such file", "libcuda")) and "NameError" not in proc.stderr:
+            pytest.skip(f"this triton {triton.__version__} cannot compile for sm_90 here: {err[-1] if err else ''}")
+        raise AssertionError("compiling for sm_90 failed:\n" + "\n".join(err[-25:]))
+    return json.loads(lines[-1][len("RESULT "):])

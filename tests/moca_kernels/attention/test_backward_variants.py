@@ -4,11 +4,7 @@ and are not multiples of the walked tiles, so both the unmasked EVEN_T loads and
 fused kernel with a split GQA group, poisoned outputs, a bad value; and, without a GPU, that the variants'
 first configs compile for sm_90 without register spills and with pipelined main loops."""
 
-import json
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +12,7 @@ import torch
 import moca_kernels as mk
 from moca_kernels import _alloc
 from moca_kernels.attention import masked_attention_triton as kernels
-from tests.helpers import rand
+from tests.helpers import compile_for_sm90, rand
 
 from .helpers import random_mask
 from .test_masked_attention import check_against_float64
@@ -136,18 +132,7 @@ def test_variant_kernels_compile_for_sm90_without_spills():
     triton 3.6 (which the base dK/dV kernel has at a 64-row walk), main loops on wgmma and software-pipelined.
     Run it against the GPU machine's triton with PYTHONPATH pointing at an unpacked triton 3.6 wheel."""
     triton = pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MOCA_ATTENTION_BWD")}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        err = proc.stderr.strip().splitlines()
-        if any(s in proc.stderr for s in ("ptxas", "No such file", "libcuda")) and "NameError" not in proc.stderr:
-            pytest.skip(f"this triton {triton.__version__} cannot compile for sm_90 here: {err[-1] if err else ''}")
-        raise AssertionError("compiling for sm_90 failed:\n" + "\n".join(err[-25:]))
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = compile_for_sm90(["-c", SCRIPT], drop_env=("MOCA_ATTENTION_BWD",))
     # triton 3.6 (the GPU machine's) allocates these without spills; 3.9 (this machine's) spills a few bytes
     # (dK/dV 68, fused 80; the base dK/dV kernel at a 64-row walk: 156 B under 3.6). With bf16 dK / dV outputs
     # (no group split) the 64-row dK/dV walk spills 52 B under 3.6 too: bench/NOTES.md.

@@ -4,11 +4,8 @@ float32 / float16 (every mask kind, GQA groups 1 and 3, head dims 64 / 80 / 128,
 interpreted tiles and not, query tiles split over two programs); poisoned outputs; a bad value; and, without a
 GPU, that the ws kernel's first config compiles for sm_90 warp-specialized, without spills."""
 
-import json
 import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ import torch
 import moca_kernels as mk
 from moca_kernels import _alloc
 from moca_kernels.attention import masked_attention_triton as kernels
-from tests.helpers import rand
+from tests.helpers import compile_for_sm90, rand
 
 from .helpers import random_mask
 from .test_masked_attention import check_against_float64
@@ -96,19 +93,8 @@ def test_ws_forward_compiles_for_sm90_warp_specialized_without_spills():
     """bench/compile_attention_fwd.py on the ws kernel's first config (bf16, D = 128): Triton splits the loop
     into warp groups (ttg.warp_specialize, 12 warps), the loads are TMA, the dots wgmma, nothing spills.
     With PYTHONPATH at an unpacked triton 3.6 wheel this checks the GPU machine's compiler."""
-    triton = pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MOCA_ATTENTION_FWD")}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "compile_attention_fwd.py"), "--variants",
-                           "ws", "--first"], capture_output=True, text=True, env=env, timeout=300)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        err = proc.stderr.strip().splitlines()
-        if any(s in proc.stderr for s in ("ptxas", "No such file", "libcuda")) and "NameError" not in proc.stderr:
-            pytest.skip(f"this triton {triton.__version__} cannot compile for sm_90 here: {err[-1] if err else ''}")
-        raise AssertionError("compiling for sm_90 failed:\n" + "\n".join(err[-25:]))
-    r = json.loads(lines[-1][len("RESULT "):])
+    r = compile_for_sm90([os.path.join(ROOT, "bench", "compile_attention_fwd.py"), "--variants",
+                           "ws", "--first"], drop_env=("MOCA_ATTENTION_FWD",))
     if "error" in r and "ptxas" in r["error"]:
         pytest.skip(f"no usable ptxas here: {r['error']}")
     assert "error" not in r, f"the ws kernel does not compile: {r}"

@@ -6,13 +6,11 @@ Triton's frontend and backend (to PTX and a cubin) for one configuration per ker
 TRITON_INTERPRET, and checks the 16-bit main loops are software-pipelined (asynchronous copies).
 """
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from tests.helpers import compile_for_sm90
 
 SCRIPT = r"""
 import json, os, sys
@@ -58,20 +56,7 @@ print("RESULT " + json.dumps(out))
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the kernels compile for real in other tests")
 def test_kernels_compile_for_sm90_and_pipeline_their_main_loop():
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget  # noqa: F401  (API of this check)
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        err = proc.stderr.strip().splitlines()
-        if any(s in proc.stderr for s in ("ptxas", "No such file", "libcuda")) and "NameError" not in proc.stderr:
-            pytest.skip(f"this triton {triton.__version__} cannot compile for sm_90 here: {err[-1] if err else ''}")
-        raise AssertionError("compiling for sm_90 failed:\n" + "\n".join(err[-25:]))
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = compile_for_sm90(["-c", SCRIPT])
     for name in ("fwd", "grad"):
         assert result[name]["async_copies"] > 0, f"{name} kernel's main loop is not pipelined: {result[name]}"
         assert result[name]["shared"] <= 227 * 1024, f"{name} kernel needs {result[name]['shared']} B of shared memory"

@@ -7,14 +7,12 @@ and with a tiny tail (P = 37, fp16), in a subprocess without TRITON_INTERPRET, a
 read with 16-byte loads when P is divisible by 8 (P is a compile-time constant) and never element by element.
 """
 
-import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from tests.helpers import compile_for_sm90
 
 SCRIPT = r"""
 import json, re
@@ -60,20 +58,7 @@ print("RESULT " + json.dumps(out))
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the kernels compile for real in other tests")
 def test_forward_kernels_compile_for_sm90_with_16_byte_loads():
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget  # noqa: F401  (API of this check)
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        err = proc.stderr.strip().splitlines()
-        if any(s in proc.stderr for s in ("ptxas", "No such file", "libcuda")) and "NameError" not in proc.stderr:
-            pytest.skip(f"this triton {triton.__version__} cannot compile for sm_90 here: {err[-1] if err else ''}")
-        raise AssertionError("compiling for sm_90 failed:\n" + "\n".join(err[-25:]))
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = compile_for_sm90(["-c", SCRIPT])
     names = " | ".join(result)
     for want in ("v1 P=1176", "v2 P=1176 .*stages=1", "v2 P=1176 .*stages=2", "v2 P=1024", "v2 P=37"):
         assert re.search(want, names), f"{want!r} not compiled: {names}"

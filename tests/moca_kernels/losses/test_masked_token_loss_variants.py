@@ -6,17 +6,13 @@ through Triton's compiler and ptxas in a subprocess (no GPU needed); GPU tests (
 VOCAB_CHUNK = 16, several backward chunks.
 """
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import moca_kernels as mk
 from moca_kernels import _alloc, reference
-from tests.helpers import rand
+from tests.helpers import compile_for_sm90, rand
 from tests.moca_kernels.losses.test_masked_token_loss import IGNORE, _leaves, check_against_float64, make_inputs
 
 DESC_VARIANTS = ["v2", "v3"]
@@ -215,23 +211,6 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def compile_for_sm90(pythonpath_extra=""):
-    """Run SCRIPT without the interpreter; returns {kernel name: facts} or skips where sm_90 is out of reach."""
-    triton = pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MOCA_MTL_KERNEL")}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, pythonpath_extra, env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        err = proc.stderr.strip().splitlines()
-        if any(s in proc.stderr for s in ("ptxas", "No such file", "libcuda")) and "NameError" not in proc.stderr:
-            pytest.skip(f"this triton {triton.__version__} cannot compile for sm_90 here: {err[-1] if err else ''}")
-        raise AssertionError("compiling for sm_90 failed:\n" + "\n".join(err[-25:]))
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the kernels compile for real in other tests")
 def test_descriptor_kernels_compile_for_sm90_without_spills():
     """Every v2 / v3 candidate at the headline (bf16, H = 2048): no register spills, operand tiles through TMA,
@@ -240,7 +219,7 @@ def test_descriptor_kernels_compile_for_sm90_without_spills():
     run with PYTHONPATH pointing at an unpacked triton 3.6 wheel (bench/NOTES.md)."""
     import triton
 
-    result = compile_for_sm90()
+    result = compile_for_sm90(["-c", SCRIPT], drop_env=("MOCA_MTL_KERNEL",))
     names = " | ".join(result)
     for want in ("fwd v2 128x128x64 w8", "grad v2 128x256x64", "fwd v3 .*flat", "grad v3 .*flat"):
         assert __import__("re").search(want, names), f"{want!r} not compiled: {names}"
