@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,30 +31,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from bench.sm90 import jit_of, ptxas_stats  # noqa: E402
 from moca_kernels.attention import masked_attention_triton as K  # noqa: E402
-
-
-def jit_of(kernel):
-    while not isinstance(kernel, triton.runtime.jit.JITFunction):
-        kernel = kernel.fn
-    return kernel
-
-
-def ptxas_stats(ptx: str):
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        r = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", path, "-o", path + ".cubin"],
-                           capture_output=True, text=True)
-    text = r.stderr + r.stdout
-    regs = re.search(r"Used (\d+) registers", text)
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    if regs is None or spill is None:
-        raise RuntimeError("ptxas: " + text.strip().splitlines()[-1] if text.strip() else "ptxas gave no output")
-    return int(regs.group(1)), int(spill.group(1)), int(spill.group(2))
 
 
 def compile_fwd(variant: str, cfg, head_dim: int = 128, q_tile: int = 128):

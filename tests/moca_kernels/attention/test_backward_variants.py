@@ -73,23 +73,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from moca_kernels.attention import masked_attention_triton as K
-
-def jit_of(k):
-    while not isinstance(k, triton.runtime.jit.JITFunction):
-        k = k.fn
-    return k
-
-def ptxas_regs(ptx):
-    from triton.backends.nvidia.compiler import get_ptxas
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.ptx")
-        open(path, "w").write(ptx)
-        r = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", path, "-o", path + ".cubin"],
-                           capture_output=True, text=True)
-    text = r.stderr + r.stdout
-    regs = re.search(r"Used (\d+) registers", text)
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    return int(regs.group(1)), int(spill.group(1)) + int(spill.group(2))
+from bench.sm90 import jit_of, ptxas_stats
 
 def build(kernel, ptrs, consts, warps, stages):
     fn = jit_of(kernel)
@@ -105,7 +89,8 @@ def build(kernel, ptrs, consts, warps, stages):
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     ck = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                         options=dict(num_warps=warps, num_stages=stages))
-    regs, spilled = ptxas_regs(ck.asm["ptx"])
+    regs, spill_st, spill_ld = ptxas_stats(ck.asm["ptx"])
+    spilled = spill_st + spill_ld
     return {"regs": regs, "spilled_bytes": spilled, "shared": ck.metadata.shared,
             "async_copies": ck.asm["ttgir"].count("async_copy_global_to_local"),
             "wgmma": ck.asm["ttgir"].count("warp_group_dot ")}

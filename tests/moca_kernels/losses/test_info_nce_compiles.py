@@ -18,11 +18,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from moca_kernels.losses import info_nce_triton as K
-
-def jit_of(k):
-    while not isinstance(k, triton.runtime.jit.JITFunction):
-        k = k.fn
-    return k
+from bench.sm90 import jit_of
 
 def build(kernel, types, consts, divisible, num_warps, num_stages):
     fn = jit_of(kernel)

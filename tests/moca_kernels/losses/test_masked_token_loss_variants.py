@@ -135,23 +135,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from moca_kernels.losses import masked_token_loss_triton as K
-
-def jit_of(k):
-    while not isinstance(k, triton.runtime.jit.JITFunction):
-        k = k.fn
-    return k
-
-def ptxas_regs(ptx):
-    from triton.backends.nvidia.compiler import get_ptxas
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.ptx")
-        open(path, "w").write(ptx)
-        r = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", path, "-o", path + ".cubin"],
-                           capture_output=True, text=True)
-    text = r.stderr + r.stdout
-    regs = [int(x) for x in re.findall(r"Used (\d+) registers", text)]
-    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    return max(regs), sum(int(a) + int(b) for a, b in spills)
+from bench.sm90 import jit_of, ptxas_stats
 
 FLOATS = {"lse_ptr", "gscale_ptr", "inv_scale_ptr", "dbias_ptr", "part_lse_ptr", "target_ptr"}
 DIV16 = ("n", "V", "H", "stride_hn", "stride_wv", "v_begin", "v_count")   # multiples of 16 at the headline
@@ -184,7 +168,8 @@ def build(kernel, cfg, flags):
              if sig[n].startswith("*") or n in DIV16}
     ck = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                         options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    regs, spilled = ptxas_regs(ck.asm["ptx"])
+    regs, spill_st, spill_ld = ptxas_stats(ck.asm["ptx"])
+    spilled = spill_st + spill_ld
     ttgir = ck.asm["ttgir"]
     return {"regs": regs, "spilled_bytes": spilled, "shared": ck.metadata.shared,
             "tma_loads": ttgir.count("async_tma_copy_global_to_local"), "wgmma": ttgir.count("warp_group_dot "),
