@@ -168,6 +168,39 @@ def _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, H
     return acc
 
 
+@triton.jit
+def _lse_step(s, cols, col_ok, label, m_i, l_i, target):
+    """One [rows, cols] logit tile into the running max m_i, sum l_i (of exp(S - m_i)) and label logit."""
+    s = tl.where(col_ok[None, :], s, float("-inf"))
+    # every tile holds at least one valid column, so m_new is finite and exp2(-inf) = 0 on the first tile
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    l_i = l_i * tl.exp2((m_i - m_new) * 1.4426950408889634) + \
+        tl.sum(tl.exp2((s - m_new[:, None]) * 1.4426950408889634), axis=1)
+    target += tl.sum(tl.where(cols[None, :] == label[:, None], s, 0.0), axis=1)
+    return m_new, l_i, target
+
+
+@triton.jit
+def _store_g_tile(s, rows, cols, local, row_ok, col_ok, v_count, labels_ptr, lse_ptr, gscale_ptr, inv_scale_ptr,
+                  grad_ptr, dbias_ptr, BIAS_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """G = (softmax(S) - onehot(label)) * gscale of one logit tile S, stored at column ``local`` of the chunk
+    (row stride v_count); with BIAS_GRAD its column sums go to dbias by float32 atomics."""
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    g = tl.load(gscale_ptr + rows, mask=row_ok, other=0.0)
+    label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    # d loss_r / d S[r, v] = softmax(S)[r, v] - [v == y_r], times d out / d loss_r
+    p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
+    grad = (p - tl.where(cols[None, :] == label[:, None], 1.0, 0.0)) * g[:, None]
+    ok = row_ok[:, None] & col_ok[None, :]
+    grad = tl.where(ok, grad, 0.0)
+    tl.store(grad_ptr + rows[:, None] * v_count + local[None, :], grad.to(grad_ptr.dtype.element_ty), mask=ok)
+    if BIAS_GRAD:
+        col_sum = tl.sum(grad, axis=0)
+        if HAS_SCALE:
+            col_sum = col_sum * tl.load(inv_scale_ptr)
+        tl.atomic_add(dbias_ptr + cols, col_sum, mask=col_ok)
+
+
 @triton.autotune(configs=_tile_configs(), key=["H", "V"],
                  prune_configs_by={"early_config_prune": _prune(("hidden_ptr", "weight_ptr"), "BLOCK_V")})
 @triton.heuristics({"EVEN_K": lambda args: args["H"] % args["BLOCK_K"] == 0})
@@ -202,13 +235,7 @@ def _lse_fwd_kernel(
         s = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, H,
                          stride_hn, stride_hk, stride_wv, stride_wk,
                          HAS_BIAS, EVEN_K, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        # every tile holds at least one valid column, so m_new is finite and exp2(-inf) = 0 on the first tile
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        l_i = l_i * tl.exp2((m_i - m_new) * 1.4426950408889634) + \
-            tl.sum(tl.exp2((s - m_new[:, None]) * 1.4426950408889634), axis=1)
-        m_i = m_new
-        target += tl.sum(tl.where(cols[None, :] == label[:, None], s, 0.0), axis=1)
+        m_i, l_i, target = _lse_step(s, cols, col_ok, label, m_i, l_i, target)
     tl.store(part_lse_ptr + rows * n_splits + pid_s, m_i + tl.log(l_i), mask=row_ok)
     hit = row_ok & (label >= v_start) & (label < v_end)
     tl.store(target_ptr + rows, target, mask=hit)
@@ -245,20 +272,8 @@ def _grad_logits_kernel(
     s = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, H,
                      stride_hn, stride_hk, stride_wv, stride_wk,
                      HAS_BIAS, EVEN_K, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    g = tl.load(gscale_ptr + rows, mask=row_ok, other=0.0)
-    label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
-    # d loss_r / d S[r, v] = softmax(S)[r, v] - [v == y_r], times d out / d loss_r
-    p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
-    grad = (p - tl.where(cols[None, :] == label[:, None], 1.0, 0.0)) * g[:, None]
-    ok = row_ok[:, None] & col_ok[None, :]
-    grad = tl.where(ok, grad, 0.0)
-    tl.store(grad_ptr + rows[:, None] * v_count + local[None, :], grad.to(grad_ptr.dtype.element_ty), mask=ok)
-    if BIAS_GRAD:
-        col_sum = tl.sum(grad, axis=0)
-        if HAS_SCALE:
-            col_sum = col_sum * tl.load(inv_scale_ptr)
-        tl.atomic_add(dbias_ptr + cols, col_sum, mask=col_ok)
+    _store_g_tile(s, rows, cols, local, row_ok, col_ok, v_count, labels_ptr, lse_ptr, gscale_ptr, inv_scale_ptr,
+                  grad_ptr, dbias_ptr, BIAS_GRAD, HAS_SCALE)
 
 
 @triton.autotune(configs=_gemm_configs(), key=["N"], restore_value=["c_ptr"],
@@ -395,12 +410,7 @@ def _lse_fwd_desc_kernel(
         col_ok = cols < v_end
         s = _logits_tile_desc(h_desc, w_desc, bias_ptr, row0, v0, cols, col_ok, H,
                               HAS_BIAS, DOT_PRECISION, WS, BLOCK_M, BLOCK_V, BLOCK_K)
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        l_i = l_i * tl.exp2((m_i - m_new) * 1.4426950408889634) + \
-            tl.sum(tl.exp2((s - m_new[:, None]) * 1.4426950408889634), axis=1)
-        m_i = m_new
-        target += tl.sum(tl.where(cols[None, :] == label[:, None], s, 0.0), axis=1)
+        m_i, l_i, target = _lse_step(s, cols, col_ok, label, m_i, l_i, target)
     tl.store(part_lse_ptr + rows * n_splits + pid_s, m_i + tl.log(l_i), mask=row_ok)
     hit = row_ok & (label >= v_start) & (label < v_end)
     tl.store(target_ptr + rows, target, mask=hit)
@@ -429,19 +439,8 @@ def _grad_logits_desc_kernel(
         col_ok = local < v_count
         s = _logits_tile_desc(h_desc, w_desc, bias_ptr, row0, v_begin + pid_v * BLOCK_V, cols, col_ok, H,
                               HAS_BIAS, DOT_PRECISION, WS, BLOCK_M, BLOCK_V, BLOCK_K)
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        g = tl.load(gscale_ptr + rows, mask=row_ok, other=0.0)
-        label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
-        p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
-        grad = (p - tl.where(cols[None, :] == label[:, None], 1.0, 0.0)) * g[:, None]
-        ok = row_ok[:, None] & col_ok[None, :]
-        grad = tl.where(ok, grad, 0.0)
-        tl.store(grad_ptr + rows[:, None] * v_count + local[None, :], grad.to(grad_ptr.dtype.element_ty), mask=ok)
-        if BIAS_GRAD:
-            col_sum = tl.sum(grad, axis=0)
-            if HAS_SCALE:
-                col_sum = col_sum * tl.load(inv_scale_ptr)
-            tl.atomic_add(dbias_ptr + cols, col_sum, mask=col_ok)
+        _store_g_tile(s, rows, cols, local, row_ok, col_ok, v_count, labels_ptr, lse_ptr, gscale_ptr, inv_scale_ptr,
+                      grad_ptr, dbias_ptr, BIAS_GRAD, HAS_SCALE)
 
 
 def _desc_kernel(fn, variant: str, **extra):
