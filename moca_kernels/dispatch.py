@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -120,6 +120,32 @@ def triton_import_error() -> Optional[str]:
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def env_variant(var: str, part: str, choices: Sequence[str], defaults: Mapping[str, str], op: str) -> str:
+    """The kernel variant that environment variable ``var`` selects for ``part`` (a backend or one kernel of
+    ``op``), read at every call so benchmarks can switch variants in one process.
+
+    Unset or empty: ``defaults[part]``. One name applies to every part; per part, ``part=name,part=name`` (a
+    part not named keeps its default). Anything else raises ValueError naming ``var``."""
+    raw = os.environ.get(var, "").strip()
+    if not raw:
+        return defaults[part]
+    if "=" not in raw:
+        chosen = raw
+    else:
+        parts = {}
+        for item in raw.split(","):
+            key, sep, value = (x.strip() for x in item.partition("="))
+            if not sep or key not in defaults or value not in choices:
+                example = ",".join(f"{k}={choices[-1]}" for k in defaults)
+                raise ValueError(f"{op}: cannot read {var}={raw!r}: expected one of {list(choices)}, or per part "
+                                 f"({', '.join(defaults)}), e.g. {example!r}")
+            parts[key] = value
+        chosen = parts.get(part, defaults[part])
+    if chosen not in choices:
+        raise ValueError(f"{op}: unknown kernel variant {chosen!r} in {var}={raw!r}; expected one of {list(choices)}")
+    return chosen
 
 
 def autotune_enabled() -> bool:

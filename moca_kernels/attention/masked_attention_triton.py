@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from ..dispatch import autotune_enabled
+from ..dispatch import autotune_enabled, env_variant
 from .metadata import n_tiles
 
 LOG2E = math.log2(math.e)
@@ -725,10 +725,7 @@ FWD_VARIANTS = ("base", "ws", "tma")
 
 
 def fwd_variant() -> str:
-    v = os.environ.get("MOCA_ATTENTION_FWD", "").strip() or "base"
-    if v not in FWD_VARIANTS:
-        raise ValueError(f"MOCA_ATTENTION_FWD must be one of {', '.join(FWD_VARIANTS)}, got {v!r}")
-    return v
+    return env_variant("MOCA_ATTENTION_FWD", "fwd", FWD_VARIANTS, {"fwd": "base"}, "masked_attention")
 
 
 def _descriptor_ready(q, k, v, spans) -> bool:
@@ -825,10 +822,7 @@ BWD_VARIANTS = ("base", "even", "fused")
 
 
 def bwd_variant() -> str:
-    v = os.environ.get("MOCA_ATTENTION_BWD", "").strip() or "base"
-    if v not in BWD_VARIANTS:
-        raise ValueError(f"MOCA_ATTENTION_BWD must be one of {', '.join(BWD_VARIANTS)}, got {v!r}")
-    return v
+    return env_variant("MOCA_ATTENTION_BWD", "bwd", BWD_VARIANTS, {"bwd": "base"}, "masked_attention")
 
 
 # dQ strategy of the non-deterministic backward per (head dim, dtype, group, tiles, device): "atomic" or

@@ -17,14 +17,13 @@ until a GPU run shows which is fastest (bench/bench_masked_patch_loss.py --quick
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 
 from .. import _alloc, _ext, reference
 from .._checks import KERNEL_DTYPES, check_float, check_ndim, check_nonempty, check_same_device, check_tensor
-from ..dispatch import Backend, Op, cuda_ext_reasons, triton_reasons
+from ..dispatch import Backend, Op, cuda_ext_reasons, env_variant, triton_reasons
 
 _NAME = "masked_patch_loss"
 
@@ -42,25 +41,7 @@ def kernel_variant(backend: str) -> str:
     ("v1", "v2", "v2p") applies to both backends; per backend, e.g. ``cuda=v2p,triton=v2`` (a backend not named
     gets its default). Raises ValueError on anything else.
     """
-    raw = os.environ.get("MOCA_MPL_KERNEL", "").strip()
-    if not raw:
-        return DEFAULT_VARIANT[backend]
-    names = sorted(VARIANTS["cuda"])
-    if "=" not in raw:
-        chosen = raw
-    else:
-        parts = {}
-        for item in raw.split(","):
-            key, sep, value = (x.strip() for x in item.partition("="))
-            if not sep or key not in VARIANTS or value not in VARIANTS[key]:
-                raise ValueError(f"{_NAME}: cannot read MOCA_MPL_KERNEL={raw!r}: expected one of {names} or "
-                                 "per backend, e.g. 'cuda=v2p,triton=v2'")
-            parts[key] = value
-        chosen = parts.get(backend, DEFAULT_VARIANT[backend])
-    if chosen not in VARIANTS[backend]:
-        raise ValueError(f"{_NAME}: unknown kernel variant {chosen!r} in MOCA_MPL_KERNEL={raw!r}; expected one of "
-                         f"{names}")
-    return chosen
+    return env_variant("MOCA_MPL_KERNEL", backend, sorted(VARIANTS[backend]), DEFAULT_VARIANT, _NAME)
 
 
 def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,

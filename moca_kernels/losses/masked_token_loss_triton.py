@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from ..dispatch import autotune_enabled, triton_interpret
+from ..dispatch import autotune_enabled, env_variant, triton_interpret
 
 # Backward G chunk budget in bytes, and the smallest chunk (columns) whatever the budget says.
 G_CHUNK_BYTES = 48 * 2**20
@@ -465,24 +465,7 @@ def kernel_variant(kernel: str) -> str:
 
     Unset or empty: ``DEFAULT_VARIANT[kernel]``. One name applies to both kernels; per kernel, e.g.
     ``fwd=v3,grad=v2`` (a kernel not named gets its default). Raises ValueError on anything else."""
-    raw = os.environ.get("MOCA_MTL_KERNEL", "").strip()
-    if not raw:
-        return DEFAULT_VARIANT[kernel]
-    if "=" not in raw:
-        chosen = raw
-    else:
-        parts = {}
-        for item in raw.split(","):
-            key, sep, value = (x.strip() for x in item.partition("="))
-            if not sep or key not in DEFAULT_VARIANT or value not in VARIANTS:
-                raise ValueError(f"masked_token_loss: cannot read MOCA_MTL_KERNEL={raw!r}: expected one of "
-                                 f"{list(VARIANTS)} or per kernel, e.g. 'fwd=v3,grad=v2'")
-            parts[key] = value
-        chosen = parts.get(kernel, DEFAULT_VARIANT[kernel])
-    if chosen not in VARIANTS:
-        raise ValueError(f"masked_token_loss: unknown kernel variant {chosen!r} in MOCA_MTL_KERNEL={raw!r}; "
-                         f"expected one of {list(VARIANTS)}")
-    return chosen
+    return env_variant("MOCA_MTL_KERNEL", kernel, VARIANTS, DEFAULT_VARIANT, "masked_token_loss")
 
 
 def _descriptor(t: torch.Tensor):
