@@ -7,7 +7,7 @@
 #                                 # variants, info_nce tf32); masked_patch_loss variants side by side (v1 with
 #                                 # set_materialize_grads, v2, v2p, triton v2); attention backward variants
 #                                 # (base/even/fused) and forward variants (base/ws/tma) against Flex
-#   bash bench/gpu_pending.sh 2   # ~5 min: masked_token_loss v1/v2/v3 and per-kernel breakdown; info_nce
+#   bash bench/gpu_pending.sh 2   # ~6 min: masked_token_loss v1/v2/v3 and per-kernel breakdown; info_nce
 #                                 # scaling sweep up to B = 262144 (fits one 80 GB card?); attention at the 7B-text
 #                                 # and vision-tower shapes; the G chunk budget sweep
 #
@@ -24,7 +24,7 @@ case "$part" in
       bash bench/gpu_check.sh masked_patch_loss "sweep_attention_bwd:--tune 2" sweep_attention_fwd
     ;;
   2)
-    SKIP_TESTS=1 BENCH_TIMEOUT=${BENCH_TIMEOUT:-150} \
+    SKIP_TESTS=1 BENCH_TIMEOUT=${BENCH_TIMEOUT:-200} \
       bash bench/gpu_check.sh "masked_token_loss:--profile" "info_nce:--sweep 4096 16384 65536 262144" \
       "attention:--shapes 7B-text vision" "masked_token_loss:--chunks 32 48 64"
     ;;
