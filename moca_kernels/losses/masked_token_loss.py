@@ -34,25 +34,32 @@ def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     for every counted row r (labels[r] != ignore_index); the [N, V] logits are never held whole.
 
     Args:
-        hidden: [N, H] float32 / float16 / bfloat16, final hidden states (any strides).
+        hidden: [N, H] float32 / float16 / bfloat16 (float64 on the torch backend), final hidden states (any
+            strides).
         weight: [V, H], same dtype as hidden on the triton backend, the LM head. It may be tied to the input
             embedding (its gradient adds to the embedding's through autograd) and may be a view with any
             strides (e.g. the transpose of an [H, V] tensor).
-        labels: [N] integer, the token to predict at each row, or ``ignore_index``. Any other value outside
-            [0, V) raises ValueError.
-        bias: [V] float or None.
+        labels: [N] int64 / int32 / int16 / int8 / uint8, the token to predict at each row, or ``ignore_index``.
+            Any other value outside [0, V) raises ValueError; a float or bool tensor raises TypeError.
+        bias: [V] float32 / float16 / bfloat16 (need not match hidden's dtype; any stride) or None.
         ignore_index: label value of rows that are skipped (not counted, zero gradient).
         reduction: "mean" over counted rows, "sum", or "none" ([N], 0 at ignored rows).
-        impl: "triton", "torch" or None (automatic: triton on CUDA tensors, torch otherwise).
+        impl: "triton", "torch" or None (automatic: triton where it can run, i.e. CUDA tensors, or CPU tensors
+            under TRITON_INTERPRET=1; torch otherwise).
 
     Returns:
         float32 scalar, or float32 [N] with reduction="none" (float64 on the torch backend for float64
         inputs). With every label ignored the loss is 0 (also for "mean") and every gradient is 0, never NaN.
 
-    Gradients flow to hidden, weight and bias, accumulated in float32. The triton backend needs one host
+    Gradients flow to hidden, weight and bias (each in its input's dtype), accumulated in float32. Shapes that
+    disagree (H of hidden and weight, N of hidden and labels, bias not [V]), inputs that are not 2-D / 1-D as
+    above, empty inputs, tensors on different devices and an unknown reduction raise ValueError before any
+    backend runs; non-float hidden / weight / bias raise TypeError. The triton backend needs one host
     synchronisation per forward and per backward (to count the rows and check the labels).
     """
     _validate(hidden, weight, labels, bias, reduction)
+    if labels.dtype in (torch.uint8, torch.int8, torch.int16):
+        labels = labels.long()  # labels != ignore_index in uint8 would wrap -100 to 156 and drop those rows
     return _OP(impl, hidden=hidden, weight=weight, labels=labels, bias=bias, ignore_index=int(ignore_index),
                reduction=reduction)
 

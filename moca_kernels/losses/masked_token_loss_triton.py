@@ -506,9 +506,11 @@ def split_v() -> int:
 
 def lse_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """hidden [n, H] (counted rows), weight [V, H], bias [V] or None, labels int32 [n] in [0, V).
+    """hidden [n, H] (counted rows) and weight [V, H] of one dtype (float32 / float16 / bfloat16, any strides),
+    bias [V] float (any stride) or None, labels int32 [n] in [0, V).
 
     Returns (lse float32 [n], label logit float32 [n])."""
+    bias = bias.contiguous() if bias is not None else None  # the kernels read bias[cols] at unit stride
     n, H = hidden.shape
     V = weight.shape[0]
     sv = split_v()
@@ -608,11 +610,13 @@ def backward(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
              labels: torch.Tensor, lse: torch.Tensor, need_hidden: bool, need_weight: bool, need_bias: bool):
     """Gradients of sum_r grad_rows[r] * loss[r] over the counted rows.
 
-    hidden [n, H] counted rows, weight [V, H], bias [V] or None, labels int32 [n], lse float32 [n],
-    grad_rows float32 [n]. Returns (d hidden [n, H] float32 or input dtype, d weight [V, H] weight dtype,
-    d bias [V] float32), each None when not asked for.
+    hidden [n, H] counted rows and weight [V, H] of one dtype (float32 / float16 / bfloat16, any strides),
+    bias [V] float (any stride) or None, labels int32 [n], lse float32 [n], grad_rows float32 [n] (contiguous).
+    Returns (d hidden [n, H] input dtype, d weight [V, H] weight dtype, d bias [V] float32), each None when
+    not asked for.
     """
     global last_bwd_gemm
+    bias = bias.contiguous() if bias is not None else None  # the kernels read bias[cols] at unit stride
     n, H = hidden.shape
     V = weight.shape[0]
     dtype = hidden.dtype

@@ -173,6 +173,36 @@ def test_strided_views_of_hidden_and_weight(small_chunks, device):
         torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_strided_bias_view(small_chunks, device):
+    # bias as every other element of a longer tensor (stride 2): the kernels must not read it as contiguous
+    N, H, V = 9, 24, 37
+    hidden, weight, _, labels = make_inputs(N, H, V, torch.float32, device)
+    wide = rand(2 * V, device=device, scale=0.5)
+    results = []
+    for dt in (torch.float32, torch.float64):
+        b2 = wide.to(dt, copy=True).requires_grad_()
+        bias = b2[::2]
+        assert not bias.is_contiguous()
+        h, w = hidden.to(dt), weight.to(dt)
+        loss = mk.masked_token_loss(h, w, labels, bias=bias, reduction="sum", impl="triton") if dt == torch.float32 \
+            else reference.masked_token_loss(h, w, labels, bias=bias, reduction="sum")
+        loss.backward()
+        results.append((loss, b2.grad))
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_uint8_labels_count_like_pytorch(impl, kernels, device):
+    # PyTorch takes uint8 targets; label 156 must count although -100 wraps to 156 in uint8
+    N, H, V = 5, 16, 160
+    hidden, weight, _, _ = make_inputs(N, H, V, torch.float32, device, ignored=0.0)
+    labels = torch.tensor([156, 3, 156, 159, 0], dtype=torch.uint8, device=device)
+    ours = mk.masked_token_loss(hidden, weight, labels, reduction="none", impl=impl)
+    ref = F.cross_entropy(hidden.double() @ weight.double().T, labels, reduction="none")
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("trainable", ["hidden", "weight", "bias"])
 def test_gradient_only_for_inputs_that_require_it(trainable, small_chunks, device):
     hidden, weight, bias, labels = make_inputs(8, 24, 37, torch.float32, device, with_bias=True)
@@ -262,9 +292,23 @@ def test_unknown_reduction_raises():
         mk.masked_token_loss(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), reduction="avg")
 
 
-def test_empty_input_raises():
+@pytest.mark.parametrize("N,H,V", [(0, 8, 10), (4, 0, 10), (4, 8, 0)])
+def test_empty_input_raises(N, H, V):
     with pytest.raises(ValueError, match="empty"):
-        mk.masked_token_loss(torch.randn(0, 8), torch.randn(10, 8), torch.zeros(0, dtype=torch.long))
+        mk.masked_token_loss(torch.randn(N, H), torch.randn(V, H), torch.zeros(N, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", ["hidden", "weight", "bias"])
+def test_non_float_hidden_weight_or_bias_raises(name):
+    args = {"hidden": torch.randn(4, 8), "weight": torch.randn(10, 8), "bias": torch.randn(10)}
+    args[name] = args[name].long()
+    with pytest.raises(TypeError, match=f"{name} must be float32"):
+        mk.masked_token_loss(args["hidden"], args["weight"], torch.zeros(4, dtype=torch.long), bias=args["bias"])
+
+
+def test_tensors_on_different_devices_raise():
+    with pytest.raises(ValueError, match="tensors must be on one device"):
+        mk.masked_token_loss(torch.randn(4, 8), torch.randn(10, 8, device="meta"), torch.zeros(4, dtype=torch.long))
 
 
 def test_mixed_hidden_and_weight_dtypes_are_refused_by_triton_with_the_reason(device):
