@@ -1,8 +1,9 @@
 """Loads the optional CUDA C++ extension ``moca_kernels._C`` and says why when it cannot.
 
 The extension is torch-free: its launchers take raw device pointers (``tensor.data_ptr()``), sizes, strides
-and a CUDA stream handle (``torch.cuda.current_stream().cuda_stream``). Tensor checks happen in Python before
-any pointer crosses over; :func:`launch_args` gathers what a launcher needs.
+and a CUDA stream handle (:func:`stream_handle`), with the dtype as a code (:func:`dtype_code`). Tensor checks
+happen in Python before any pointer crosses over; a launcher returns a cudaError_t as an int, which
+:func:`check_launch` turns into an exception.
 """
 
 from __future__ import annotations

@@ -53,9 +53,12 @@ def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[t
             Qwen2-VL patches, 4 * 1176 per merged image token).
         target: [N, P] float32 / float16 / bfloat16, the original pixel rows (may differ in dtype from pred
             on the triton and torch backends).
-        mask: bool [N] or None. True = the row is reconstructed and counted; None counts every row.
+        mask: bool [N] or None. True = the row is reconstructed and counted; None counts every row. The cuda
+            and triton kernels never read rows not counted; on the torch backend a NaN or inf there still
+            makes the loss NaN.
         norm_pix: compare with the per-row normalised target (target - mean) / sqrt(var + eps), var unbiased.
-        eps: added to the variance under ``norm_pix``.
+        eps: added to the variance under ``norm_pix`` (>= 0). With eps > 0 a constant target row normalises to
+            zeros; with eps = 0 it divides 0 by 0 (NaN or inf).
         impl: "cuda", "triton", "torch" or None (automatic; see moca_kernels.dispatch). The cuda and triton
             kernel variant comes from the environment variable MOCA_MPL_KERNEL (see :func:`kernel_variant`).
 
