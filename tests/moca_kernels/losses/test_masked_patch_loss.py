@@ -129,6 +129,26 @@ def test_strided_rows(device):
     torch.testing.assert_close(ours, reference.masked_patch_loss(pred, target), rtol=1e-5, atol=1e-6)
 
 
+def test_column_strided_inputs(device):
+    """pred and target with a non-unit stride along P (transposed storage) are read right."""
+    pred = rand(37, 9, device=device).T  # [9, 37], strides (1, 9)
+    target = (rand(37, 9, device=device, scale=2.0) + 0.5).T
+    mask = torch.rand(9, device=device) < 0.5
+    mask[0] = True
+    check_inputs_against_float64("triton", pred, target, mask, True)
+
+
+def test_target_that_requires_grad_goes_to_the_torch_backend_and_gets_its_gradient(device):
+    pred, target, mask = make_inputs(6, 20, torch.float32, device, "random")
+    p, t = pred.clone().requires_grad_(), target.clone().requires_grad_()
+    mk.masked_patch_loss(p, t, mask, norm_pix=True).backward()
+    p64, t64 = pred.double().requires_grad_(), target.double().requires_grad_()
+    reference.masked_patch_loss(p64, t64, mask, norm_pix=True).backward()
+    assert t.grad is not None, "target got no gradient (a fused backend took it)"
+    torch.testing.assert_close(p.grad.double(), p64.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(t.grad.double(), t64.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_forward_without_grad_matches(device):
     pred, target, mask = make_inputs(8, 24, torch.float32, device, "random")
     with torch.no_grad():
@@ -293,6 +313,26 @@ def test_mask_of_wrong_length_raises():
         mk.masked_patch_loss(torch.randn(4, 5), torch.randn(4, 5), torch.ones(3, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("shape", [(8,), (2, 3, 8)])
+def test_pred_that_is_not_2d_raises(shape):
+    with pytest.raises(ValueError, match=r"2-D \[N, P\]"):
+        mk.masked_patch_loss(torch.randn(shape), torch.randn(shape))
+
+
+def test_inputs_on_different_devices_raise():
+    pred, target = torch.randn(4, 5), torch.randn(4, 5)  # "meta" stands in for a second device
+    with pytest.raises(ValueError, match="one device"):
+        mk.masked_patch_loss(pred, target, torch.ones(4, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match="one device"):
+        mk.masked_patch_loss(pred, target.to("meta"))
+
+
+@pytest.mark.parametrize("eps", [-1e-6, float("nan")])
+def test_negative_or_nan_eps_raises(eps):
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        mk.masked_patch_loss(torch.randn(4, 5), torch.randn(4, 5), norm_pix=True, eps=eps)
+
+
 def test_non_bool_mask_raises():
     with pytest.raises(TypeError, match="bool"):
         mk.masked_patch_loss(torch.randn(4, 5), torch.randn(4, 5), torch.ones(4))
@@ -403,6 +443,17 @@ def test_gpu_variants_on_strided_rows(impl, variant, row_stride, monkeypatch):
     big = rand(301, row_stride, dtype=torch.bfloat16, device="cuda")
     pred = big[:, :1176]
     target = rand(301, 1176, dtype=torch.bfloat16, device="cuda", scale=2.0) + 0.5
+    mask = torch.rand(301, device="cuda") < 0.5
+    check_inputs_against_float64(impl, pred, target, mask, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["cuda", "triton"])
+def test_gpu_column_strided_inputs(impl):
+    """A non-unit stride along P (transposed storage) is made contiguous before the kernels read rows."""
+    _need_ext(impl)
+    pred = rand(1176, 301, dtype=torch.bfloat16, device="cuda").T
+    target = (rand(1176, 301, dtype=torch.bfloat16, device="cuda", scale=2.0) + 0.5).T
     mask = torch.rand(301, device="cuda") < 0.5
     check_inputs_against_float64(impl, pred, target, mask, True)
 
