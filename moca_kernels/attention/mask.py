@@ -103,7 +103,8 @@ class AttentionMask:
                 block that attends bidirectionally (only read with ``causal=True``). Each block must be one
                 contiguous run of tokens (give each image its own id).
             causal: False = bidirectional within each document; True = causal within each document, plus blocks.
-            device: where the O(T) metadata lives (default: block_ids' device, else seqlens' device, else CPU).
+            device: where the O(T) metadata lives (default: seqlens' device when it is a tensor, else
+                block_ids' device, else CPU).
                 Build masks on the device of q/k/v: a mask on another device is copied once, then cached.
             check_blocks: verify that blocks are contiguous runs (one host sync when ``causal`` and block_ids
                 are given); pass False only for block ids known to be contiguous.

@@ -10,6 +10,7 @@ same T reuse the compiled graph.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -30,13 +31,17 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: At
     keys j that query i may attend to (see ``AttentionMask``).
 
     Args:
-        q: [T, Hq, D] float32 / float16 / bfloat16 (float64 on the torch backend).
+        q: [T, Hq, D] float32 / float16 / bfloat16 (float64 on the torch backend); any strides (a last-dim
+            stride other than 1 costs a copy).
         k, v: [T, Hkv, D], same dtype and device; Hq % Hkv == 0 (query head h reads key/value head
             h // (Hq // Hkv), no repeat in memory).
         mask: an AttentionMask with total length T (moved to q's device once and cached if elsewhere).
-        scale: softmax scale (default D ** -0.5).
-        return_lse: also return the log-sum-exp of the scaled scores, [Hq, T] float32 (differentiable).
-        impl: "triton", "torch" or None (automatic: triton for CUDA tensors with D <= 128).
+        scale: finite positive softmax scale (default D ** -0.5).
+        return_lse: also return the log-sum-exp of the scaled scores, [Hq, T] float32 (float64 for float64
+            inputs; differentiable).
+        impl: "triton", "torch" or None (automatic: triton for float32/16-bit CUDA tensors, or CPU tensors
+            under TRITON_INTERPRET=1, with D <= 128; torch otherwise). A forced backend that cannot take the
+            inputs raises BackendUnavailable with its reasons.
         deterministic: triton backward without atomics (dQ by its own kernel: bitwise reproducible, one more
             pass over the scores). Otherwise dQ is accumulated with float32 atomics in the dK/dV kernel, or
             computed as in the deterministic mode when that was faster on this GPU (timed once per shape family;
@@ -69,8 +74,9 @@ def _validate(q, k, v, mask, scale) -> None:
         raise ValueError(f"{_NAME}: query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]})")
     if mask.total_len != T:
         raise ValueError(f"{_NAME}: the mask covers {mask.total_len} tokens (sum of seqlens) but q has T = {T}")
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"{_NAME}: scale must be a positive number or None, got {scale!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                                  and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{_NAME}: scale must be a finite positive number or None, got {scale!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -132,6 +132,38 @@ def test_one_token_documents_and_tiny_sequences(lens, device):
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-5)
 
 
+def _grads_against_float64(q, k, v, mask):
+    """Forward, lse and the three gradients of the triton backend against float64 (q, k, v: leaves or views)."""
+    out, lse = mk.masked_attention(q, k, v, mask, return_lse=True, impl="triton")
+    dq, dk, dv = torch.autograd.grad(out.square().sum() + lse.sum(), (q, k, v))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = reference.masked_attention(q64, k64, v64, mask, return_lse=True)
+    ref_grads = torch.autograd.grad(ref.square().sum() + ref_lse.sum(), (q64, k64, v64))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), (ref, ref_lse, *ref_grads)):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_strided_views_match_float64(device):
+    """q as a transposed [Hq, T, D] tensor, k and v as views into one fused [T, 2, Hkv, D] tensor, and a
+    last-dim stride of 2 (copied): the kernels read the strides they are given."""
+    mask = mk.AttentionMask.from_seqlens([6, 1, 12], causal=True, device=device)
+    q = rand(2, 19, 64, device=device).requires_grad_().transpose(0, 1)
+    kv = rand(19, 2, 1, 64, device=device).requires_grad_()
+    v_wide = rand(19, 1, 128, device=device).requires_grad_()
+    assert not q.is_contiguous() and not kv[:, 0].is_contiguous() and v_wide[..., ::2].stride(-1) == 2
+    _grads_against_float64(q, kv[:, 0], v_wide[..., ::2], mask)
+
+
+@pytest.mark.parametrize("Hq,kind", [(6, "mixed"), (16, "documents")])
+def test_gqa_groups_of_6_and_16_match_float64(Hq, kind, device):
+    """6 and 16 query heads per key/value head (groups beyond the 1, 2, 3 and 7 of the tests above)."""
+    mask = random_mask(random.Random(Hq), 19, kind, device=device)
+    q = rand(19, Hq, 64, device=device).requires_grad_()
+    k, v = (rand(19, 1, 64, device=device).requires_grad_() for _ in range(2))
+    _grads_against_float64(q, k, v, mask)
+
+
 @pytest.mark.parametrize("deterministic,split", [(False, 1), (True, 1), (False, 2)])
 def test_every_output_element_is_written(deterministic, split, device):
     rng = random.Random(11)
@@ -188,8 +220,9 @@ def test_bad_inputs_raise_one_clear_error(make, match, exc):
 
 def test_bad_scale_and_impl_raise():
     mask = mk.AttentionMask.from_seqlens([6])
-    with pytest.raises(ValueError, match="scale"):
-        mk.masked_attention(*_qkv(), mask, scale=-1.0)
+    for bad in (-1.0, float("inf"), True):   # inf would make every output NaN; True is not a scale
+        with pytest.raises(ValueError, match="scale"):
+            mk.masked_attention(*_qkv(), mask, scale=bad)
     with pytest.raises(ValueError, match="impl"):
         mk.masked_attention(*_qkv(), mask, impl="nope")
     with pytest.raises(BackendUnavailable, match="no 'cuda' backend"):
