@@ -8,6 +8,7 @@ backend does (CPU fallback). See ``info_nce`` for the formulas and ``moca_kernel
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -80,15 +81,34 @@ def info_nce(query: torch.Tensor, doc: torch.Tensor, temperature: Union[float, t
     Precision and memory (triton backend): logits are tl.dot products accumulated in fp32; bf16 / fp16 inputs
     use tensor cores; fp32 inputs use exact fp32 products unless ``torch.backends.cuda.matmul.allow_tf32`` is
     set, then tf32 tensor cores (the switch torch.matmul obeys, so both agree). Softmax and LSE are fp32.
+    An enclosing ``torch.autocast`` region changes none of this: the inputs are used in their own dtype, forward
+    and (triton) backward; cast them yourself to get bf16 products (the torch backend's backward is plain
+    autograd and follows the autocast state of the ``.backward()`` call: call it outside autocast).
     Extra memory is O(B + M): per-row statistics forward; backward, a [rows, M] gradient chunk in the input
-    dtype (>= 4096 rows, ~256 MiB) plus an fp32 copy of d doc. The [B, M] logits are never materialised.
+    dtype (at most B rows, else the larger of 4096 rows and ~256 MiB) plus an fp32 copy of d doc. The [B, M] logits are never materialised.
 
     Raises:
         ValueError / TypeError: dimension mismatch, an empty batch, positive_index out of range,
-        non-positive temperature, a bad option value or a doc layout that does not fit the options.
+        non-positive temperature, a bad option value, a doc layout that does not fit the options, or tensors
+        on different devices. Under torch.compile the two value checks (positive_index range, a tensor
+        temperature > 0) are asserts inside the graph, so fullgraph=True works; they raise RuntimeError.
     """
     k = _validate(query, doc, temperature, positive_index, hard_negatives, hard_negative_scope, symmetric,
                   doc_ids, group)
+    with _no_autocast(query.device):  # the inputs' own precision (above), whatever autocast region encloses us
+        return _info_nce(query, doc, temperature, positive_index, impl, k, hard_negative_scope, symmetric, doc_ids,
+                         group)
+
+
+def _no_autocast(device: torch.device):
+    """Leave an enclosing autocast region: products in the inputs' dtype, not autocast's (fp32 inputs would
+    otherwise be multiplied in bf16 by the torch backend and the triton backward's GEMMs)."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _info_nce(query, doc, temperature, positive_index, impl, k, hard_negative_scope, symmetric, doc_ids, group):
     B = query.shape[0]
     pos = (torch.arange(B, device=query.device) if positive_index is None else positive_index).long()
     ids = doc_ids.long() if doc_ids is not None else None
@@ -145,32 +165,44 @@ def _validate(query, doc, temperature, positive_index, hard_negatives, scope, sy
         check_int("positive_index", positive_index, _NAME)
         if positive_index.shape != (B,):
             raise ValueError(f"{_NAME}: positive_index must have shape [{B}], got {tuple(positive_index.shape)}")
-        limit = n_in_batch if scope == "own" else M
-        if bool(((positive_index < 0) | (positive_index >= limit)).any()):
-            where = (f"[0, {limit}) (the in-batch rows; hard_negative_scope='own')" if scope == "own" and k
-                     else f"[0, {limit})")
-            raise ValueError(f"{_NAME}: positive_index out of range {where}")
     if doc_ids is not None:
         check_int("doc_ids", doc_ids, _NAME)
         if doc_ids.shape != (M,):
             raise ValueError(f"{_NAME}: doc_ids must have shape [{M}] (one id per doc row), "
                              f"got {tuple(doc_ids.shape)}")
-    if torch.is_tensor(temperature):
-        if not temperature.is_floating_point() or temperature.numel() != 1:
-            raise ValueError(f"{_NAME}: temperature must be a float or a one-element float tensor, "
-                             f"got {temperature.dtype} of shape {tuple(temperature.shape)}")
-        if not bool(temperature.detach() > 0):
-            raise ValueError(f"{_NAME}: temperature must be > 0, got {temperature.item()}")
-        check_same_device(_NAME, query=query, temperature=temperature)
+    t_tensor = torch.is_tensor(temperature)
+    if t_tensor and (not temperature.is_floating_point() or temperature.numel() != 1):
+        raise ValueError(f"{_NAME}: temperature must be a float or a one-element float tensor, "
+                         f"got {temperature.dtype} of shape {tuple(temperature.shape)}")
+    # devices before values: a value check on a tensor elsewhere would fail with a less clear error
+    check_same_device(_NAME, query=query, doc=doc, positive_index=positive_index, doc_ids=doc_ids,
+                      temperature=temperature if t_tensor else None)
+    if positive_index is not None:
+        limit = n_in_batch if scope == "own" else M
+        where = (f"[0, {limit}) (the in-batch rows; hard_negative_scope='own')" if scope == "own" and k
+                 else f"[0, {limit})")
+        _require(((positive_index >= 0) & (positive_index < limit)).all(),
+                 lambda: f"{_NAME}: positive_index out of range {where}")
+    if t_tensor:
+        _require(temperature.detach().reshape(()) > 0, lambda: f"{_NAME}: temperature must be > 0, got "
+                 f"{temperature.item() if not torch.compiler.is_compiling() else 'a tensor <= 0'}")
     elif not float(temperature) > 0:
         raise ValueError(f"{_NAME}: temperature must be > 0, got {temperature}")
-    check_same_device(_NAME, query=query, doc=doc, positive_index=positive_index, doc_ids=doc_ids)
     if group is not None:
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(f"{_NAME}: group= needs torch.distributed to be initialised")
     return k
+
+
+def _require(cond: torch.Tensor, message) -> None:
+    """ValueError(message()) unless the bool tensor ``cond`` holds. Under torch.compile, an assert op in the graph
+    instead of a data-dependent branch (so fullgraph=True works); it raises a RuntimeError when it fails."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(cond, message())
+    elif not bool(cond):
+        raise ValueError(message())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -294,6 +326,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _g_lse, _g_dt, _g_extra):
+    with _no_autocast(grad_loss.device):   # a .backward() called inside autocast must not make the GEMMs bf16
+        return _backward_impl(ctx, grad_loss)
+
+
+def _backward_impl(ctx, grad_loss):
     x, y, temperature, target, row_key, col_key, lse, sum_dt, extra = ctx.saved_tensors
     need_dx, need_dy, need_t = ctx.needs_input_grad[:3]
     coef = grad_loss.float() / temperature            # d loss / d (x_i . y_j) = grad * G_ij / t

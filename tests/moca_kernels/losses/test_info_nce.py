@@ -1,6 +1,8 @@
 """info_nce: every option and their combinations against float64, on the triton (interpreted on CPU) and torch
 backends; masking edge cases; bad inputs. GPU-only tests (bf16, tf32, large shapes, memory) are marked gpu."""
 
+import contextlib
+import itertools
 from unittest import mock
 
 import pytest
@@ -35,10 +37,12 @@ def make_case(opts, dtype, device, B=B, D=D, in_batch=IN_BATCH, scale=1.0):
     return q.to(device=device, dtype=dtype), d.to(device=device, dtype=dtype), t, kw
 
 
-def loss_and_grads(fn, q, d, t):
+def loss_and_grads(fn, q, d, t, region=contextlib.nullcontext):
+    """region: a context manager both passes run in (an autocast region)."""
     q, d, t = (x.detach().clone().requires_grad_() for x in (q, d, t))
-    loss = fn(q, d, t)
-    (loss * 1.7).backward()   # a grad_output other than 1
+    with region():
+        loss = fn(q, d, t)
+        (loss * 1.7).backward()   # a grad_output other than 1
     return loss.detach(), q.grad, d.grad, t.grad
 
 
@@ -49,9 +53,13 @@ def lowp_reference(q, d, t, **kw):
         return reference.info_nce(q, d, t.to(q.dtype), **kw)
 
 
-def check_against_float64(impl, q, d, t, kw, factor=2.0, round_inputs=None):
-    """round_inputs: emulates a lower product precision for PyTorch's baseline (tf32), by rounding its inputs."""
-    ours = loss_and_grads(lambda q, d, t: mk.info_nce(q, d, t, impl=impl, **kw), q, d, t)
+def check_against_float64(impl, q, d, t, kw, factor=2.0, round_inputs=None, region=contextlib.nullcontext,
+                          call=None):
+    """round_inputs: emulates a lower product precision for PyTorch's baseline (tf32), by rounding its inputs.
+    region: a context manager our forward and backward run in (the references run outside it); call: our loss
+    as a function of (q, d, t), instead of info_nce(q, d, t, impl=impl, **kw)."""
+    call = call or (lambda q, d, t: mk.info_nce(q, d, t, impl=impl, **kw))
+    ours = loss_and_grads(call, q, d, t, region)
     ref = loss_and_grads(lambda q, d, t: reference.info_nce(q, d, t, **kw), q.double(), d.double(), t.double())
     bq, bd = (q, d) if round_inputs is None else (round_inputs(q), round_inputs(d))
     base = loss_and_grads(lambda q, d, t: lowp_reference(q, d, t, **kw), bq, bd, t)
@@ -85,6 +93,52 @@ def test_torch_backend_matches_float64(name):
 def test_triton_matches_float64(name, dtype, device):
     q, d, t, kw = make_case(OPTIONS[name], dtype, device)
     check_against_float64("triton", q, d, t, kw)
+
+
+# Every combination of the options: positives (default / shuffled) x hard negatives (none / batch / own scope)
+# x symmetric x false-negative ids.
+COMBINATIONS = {
+    f"{pos}-{hard}-{'sym' if sym else 'nosym'}-{'ids' if ids else 'noids'}": dict(
+        {} if pos == "default" else dict(positives="shuffled"),
+        **({} if hard == "none" else dict(hard_negatives=2, hard_negative_scope=hard)),
+        **(dict(symmetric=True) if sym else {}), **(dict(ids=True) if ids else {}))
+    for pos, hard, sym, ids in itertools.product(("default", "shuffled"), ("none", "batch", "own"),
+                                                 (False, True), (False, True))
+}
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("name", list(COMBINATIONS))
+def test_every_option_combination_matches_float64(name, impl, device):
+    q, d, t, kw = make_case(COMBINATIONS[name], torch.float32, device)
+    check_against_float64(impl, q, d, t, kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_feature_dim_a_multiple_of_the_tile_matches_float64(dtype, device, one_config):
+    """D = 64: the kernels' unmasked (EVEN_D) loads over D, the path of D = 2048 (D = 24 elsewhere takes the
+    masked one)."""
+    from moca_kernels.losses import info_nce_triton as kernels
+
+    q, d, t, kw = make_case(OPTIONS["own_symmetric_ids"], dtype, device, D=64)
+    assert all(64 % c.kwargs["BLOCK_D"] == 0 for c in kernels._fwd_kernel.configs + kernels._grad_kernel.configs)
+    check_against_float64("triton", q, d, t, kw)
+
+
+@pytest.mark.parametrize("impl, region", [("triton", "forward and backward"), ("torch", "forward")])
+def test_an_enclosing_autocast_region_does_not_lower_the_precision(impl, region, device):
+    """float32 inputs inside a bfloat16 autocast region: info_nce computes in the inputs' precision (as documented),
+    not autocast's; the triton op's backward too. The torch backend's backward is plain autograd, which follows
+    the autocast state of the .backward() call (PyTorch's advice: call it outside autocast, as GradCache does)."""
+    q, d, t, kw = make_case(OPTIONS["own_symmetric_ids"], torch.float32, device)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+
+    def forward(q, d, t):
+        with autocast() if region == "forward" else contextlib.nullcontext():
+            return mk.info_nce(q, d, t, impl=impl, **kw)
+
+    check_against_float64(impl, q, d, t, kw, call=forward,
+                          region=autocast if region == "forward and backward" else contextlib.nullcontext)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -193,6 +247,21 @@ def test_custom_op_registration_passes_opcheck(device):
     torch.library.opcheck(_fused, (x, y, t, tgt, rk, ck, P, k, 0))
 
 
+def test_works_under_torch_compile_fullgraph(device):
+    """One graph with a learnable temperature, positive_index and every option: the value checks are graph asserts
+    under compile (no data-dependent branch), which still reject bad values. aot_eager: the fused op is opaque to
+    the compiler, so this checks tracing (fake implementation, autograd) without inductor's compile time."""
+    q, d, t, kw = make_case(OPTIONS["own_symmetric_ids"], torch.float32, device)
+    step = torch.compile(lambda q, d, t, p: mk.info_nce(q, d, t, p, impl="triton", **kw), fullgraph=True,
+                         backend="aot_eager")
+    pos = kw.pop("positive_index")
+    check_against_float64("triton", q, d, t, dict(kw, positive_index=pos), call=lambda q, d, t: step(q, d, t, pos))
+    with pytest.raises(RuntimeError, match="temperature must be > 0"):
+        step(q, d, -t, pos)
+    with pytest.raises(RuntimeError, match="positive_index out of range"):
+        step(q, d, t, pos + d.shape[0])
+
+
 def test_default_backend_is_triton_where_it_can_run(device):
     from moca_kernels.losses.info_nce import _OP
 
@@ -237,6 +306,10 @@ def _bad(**over):
     (_bad(hard_negative_scope="mine"), ValueError, "hard_negative_scope"),
     (_bad(doc_ids=torch.arange(5)), ValueError, r"doc_ids must have shape \[6\]"),
     (_bad(symmetric=1), TypeError, "symmetric"),
+    (_bad(doc=rand(6, 8).to("meta")), ValueError, "one device"),
+    (_bad(temperature=torch.tensor(0.05, device="meta")), ValueError, "one device"),
+    (_bad(positive_index=torch.arange(4, device="meta")), ValueError, "one device"),
+    (_bad(doc_ids=torch.arange(6, device="meta")), ValueError, "one device"),
     (_bad(group=object()), RuntimeError, "torch.distributed"),
 ])
 def test_bad_input_raises_one_clear_error(args, err, match):
