@@ -43,7 +43,7 @@ class GradCache:
         scaler: a ``torch.amp.GradScaler`` (fp16 AMP): the embedding gradient is taken of
             ``scaler.scale(loss)``, so parameter gradients come out scaled, ready for
             ``scaler.step(optimizer)``. Mixed precision itself: call :meth:`step` inside ``torch.autocast``;
-            both passes run under it.
+            both forward passes (and the loss) run under it, every backward outside it, as PyTorch advises.
         sync_modules: DistributedDataParallel modules whose gradient all-reduce must wait for the last
             chunk. Encoders that are DDP modules are found without this (each syncs on the last chunk it
             encodes); name the DDP module here when the encoder is a function that calls it (it is then
@@ -136,7 +136,8 @@ class GradCache:
             raise TypeError("GradCache: loss_fn must return a scalar tensor")
         if not loss.requires_grad:
             raise RuntimeError("GradCache: the loss does not depend on the embeddings (no grad_fn)")
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        with _outside_autocast():
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
         # 3. re-encode each chunk with grad under its first-pass RNG state; push the cached gradient through it.
         # Batches whose embeddings got no gradient (the loss ignores them) are not re-encoded.
@@ -158,6 +159,7 @@ class GradCache:
                 if out.shape != grad.shape:
                     raise RuntimeError(f"GradCache: chunk {i} of batch {b} re-encoded to shape "
                                        f"{tuple(out.shape)}, its first pass gave {tuple(grad.shape)}")
+                stack.enter_context(_outside_autocast())
                 out.backward(grad.to(out.dtype))
         return loss.detach()
 
@@ -182,6 +184,16 @@ class GradCache:
             if not hasattr(m, "no_sync"):
                 raise TypeError(f"GradCache: sync_modules entries need no_sync() (DDP), got {type(m).__name__}")
         return mods
+
+
+def _outside_autocast() -> contextlib.ExitStack:
+    """Backward passes run outside autocast (PyTorch's advice): parts of the forward kept in float32 on purpose
+    (a loss computed with autocast disabled) are differentiated in float32 too, not in the autocast dtype."""
+    stack = contextlib.ExitStack()
+    for device in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device):
+            stack.enter_context(torch.autocast(device, enabled=False))
+    return stack
 
 
 def _named(module, modules) -> bool:
