@@ -56,25 +56,28 @@ def full_batch_step(encoders, loss_fn, batches, chunk_sizes, forward_region=cont
     return loss.detach()
 
 
-def test_gradients_equal_one_full_batch_backward_with_dropout():
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_gradients_equal_one_full_batch_backward_with_dropout(dev):
+    """cuda: dropout draws from the CUDA generator, whose state GradCache replays."""
     torch.manual_seed(0)
-    q_tower, d_tower = tower(), tower()
+    q_tower, d_tower = tower().to(dev), tower().to(dev)
     q_fn = lambda x: q_tower(x)  # noqa: E731  (a plain function encoder, next to a module encoder)
-    t = torch.tensor(0.05, requires_grad=True)
+    t = torch.tensor(0.05, device=dev, requires_grad=True)
     params = list(q_tower.parameters()) + list(d_tower.parameters()) + [t]
-    queries, docs, ids = make_batch()
+    queries, docs, ids = (x.to(dev) for x in make_batch())
     loss_fn = contrastive(t, ids)
     sizes = (3, 7)                                          # query and document chunks differ
+    rng_state = torch.get_rng_state if dev == "cpu" else torch.cuda.get_rng_state
 
     cache = mk.GradCache([q_fn, d_tower], loss_fn, chunk_sizes=sizes)
     torch.manual_seed(123)
     loss = cache.step(queries, docs)
-    rng_after = torch.get_rng_state()
+    rng_after = rng_state()
     ours = grads_of(params)
 
     torch.manual_seed(123)
     ref = full_batch_step([q_fn, d_tower], loss_fn, [queries, docs], sizes)
-    assert torch.equal(rng_after, torch.get_rng_state()), "GradCache must leave the RNG as one pass would"
+    assert torch.equal(rng_after, rng_state()), "GradCache must leave the RNG as one pass would"
     want = grads_of(params)
     torch.testing.assert_close(loss, ref)
     for a, b in zip(ours, want):
