@@ -85,7 +85,8 @@ def info_nce(query: torch.Tensor, doc: torch.Tensor, temperature: Union[float, t
     and (triton) backward; cast them yourself to get bf16 products (the torch backend's backward is plain
     autograd and follows the autocast state of the ``.backward()`` call: call it outside autocast).
     Extra memory is O(B + M): per-row statistics forward; backward, a [rows, M] gradient chunk in the input
-    dtype (at most B rows, else the larger of 4096 rows and ~256 MiB) plus an fp32 copy of d doc. The [B, M] logits are never materialised.
+    dtype (at most B rows, else the larger of 4096 rows and ~256 MiB) plus an fp32 copy of d doc. The [B, M]
+    logits are never materialised.
 
     Raises:
         ValueError / TypeError: dimension mismatch, an empty batch, positive_index out of range,
