@@ -19,6 +19,7 @@ QWEN_SPECIAL = {
     "image_pad": "<|image_pad|>", "video_pad": "<|video_pad|>",
 }
 TINY_VOCAB = 2048
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
 def build_tiny_tokenizer(path: Path = TINY_TOKENIZER, vocab_size: int = TINY_VOCAB) -> Path:
@@ -42,7 +43,8 @@ def build_tiny_tokenizer(path: Path = TINY_TOKENIZER, vocab_size: int = TINY_VOC
 def load_tokenizer(path: Optional[str] = None):
     """A transformers fast tokenizer: the shipped tiny one (``path=None``) or a checkpoint's, with ``<|mask|>``.
 
-    Raises if the tokenizer lacks one of Qwen's vision tokens.
+    Raises FileNotFoundError when ``path`` is not a local directory holding tokenizer files (it is never
+    looked up on the hub), ValueError when the tokenizer lacks one of Qwen's vision tokens.
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -53,16 +55,30 @@ def load_tokenizer(path: Optional[str] = None):
                                       pad_token=QWEN_SPECIAL["endoftext"],
                                       additional_special_tokens=[t for k, t in QWEN_SPECIAL.items() if k != "endoftext"])
     else:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        folder = Path(path)
+        if not folder.is_dir():   # transformers would take a missing folder for a hub id and try the network
+            raise FileNotFoundError(f"{folder}: no such directory (expected a local checkpoint directory with the "
+                                    "tokenizer files; moca never downloads)")
+        if not any((folder / f).exists() for f in TOKENIZER_FILES):
+            raise FileNotFoundError(f"{folder}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     add_mask_token(tok)
     special_ids(tok)  # validates
     return tok
 
 
 def add_mask_token(tokenizer) -> int:
-    """Add ``<|mask|>`` as a special token if missing; returns its id."""
+    """Add ``<|mask|>`` as a special added token (never split, skipped when decoding) if missing; returns its id.
+
+    The id is the tokenizer's next free id, which can be past the model's embedding rows: the Stage 1 trainer
+    then resizes the embeddings (:func:`moca.train.cpt.build_model_and_processor`).
+    """
     if MASK_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [MASK_TOKEN]}, replace_additional_special_tokens=False)
+        from tokenizers import AddedToken
+
+        # add_tokens(special_tokens=True) is the same call in every transformers release (add_special_tokens'
+        # keyword for "extend, do not replace" was renamed in 5.x)
+        tokenizer.add_tokens([AddedToken(MASK_TOKEN, special=True, normalized=False)], special_tokens=True)
     return tokenizer.convert_tokens_to_ids(MASK_TOKEN)
 
 

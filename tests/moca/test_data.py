@@ -176,3 +176,54 @@ def test_prefetcher_hands_out_in_order_saves_consumed_position_and_raises_where_
     pf.load_state_dict({"pos": 1, "skipped": {}})
     assert pf(1) == (1, 2)
     pf.close()
+
+
+def _qwen_like_checkpoint(folder):
+    """A local checkpoint like a real Qwen2-VL one: a tokenizer with Qwen's special tokens but no <|mask|>, and
+    a tiny model whose embedding has exactly the tokenizer's rows."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from moca.data.tokenizer import QWEN_SPECIAL
+    from moca.modeling import MocaBackbone
+
+    specials = list(QWEN_SPECIAL.values())
+    vocab = {t: i for i, t in enumerate(specials + ["[UNK]", "hello", "world"])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens(specials)
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>").save_pretrained(str(folder))
+    ids = {role: vocab[t] for role, t in QWEN_SPECIAL.items()}
+    MocaBackbone.tiny(len(vocab), ids, hidden=32, layers=1, heads=2, kv_heads=1, vision_hidden=16,
+                      vision_depth=1).save_pretrained(folder)
+    return vocab
+
+
+def test_checkpoint_tokenizer_without_mask_gets_one_and_the_embeddings_grow(tmp_path):
+    """Real Qwen tokenizers have no <|mask|>: it is added as one special token and the model gets a row for it."""
+    from moca.train.cpt import ModelConfig, build_model_and_processor
+
+    vocab = _qwen_like_checkpoint(tmp_path)
+    assert MASK_TOKEN not in vocab
+    bb, proc = build_model_and_processor(ModelConfig(path=str(tmp_path)), "noise")
+    mask = proc.ids["mask"]
+    assert mask == len(vocab) and mask in proc.never_masked
+    assert bb.language_model.embed_tokens.weight.shape[0] > mask and bb.lm_head_weight.shape[0] > mask
+    enc = proc.tokenizer.encode("hello <|mask|> world", add_special_tokens=False)
+    assert enc == [vocab["hello"], mask, vocab["world"]]
+    proc.save_pretrained(tmp_path / "saved")                 # the Stage 1 export keeps the same id
+    assert MocaProcessor.from_pretrained(tmp_path / "saved").ids["mask"] == mask
+
+
+def test_checkpoint_paths_are_local_directories_never_hub_ids(tmp_path, monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network lookup of {args[:1]}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        MocaProcessor.from_pretrained("Qwen/Qwen2-VL-2B-Instruct")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+        MocaProcessor.from_pretrained(tmp_path)
