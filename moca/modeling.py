@@ -87,6 +87,9 @@ class MocaBackbone(nn.Module):
 
     def __init__(self, vlm: nn.Module, causal: bool = False, image_corruption: Optional[str] = None):
         super().__init__()
+        if image_corruption not in (None, "noise", "mask_token", "drop"):
+            raise ValueError(f"MocaBackbone: image_corruption must be noise, mask_token, drop or None, "
+                             f"got {image_corruption!r}")
         self.vlm = vlm
         self.causal = bool(causal)
         self.image_token_id = int(vlm.config.image_token_id)

@@ -73,7 +73,8 @@ class Batch:
         attention_mask: bool [B, S] (padded) or None (packed).
         seqlens: tuple of sample lengths (packed) or None.
         sample_index: long [B * S], the sample each token belongs to (-1 at padding).
-        pixel_values: float [Np, 1176] rows fed to the vision tower (corrupted for Stage 1), or None.
+        pixel_values: float [Np, 1176] rows fed to the vision tower (corrupted for Stage 1), or None (no image,
+            or ``drop`` removed every unit; ``vision`` is then None too and the tower does not run).
         image_grid_thw: long [n_images, 3] or None.
         vision: VisionLayout or None (None lets transformers compute it).
         image_positions: long [n_visible], flat positions receiving the vision tower's outputs, in order.
@@ -267,6 +268,8 @@ def collate(samples: Sequence[Sample], spec: VisionSpec, packed: bool = True, pa
         raise ValueError("collate: no samples")
     if corruption not in (None, "noise", "mask_token", "drop"):
         raise ValueError(f"collate: corruption must be noise, mask_token, drop or None, got {corruption!r}")
+    if int(pad_to_multiple) < 1:
+        raise ValueError(f"collate: pad_to_multiple must be >= 1, got {pad_to_multiple}")
     lens = [len(s) for s in samples]
     B = 1 if packed else len(samples)
     S = sum(lens) if packed else max(lens)
@@ -343,10 +346,12 @@ def collate(samples: Sequence[Sample], spec: VisionSpec, packed: bool = True, pa
         batch.pixel_mask_rows = rows
     if corruption == "drop":
         keep = ~masked
-        batch.pixel_values = px[keep.repeat_interleave(m2)]
         batch.image_positions = img_pos[keep]
         batch.drop_positions = img_pos[masked]
-        batch.vision = vision_layout(grid, spec, keep_units=keep)
+        if bool(keep.any()):
+            batch.pixel_values = px[keep.repeat_interleave(m2)]
+            batch.vision = vision_layout(grid, spec, keep_units=keep)
+        # else every unit was dropped (e.g. single-unit images): the tower has no input and does not run
     else:
         batch.pixel_values, batch.image_positions = px, img_pos
         batch.vision = vision_layout(grid, spec)

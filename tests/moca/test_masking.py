@@ -118,3 +118,24 @@ def test_collate_rejects_mismatched_image_tokens():
     s.input_ids = s.input_ids[s.input_ids != IMAGE]
     with pytest.raises(ValueError, match="merged tokens"):
         collate([s], SPEC)
+
+
+def test_drop_of_every_unit_leaves_the_tower_out_and_still_trains():
+    """Single-unit images at ratio 0.5 lose their only unit: the tower gets no input instead of an empty call."""
+    from moca.modeling import MocaBackbone
+    from moca.stage1 import CptModel
+
+    gen = torch.Generator().manual_seed(6)
+    s = _sample(gen, n_text=6, grids=((2, 2),))
+    bb = MocaBackbone.tiny(500, dict(endoftext=0, vision_start=VS, vision_end=VE, image_pad=IMAGE, video_pad=7),
+                           image_corruption="drop", hidden=32, layers=2, heads=2, kv_heads=1, vision_hidden=16)
+    batch = CptCollator(_masker("drop"), VisionSpec.from_config(bb.vlm.config), pad_token_id=0)([s], seed=0)
+    assert batch.pixel_values is None and batch.vision is None and batch.image_positions.numel() == 0
+    assert torch.equal(batch.drop_positions, batch.mae_positions) and batch.mae_positions.numel() == 1
+    out = CptModel(bb)(batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and out["mae_count"] == 1 and bb.drop_embedding.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="image_corruption"):
+        MocaBackbone(bb.vlm, image_corruption="mask-token")
+    with pytest.raises(ValueError, match="pad_to_multiple"):
+        collate([s], SPEC, pad_to_multiple=0)
