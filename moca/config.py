@@ -43,6 +43,15 @@ def from_dict(cls, data: Optional[dict], where: str = ""):
         key = f"{where}.{f.name}" if where else f.name
         if _is_dataclass_type(t) and (isinstance(value, dict) or value is None):
             value = from_dict(t, value, key)
+        elif typing.get_origin(t) in (list, List) and value is not None:
+            if not isinstance(value, list):     # a bare string would be read as a list of its characters
+                raise ValueError(f"config {key}: expected a list, got {value!r} (write [{value}])")
+            item = (typing.get_args(t) or (object,))[0]
+            ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+                  float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                  str: lambda v: isinstance(v, str)}.get(item)
+            if ok is not None and not all(ok(v) for v in value):
+                raise ValueError(f"config {key}: expected a list of {item.__name__}, got {value!r}")
         elif t is float and isinstance(value, (int, str)) and not isinstance(value, bool):
             try:
                 value = float(value)

@@ -26,6 +26,13 @@ class LossConfig:
     norm_pix: bool = False
     impl: Optional[str] = None          # force a moca_kernels backend for both losses (None = automatic)
 
+    def __post_init__(self):
+        if self.impl not in (None, "cuda", "triton", "torch"):
+            raise ValueError(f"loss.impl must be cuda, triton, torch or null (automatic), got {self.impl!r}")
+        if not (self.mlm_weight >= 0 and self.mae_weight >= 0) or self.mlm_weight + self.mae_weight == 0:
+            raise ValueError(f"loss weights must be >= 0 and not both 0, got mlm_weight={self.mlm_weight}, "
+                             f"mae_weight={self.mae_weight}")
+
 
 def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
     """Under autocast, the autocast dtype (the final RMSNorm returns float32 even under bf16 autocast)."""

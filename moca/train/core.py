@@ -73,6 +73,9 @@ class TrainConfig:
             raise ValueError(f"bf16 must be auto, true or false, got {self.bf16!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
+        if self.log_every < 1 or self.save_every < 0:
+            raise ValueError(f"log_every must be >= 1 and save_every >= 0 (0 = only at the end), got "
+                             f"{self.log_every}, {self.save_every}")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -29,6 +29,15 @@ from .core import DistEnv, TrainConfig, Trainer, init_distributed
 
 log = logging.getLogger("moca.train")
 
+LOAD_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    """``model.dtype`` as a torch dtype (None = as saved); one clear error for anything else."""
+    if name not in LOAD_DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(k for k in LOAD_DTYPES if k)} or null, got {name!r}")
+    return LOAD_DTYPES[name]
+
 
 @dataclass
 class ModelConfig:
@@ -49,6 +58,9 @@ class ModelConfig:
     min_pixels: Optional[int] = None             # override the image pixel bounds (official: 256 .. 1024 merged
     max_pixels: Optional[int] = None             # tokens = 256*28*28 .. 1024*28*28 pixels)
 
+    def __post_init__(self):
+        load_dtype(self.dtype)
+
 
 @dataclass
 class DataConfig:
@@ -65,6 +77,16 @@ class DataConfig:
     shuffle: bool = True
     pad_to_multiple: int = 1
     prefetch: int = 2                            # micro-batches prepared ahead in a background thread (0 = off)
+
+    def __post_init__(self):
+        if self.token_budget < 2:
+            raise ValueError(f"data.token_budget must be >= 2, got {self.token_budget}")
+        if self.pad_to_multiple < 1:
+            raise ValueError(f"data.pad_to_multiple must be >= 1, got {self.pad_to_multiple}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"data.max_samples must be >= 1 or null, got {self.max_samples}")
+        if self.prefetch < 0:
+            raise ValueError(f"data.prefetch must be >= 0 (0 = off), got {self.prefetch}")
 
 
 @dataclass
@@ -94,7 +116,7 @@ def _build(mc: ModelConfig, corruption: Optional[str]):
                                heads=mc.tiny_heads, kv_heads=mc.tiny_kv_heads, vision_hidden=mc.tiny_vision_hidden,
                                vision_depth=mc.tiny_vision_depth)
         return bb, proc
-    dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[mc.dtype]
+    dtype = load_dtype(mc.dtype)
     proc = MocaProcessor.from_pretrained(mc.path)
     bb = MocaBackbone.from_pretrained(mc.path, causal=mc.causal, image_corruption=corruption, dtype=dtype)
     emb = bb.language_model.embed_tokens.weight.shape[0]

@@ -149,6 +149,18 @@ def test_config_rejects_unknown_keys(tmp_path):
     assert cfg.train.max_steps == 3 and cfg.masking.image_corruption == "drop"
 
 
+@pytest.mark.parametrize("override", [
+    "data.train=a.jsonl", "data.train=[1]", "train.betas=0.9", "model.dtype=bf16", "data.pad_to_multiple=0",
+    "data.max_samples=0", "data.prefetch=-1", "train.log_every=0", "train.save_every=-1", "loss.impl=cuda2",
+    "loss.mae_weight=-1"])
+def test_config_rejects_bad_values_naming_the_key(override):
+    """Each would otherwise fail later and obscurely (a path read as its characters, a KeyError, a division by
+    zero) or silently change the run (a negative save_every saved every step)."""
+    key = override.split("=")[0].split(".")[-1]
+    with pytest.raises(ValueError, match=key):
+        load_config(CptConfig, None, [override])
+
+
 def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
