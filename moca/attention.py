@@ -56,9 +56,10 @@ class MocaMask:
         self._packed = None
 
     def packed(self, device: torch.device) -> mk.AttentionMask:
-        """The AttentionMask with one document per row, built once (one host sync for the row lengths of a padded
-        batch, in ``AttentionMask.from_padding_mask``) and reused by every layer, so per-mask metadata the kernels
-        cache is built once per forward. Without padding its ``padding_index`` is None (no gather needed)."""
+        """The AttentionMask with one document per row, built once (host syncs: whether any padding exists, then
+        the row lengths of a padded batch in ``AttentionMask.from_padding_mask``) and reused by every layer, so
+        per-mask metadata the kernels cache is built once per forward. Without padding its ``padding_index`` is
+        None (no gather needed)."""
         if self._packed is None:
             B, S = self.batch_size, self.seq_len
             if self.padding is None or bool(self.padding.all()):
