@@ -73,6 +73,16 @@ def _vlm_class(model_type: str):
     return classes[model_type]
 
 
+def fsdp_sharded(module: nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) sharded ``module`` or one of its sub-modules."""
+    if not torch.distributed.is_available():
+        return False
+    import torch.distributed.fsdp as fsdp
+
+    cls = getattr(fsdp, "FSDPModule", None)
+    return cls is not None and any(isinstance(m, cls) for m in module.modules())
+
+
 class MocaBackbone(nn.Module):
     """A Qwen2-VL / Qwen2.5-VL model whose attention runs through ``moca_kernels.masked_attention``.
 
@@ -223,11 +233,30 @@ class MocaBackbone(nn.Module):
         out = self.visual(px, grid_thw=batch.image_grid_thw, **kwargs)
         return out.pooler_output if hasattr(out, "pooler_output") else out
 
+    def idle_term(self, like: torch.Tensor, tower: bool = True) -> torch.Tensor:
+        """0 * (the learned corruption vectors + with ``tower`` the vision tower on one blank merged token): a
+        zero scalar of ``like``'s dtype that uses those parameters. Under FSDP2 every rank must run every sharded
+        module and give every parameter a gradient in every step (gathers and reductions are collectives all
+        ranks join), also when its micro-batch has no image; :meth:`input_embeddings` adds it then."""
+        term = like.new_zeros((), dtype=torch.float32)
+        if tower:
+            m = int(self.vlm.config.vision_config.spatial_merge_size)
+            dtype = self.visual.dtype if hasattr(self.visual, "dtype") else like.dtype
+            px = torch.zeros(m * m, PIXEL_ROW, device=like.device, dtype=dtype)
+            out = self.visual(px, grid_thw=torch.tensor([[1, m, m]], device=like.device))
+            term = term + (out.pooler_output if hasattr(out, "pooler_output") else out).float().sum()
+        for p in (self.pixel_mask_token, self.drop_embedding):
+            if p is not None:
+                term = term + p.float().sum()
+        return (term * 0).to(like.dtype)
+
     def input_embeddings(self, batch) -> torch.Tensor:
         """Token embeddings [B, S, H] with the vision tower's outputs written at the image tokens."""
         embeds = self.language_model.embed_tokens(batch.input_ids)
         B, S, H = embeds.shape
         feats = self.image_features(batch)
+        if fsdp_sharded(self.visual):   # FSDP2: this rank may have no image, or no masked one, in its micro-batch
+            embeds = embeds + self.idle_term(embeds, tower=feats is None)
         if feats is None and batch.drop_positions is None:
             return embeds
         flat = embeds.reshape(B * S, H)

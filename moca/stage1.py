@@ -16,7 +16,7 @@ from torch import nn
 
 import moca_kernels as mk
 
-from .modeling import PIXEL_ROW, MaeDecoder, MocaBackbone
+from .modeling import PIXEL_ROW, MaeDecoder, MocaBackbone, fsdp_sharded
 
 
 @dataclass
@@ -89,5 +89,14 @@ class CptModel(nn.Module):
         else:
             mae = zero.float()
         loss = cfg.mlm_weight * mlm + cfg.mae_weight * mae
+        if (n_mlm == 0 or n_mae == 0) and fsdp_sharded(self.mae_decoder):
+            # FSDP2: every rank runs every sharded module and gives every parameter a gradient in every step
+            if n_mae == 0:
+                rope = bb.rotary(hidden, batch.position_ids)
+                idle = self.mae_decoder(hidden, rope, torch.zeros(1, dtype=torch.long, device=hidden.device),
+                                        padding=batch.attention_mask, docs=docs)
+                loss = loss + idle.float().sum() * 0
+            if n_mlm == 0:
+                loss = loss + bb.lm_head_weight.float().sum() * 0
         return {"loss": loss, "mlm_loss": mlm.detach(), "mae_loss": mae.detach(),
                 "mlm_count": torch.tensor(n_mlm), "mae_count": torch.tensor(n_mae)}
