@@ -1,11 +1,15 @@
 """The ``moca`` command.
 
+    moca demo [--quick] [--model PATH] [--device cuda]                  the whole pipeline on embedded data
     moca train cpt --config run.yaml [--set train.max_steps=10 ...]    Stage 1 (continual pre-training)
+    moca train cl --config run.yaml [--set loss.temperature=0.03 ...]  Stage 2 (contrastive fine-tuning)
+    moca eval --config eval.yaml [--model PATH]                         evaluation: a table and JSON
     moca data embedded --out DIR [--docs N]                             write the embedded Stage 1 corpus
 
-Stage 2 (``train cl``), ``eval`` and ``demo`` register here too: each subcommand is a function
-``add_<name>(subparsers)`` that sets ``func`` on its parser. Multi-GPU: ``torchrun --nproc_per_node N -m
-moca.cli train cpt --config ...``.
+``train cl``, ``eval`` and ``demo`` live in their modules (:mod:`moca.train.contrastive`, :mod:`moca.eval`,
+:mod:`moca.demo`) and register through an ``add_cli(subparsers, train_subparsers)`` hook that sets ``func`` on
+their parser. A bad config, override, file or argument ends with ``moca: error: ...`` and exit status 2.
+Multi-GPU: ``torchrun --nproc_per_node N -m moca.cli train cpt|cl --config ...``.
 """
 
 from __future__ import annotations
@@ -62,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="data utilities")
     data_sub = data.add_subparsers(dest="what", required=True)
     emb = data_sub.add_parser("embedded", help="write the embedded Stage 1 corpus (JSONL + PNG)")
-    emb.add_argument("--out", required=True)
-    emb.add_argument("--docs", type=int, default=400)
-    emb.add_argument("--seed", type=int, default=0)
+    emb.add_argument("--out", required=True, help="output folder (cpt.jsonl and images/)")
+    emb.add_argument("--docs", type=int, default=400, help="number of documents (default 400)")
+    emb.add_argument("--seed", type=int, default=0, help="seed (the same seed writes the same files)")
     emb.set_defaults(func=_data_embedded)
     for hook in _EXTENSIONS:
         hook(sub, train_sub)
@@ -97,9 +101,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        import yaml
+
+        yaml_error = yaml.YAMLError
+    except ImportError:   # pragma: no cover - pyyaml comes with the model extra
+        yaml_error = ValueError
+    try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as exc:
         print(f"moca: error: {exc}", file=sys.stderr)
+        return 2
+    except yaml_error as exc:   # a config file or a --set value that is not valid YAML
+        print(f"moca: error: invalid YAML: {exc}", file=sys.stderr)
         return 2
 
 
