@@ -182,6 +182,10 @@ class MocaEmbedder(nn.Module):
             instructions = list(instruction)
         else:
             instructions = [instruction] * n
+        for i, ins in enumerate(instructions):
+            if ins is not None and not isinstance(ins, str):
+                where = f"instruction[{i}]" if isinstance(instruction, (list, tuple)) else "instruction"
+                raise TypeError(f"encode: {where} must be a string or None, got {type(ins).__name__}")
         items = []
         for i in range(n):
             if images is not None and texts is not None:
@@ -215,11 +219,14 @@ class MocaEmbedder(nn.Module):
             batch_size: inputs per forward pass (packed into one row).
             show_progress: a tqdm bar over batches.
             packed: one packed row per batch (default) or right-padded rows (same result up to rounding).
-            device: run on this device (default: where the model is).
+            device: a check that the model is on this device (the model is not moved: ``model.to(...)``);
+                default: wherever the model is.
+
+        Returns an empty float32 [0, H] for empty lists.
 
         Raises:
             ValueError naming the item: a missing image file, an empty text, texts and images of different
-            lengths, an unreadable image.
+            lengths, an unreadable image. TypeError: ``texts`` / ``images`` / ``instruction`` of a wrong type.
         """
         return self.encode_items(self.inputs(texts, images, instruction), batch_size=batch_size,
                                  show_progress=show_progress, packed=packed, device=device)
@@ -232,7 +239,10 @@ class MocaEmbedder(nn.Module):
         image paths resolved against ``root``. Returns float32 [n, H] on the CPU, in order."""
         if batch_size < 1:
             raise ValueError(f"encode: batch_size must be >= 1, got {batch_size}")
-        dev = torch.device(device) if device is not None else self.device
+        dev = self.device
+        if device is not None and not _same_device(resolve_device(device, "encode: device"), dev):
+            raise ValueError(f"encode: device={str(device)!r} but the model is on {dev}; move the model first "
+                             f"(model.to({str(device)!r}))")
         was_training = self.training
         self.eval()
         out = []
@@ -252,6 +262,23 @@ class MocaEmbedder(nn.Module):
         finally:
             self.train(was_training)
         return torch.cat(out) if out else torch.zeros(0, self.dim)
+
+
+def resolve_device(spec, what: str = "device") -> torch.device:
+    """``spec`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a torch.device) as a device this process can use, or a
+    ValueError naming ``what`` (an unknown device string, CUDA asked for without a CUDA device)."""
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"{what}: {spec!r} is not a device (cpu, cuda, cuda:N)") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{what}: {spec!r} asked for, but torch sees no CUDA device "
+                         f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
+    return dev
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def _interleaved(item, name: str):

@@ -121,6 +121,10 @@ def resolve_image(path, root: Optional[Path]) -> Path:
     return p
 
 
+def _missing(p: Path) -> str:
+    return f"image {p} is a directory, not an image file" if p.is_dir() else f"image file {p} does not exist"
+
+
 def check_side(side, where: str, root: Optional[Path] = None) -> List[dict]:
     """Validate a side without decoding its images (existence only); returns its segments."""
     segs = side_segments(side, where)
@@ -128,7 +132,7 @@ def check_side(side, where: str, root: Optional[Path] = None) -> List[dict]:
         if "image" in s and not _is_pil(s["image"]):
             p = resolve_image(s["image"], root)
             if not p.is_file():
-                raise BadRecord(where, f"image file {p} does not exist", "missing_image")
+                raise BadRecord(where, _missing(p), "missing_image")
     return segs
 
 
@@ -158,7 +162,7 @@ def build_sample(processor: MocaProcessor, side, where: str, root: Optional[Path
         if not _is_pil(img):
             p = resolve_image(img, root)
             if not p.is_file():
-                raise BadRecord(where, f"image file {p} does not exist", "missing_image")
+                raise BadRecord(where, _missing(p), "missing_image")
             try:
                 img = load_image(p)
             except (OSError, ValueError, SyntaxError) as exc:

@@ -162,6 +162,12 @@ def test_bad_inputs_name_the_item(model, scenes, tmp_path):
     with pytest.raises(ValueError, match=r"images\[0\].*cannot be read"):
         model.encode(images=[str(bad)])
     assert model.encode(texts=[]).shape == (0, model.dim)
+    with pytest.raises(TypeError, match=r"instruction\[1\] must be a string or None, got int"):
+        model.encode(texts=caps[:2], instruction=["a", 3])
+    with pytest.raises(ValueError, match=r"images\[0\].*is a directory"):
+        model.encode(images=[str(tmp_path)])
+    with pytest.raises(ValueError, match=r"device='meta' but the model is on cpu.*model.to"):
+        model.encode(texts=caps[:1], device="meta")
 
 
 @pytest.mark.gpu
