@@ -25,7 +25,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..config import from_dict
-from ..data.retrieval import read_jsonl
+from ..data.processor import BadRecord
+from ..data.retrieval import check_side, read_jsonl
 from .metrics import ndcg_at_k, precision_at_1, rank_documents, recall_at_k
 
 log = logging.getLogger("moca.eval")
@@ -54,14 +55,17 @@ class EvalTask:
         for key in need:
             if not getattr(self, key):
                 raise ValueError(f"eval task {self.name}: a {self.type} task needs '{key}'")
-            if not Path(getattr(self, key)).is_file():
-                raise FileNotFoundError(f"eval task {self.name}: {key} file {getattr(self, key)} does not exist")
+            path = Path(getattr(self, key))
+            if not path.is_file():
+                raise FileNotFoundError(f"eval task {self.name}: {key}: {path} "
+                                        + ("is not a file" if path.exists() else "does not exist"))
 
 
 @dataclass
 class EvalModelConfig:
     """``path``: a local checkpoint directory (moca save or plain Qwen2-VL / Qwen2.5-VL); None = the tiny
-    default model, untrained (a baseline). ``pooling`` / ``causal`` None = as saved."""
+    default model, untrained (a baseline). ``pooling`` / ``causal`` None = as saved. ``dtype``: float32, bfloat16
+    or float16 (None = as saved); ``device``: cpu, cuda or cuda:N (None = cuda when available)."""
 
     path: Optional[str] = None
     pooling: Optional[str] = None
@@ -90,6 +94,9 @@ class EvalConfig:
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"eval task names must be unique, got {names}")
+        if not isinstance(self.recall_k, (list, tuple)) or not all(isinstance(k, int) for k in self.recall_k):
+            raise ValueError(f"recall_k must be a list of integers, e.g. [1, 5, 10], got {self.recall_k!r}")
+        self.recall_k = list(self.recall_k)
         if self.batch_size < 1 or self.ndcg_k < 1 or any(k < 1 for k in self.recall_k):
             raise ValueError("batch_size, ndcg_k and every recall_k must be >= 1")
 
@@ -100,7 +107,8 @@ class EvalConfig:
 
 
 class _SideCache:
-    """Embeds each distinct (side, instruction) once."""
+    """Embeds each distinct (side, instruction) once; sides are checked when added (a missing image or an empty
+    text fails before any embedding work)."""
 
     def __init__(self, model, root: Path, cfg: EvalConfig, task: str):
         self.model, self.root, self.cfg, self.task = model, root, cfg, task
@@ -110,6 +118,10 @@ class _SideCache:
     def add(self, side, name: str, instruction: str) -> int:
         key = json.dumps([side, instruction], sort_keys=True)
         if key not in self.keys:
+            try:
+                check_side(side, name, self.root)
+            except BadRecord as exc:   # "record r7 (t.jsonl:3) query: ..." -> "eval task t: r7 (t.jsonl:3) query: ..."
+                raise ValueError(f"eval task {self.task}: {str(exc).removeprefix('record ')}") from exc
             self.keys[key] = len(self.items)
             self.items.append((side, f"{self.task}: {name}", instruction or None))
         return self.keys[key]
@@ -241,29 +253,31 @@ def results_table(results: dict) -> str:
 
 def load_embedder(mc: EvalModelConfig):
     """The embedder named by the model config (the untrained tiny default when ``path`` is None)."""
-    from ..embedding import MocaEmbedder
+    from ..embedding import MocaEmbedder, resolve_device
 
+    dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if mc.dtype not in dtype:
+        raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {mc.dtype!r}")
+    device = resolve_device(mc.device or ("cuda" if torch.cuda.is_available() else "cpu"), "model.device")
     if mc.path is None:
         model = MocaEmbedder.tiny(seed=mc.tiny_seed, causal=bool(mc.causal), pooling=mc.pooling or "mean")
+        model = model.to(dtype[mc.dtype]) if mc.dtype else model
     else:
-        dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        if mc.dtype not in dtype:
-            raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {mc.dtype!r}")
         model = MocaEmbedder.from_pretrained(mc.path, pooling=mc.pooling, causal=mc.causal, dtype=dtype[mc.dtype])
-    device = mc.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device)
 
 
 def embedded_tasks(out_dir, seed: int = 0) -> List[EvalTask]:
-    """Write (once) and return the embedded held-out tasks."""
+    """Write (once per seed) and return the embedded held-out tasks."""
     from ..data.embedded_retrieval import write_eval_tasks
 
     out = Path(out_dir)
     index = out / "tasks.json"
-    if not index.exists():
-        tasks = write_eval_tasks(out, seed=seed)
-        index.write_text(json.dumps(tasks, indent=2))
-    return [from_dict(EvalTask, t, f"tasks[{i}]") for i, t in enumerate(json.loads(index.read_text()))]
+    data = json.loads(index.read_text()) if index.exists() else None
+    if not isinstance(data, dict) or data.get("seed") != seed:   # absent, an older list index, or another seed
+        data = {"seed": seed, "tasks": write_eval_tasks(out, seed=seed)}
+        index.write_text(json.dumps(data, indent=2))
+    return [from_dict(EvalTask, t, f"tasks[{i}]") for i, t in enumerate(data["tasks"])]
 
 
 def run_eval(cfg: EvalConfig) -> dict:

@@ -104,3 +104,31 @@ def test_bad_task_files_name_the_record(tmp_path):
         EvalTask(name="t", type="candidates", file=str(tmp_path / "missing.jsonl"))
     with pytest.raises(ValueError, match="needs 'corpus'"):
         EvalTask(name="t", type="retrieval", queries=q)
+
+
+def test_a_missing_image_fails_before_any_embedding_work(tmp_path):
+    """Sides are checked as the task is read: the error names task, record and side, and nothing was embedded."""
+    cand = _write(tmp_path / "c.jsonl", [{"id": "a", "query": "q0", "candidates": ["c0", "c1"], "answer": 0},
+                                         {"id": "r2", "query": "q1", "candidates": ["c0", {"image": "gone.png"}],
+                                          "answer": 1}])
+    model = FakeModel({"q0": [1.0], "q1": [1.0], "c0": [1.0], "c1": [1.0]})
+    with pytest.raises(ValueError, match=r"eval task t: r2 \(c.jsonl:2\) candidates\[1\]: image file .*gone.png "
+                                         r"does not exist"):
+        evaluate(model, [EvalTask(name="t", type="candidates", file=cand)], EvalConfig(show_progress=False))
+    assert model.calls == 0
+
+
+def test_eval_config_and_model_errors_name_the_key(tmp_path):
+    from moca.eval import EvalModelConfig, load_embedder
+
+    with pytest.raises(ValueError, match=r"recall_k must be a list of integers"):
+        EvalConfig(recall_k=5)
+    with pytest.raises(ValueError, match="model.dtype must be float32, bfloat16 or float16, got 'bf16'"):
+        load_embedder(EvalModelConfig(dtype="bf16"))               # checked for the tiny default too
+    with pytest.raises(ValueError, match="model.device: 'gpu' is not a device"):
+        load_embedder(EvalModelConfig(device="gpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="model.device: 'cuda' asked for, but torch sees no CUDA device"):
+            load_embedder(EvalModelConfig(device="cuda"))
+    with pytest.raises(FileNotFoundError, match="eval task t: queries: .* is not a file"):
+        EvalTask(name="t", type="retrieval", queries=str(tmp_path), corpus=str(tmp_path))
