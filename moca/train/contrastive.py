@@ -62,6 +62,8 @@ class ClModelConfig(ModelConfig):
     def __post_init__(self):
         if self.pooling not in POOLINGS:
             raise ValueError(f"model.pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.path is not None and not Path(self.path).is_dir():
+            raise FileNotFoundError(f"model.path: {self.path} is not a checkpoint directory")
 
 
 @dataclass
@@ -72,7 +74,8 @@ class ClDataConfig:
     embedded_dir: Optional[str] = None            # default <output_dir>/embedded_data
     embedded_pairs: int = 256                     # records per embedded subset
     embedded_seed: int = 0
-    global_batch_size: int = 16                   # queries per step over all ranks
+    global_batch_size: int = 16                   # queries per contrastive batch over all ranks (a step takes
+                                                  # train.grad_accum such batches, each its own InfoNCE)
     hard_negatives: int = 2                       # per query (official MoCa: 2)
     packed: bool = True
     shuffle: bool = True
@@ -108,6 +111,11 @@ class GradCacheConfig:
     enabled: bool = False
     query_chunk_size: int = 8
     doc_chunk_size: int = 8
+
+    def __post_init__(self):
+        if self.query_chunk_size < 0 or self.doc_chunk_size < 0:
+            raise ValueError(f"grad_cache.query_chunk_size and doc_chunk_size must be >= 1 (0 = all at once), got "
+                             f"{self.query_chunk_size}, {self.doc_chunk_size}")
 
 
 @dataclass
@@ -307,15 +315,18 @@ class ContrastiveTrainer(Trainer):
 
 
 def embedded_subsets(out_dir, n_pairs: int, hard_negatives: int, seed: int) -> List[SubsetConfig]:
-    """Write (once) the embedded training subsets and return their configs."""
+    """Write (once per settings) the embedded training subsets and return their configs."""
     from ..data.embedded_retrieval import write_train_subsets
 
     out = Path(out_dir)
     index = out / "subsets.json"
-    if not index.exists():
-        configs = write_train_subsets(out, n_per_subset=n_pairs, hard_negatives=max(hard_negatives, 2), seed=seed)
-        index.write_text(json.dumps(configs, indent=2))
-    return [from_dict(SubsetConfig, c, f"subsets[{i}]") for i, c in enumerate(json.loads(index.read_text()))]
+    key = {"pairs": n_pairs, "hard_negatives": max(hard_negatives, 2), "seed": seed}
+    data = json.loads(index.read_text()) if index.exists() else None
+    if not isinstance(data, dict) or data.get("key") != key:   # absent, an older list index, or other settings
+        data = {"key": key, "subsets": write_train_subsets(out, n_per_subset=n_pairs,
+                                                           hard_negatives=key["hard_negatives"], seed=seed)}
+        index.write_text(json.dumps(data, indent=2))
+    return [from_dict(SubsetConfig, c, f"subsets[{i}]") for i, c in enumerate(data["subsets"])]
 
 
 def build_contrastive_model(cfg: ClConfig) -> ContrastiveModel:
@@ -373,16 +384,22 @@ def _train_cl(args) -> int:
     history = run_cl(cfg)
     if history and os.environ.get("RANK", "0") == "0":
         last = history[-1]
-        print(f"stage 2 done: step {last['step']}, loss {last.get('loss', float('nan')):.4f}, in-batch accuracy "
-              f"{last.get('accuracy', float('nan')):.3f}, temperature {last.get('temperature', float('nan')):.4f}; "
-              f"model in {cfg.train.output_dir}/final")
+        done = last["step"] >= cfg.train.max_steps
+        where = (f"model in {cfg.train.output_dir}/final" if done
+                 else f"stopped at step {last['step']} of {cfg.train.max_steps}; run again to resume")
+        print(f"stage 2 {'done' if done else 'stopped'}: step {last['step']}, loss "
+              f"{last.get('loss', float('nan')):.4f}, in-batch accuracy {last.get('accuracy', float('nan')):.3f}, "
+              f"temperature {last.get('temperature', float('nan')):.4f}; {where}")
     return 0
 
 
 def add_cli(sub, train_sub) -> None:
     """Register ``moca train cl``."""
     p = train_sub.add_parser("cl", help="Stage 2: heterogeneous contrastive fine-tuning (InfoNCE)")
-    p.add_argument("--config", default=None, help="YAML config (defaults: the tiny model on the embedded pairs)")
+    p.add_argument("--config", default=None,
+                   help="YAML config (default: none, i.e. the built-in defaults: the tiny model on the embedded "
+                        "pairs with the paper's lr 2e-5 and temperature 0.03, 100 steps into runs/cl; "
+                        "moca/configs/cl_tiny.yaml is the CPU recipe)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.max_steps=20 (repeatable)")
     p.set_defaults(func=_train_cl)

@@ -118,6 +118,51 @@ def test_pair_batches_follow_the_info_nce_layout(subsets):
         assert pb.docs[4 + 2 * 3 + 1].record_id == f"{pb.record_ids[3]} negatives[1]"
 
 
+def test_subset_instructions_go_before_queries_and_documents_and_a_record_instruction_wins(tmp_path):
+    from moca.data.processor import MocaProcessor
+    from moca.data.retrieval import PairSubset
+
+    f = tmp_path / "ins.jsonl"
+    f.write_text(json.dumps({"id": "a", "query": "a red circle", "positive": "a blue square", "negatives": ["a cat"]})
+                 + "\n" + json.dumps({"id": "b", "query": "a red circle", "positive": "x", "negatives": ["y"],
+                                      "instruction": "Own: "}) + "\n")
+    proc = MocaProcessor.tiny(56)
+    sub = PairSubset(SubsetConfig(name="s", files=[str(f)], query_instruction="Find it: ", doc_instruction="Doc: "), 1)
+    enc = proc.encode_text
+    eos = [proc.ids["endoftext"]]
+    q, docs, _ = sub.samples(0, proc)
+    assert q.input_ids.tolist() == enc("Find it: ") + enc("a red circle") + eos
+    assert docs[0].input_ids.tolist() == enc("Doc: ") + enc("a blue square") + eos
+    assert docs[1].input_ids.tolist() == enc("Doc: ") + enc("a cat") + eos
+    q, docs, _ = sub.samples(1, proc)
+    assert q.input_ids.tolist() == enc("Own: ") + enc("a red circle") + eos   # the record's own query instruction
+    assert docs[0].input_ids.tolist() == enc("Doc: ") + enc("x") + eos
+
+
+def test_stage2_config_errors_name_the_key(tmp_path, subsets, capsys):
+    from moca.cli import main
+
+    with pytest.raises(ValueError, match="grad_cache.query_chunk_size and doc_chunk_size must be >= 1"):
+        _cfg(tmp_path, subsets, **{"grad_cache.query_chunk_size": -3})
+    with pytest.raises(FileNotFoundError, match="model.path: .*nowhere is not a checkpoint directory"):
+        _cfg(tmp_path, subsets, **{"model.path": str(tmp_path / "nowhere")})
+    (tmp_path / "broken.yaml").write_text("train: {max_steps: 3\n")
+    assert main(["train", "cl", "--config", str(tmp_path / "broken.yaml")]) == 2
+    assert "moca: error: invalid YAML" in capsys.readouterr().err
+    assert main(["train", "cl", "--set", "data.global_batchsize=4"]) == 2
+    assert "unknown key(s) ['global_batchsize']" in capsys.readouterr().err
+
+
+def test_embedded_subsets_are_rewritten_when_their_settings_change(tmp_path):
+    from moca.train.contrastive import embedded_subsets
+
+    def n_records(cfgs):
+        return len(Path(cfgs[0].files[0]).read_text().splitlines())
+
+    assert n_records(embedded_subsets(tmp_path, 3, 1, seed=0)) == 3
+    assert n_records(embedded_subsets(tmp_path, 5, 1, seed=0)) == 5      # not the 3 records written before
+
+
 def test_bad_pair_records_are_named_or_counted(tmp_path, subsets):
     from moca.data.processor import MocaProcessor
 
@@ -232,6 +277,11 @@ def test_train_cl_and_eval_commands(tmp_path, subsets, capsys):
            "grad_cache": {"enabled": True, "query_chunk_size": 3, "doc_chunk_size": 3},
            "train": {"output_dir": str(tmp_path / "cl"), "max_steps": 2, "progress": False, "tensorboard": False}}
     (tmp_path / "cl.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", "cl", "--config", str(tmp_path / "cl.yaml"), "--set", "train.stop_at_step=1",
+                 "--set", f"train.output_dir={tmp_path / 'stopped'}"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 2 stopped: step 1" in out and "run again to resume" in out
+    assert not (tmp_path / "stopped" / "final").exists()
     assert main(["train", "cl", "--config", str(tmp_path / "cl.yaml"), "--set", "train.lr=1e-4"]) == 0
     assert "stage 2 done: step 2" in capsys.readouterr().out
     tasks = write_eval_tasks(tmp_path / "eval", n_queries=4, n_candidates=3, corpus_size=8, image_size=56)
