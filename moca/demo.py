@@ -90,6 +90,16 @@ def settings_for(quick: bool = False, model: Optional[str] = None, **over) -> De
     for a in s.attentions:
         if a not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {a!r}")
+    small = {k: getattr(s, k) for k in ("stage1_steps", "stage2_steps", "batch_size", "workers", "eval_batch_size")
+             if getattr(s, k) < 1}
+    if small:
+        raise ValueError(f"demo settings must be >= 1: {small}")
+    if s.model is not None and not Path(s.model).is_dir():
+        raise FileNotFoundError(f"--model {s.model} is not a checkpoint directory")
+    if s.device is not None:
+        from .embedding import resolve_device
+
+        resolve_device(s.device, "--device")
     return s
 
 
@@ -187,6 +197,16 @@ def _evaluate(embedder, data: dict, s: DemoSettings, device, progress: bool = Fa
     return evaluate(embedder.to(device), tasks, cfg)
 
 
+RUNS = ("stage2_only", "stage1", "stage1_stage2")   # the training runs of one attention variant, in order
+
+
+def _clear_logs(s: DemoSettings, attention: str) -> None:
+    """Remove the JSONL logs of an earlier demo in the same folder (the trainer appends to them; the histories,
+    the plot and the progress bars read them)."""
+    for d in RUNS:
+        (Path(s.out) / attention / d / "logs" / "train.jsonl").unlink(missing_ok=True)
+
+
 def _history(run_dir: Path) -> List[dict]:
     f = run_dir / "logs" / "train.jsonl"
     return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
@@ -205,6 +225,7 @@ def run_attention(s: DemoSettings, data: dict, attention: str, status=None, prog
     device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dist = DistEnv(device=device)
     root = Path(s.out) / attention
+    _clear_logs(s, attention)
     say = (lambda msg: status.put((attention, msg))) if status is not None else (lambda msg: log.info("%s: %s", attention, msg))
     out: dict = {"attention": attention, "arms": {}}
     t0 = time.perf_counter()
@@ -262,7 +283,9 @@ def _run_parallel(s: DemoSettings, data: dict, threads: int) -> List[dict]:
     manager = ctx.Manager()
     status = manager.Queue()
     # steps of each variant: Stage 2 (b), Stage 1, Stage 2 (c), read from the runs' JSONL logs
-    runs = {a: [Path(s.out) / a / d for d in ("stage2_only", "stage1", "stage1_stage2")] for a in s.attentions}
+    runs = {a: [Path(s.out) / a / d for d in RUNS] for a in s.attentions}
+    for a in s.attentions:
+        _clear_logs(s, a)
     total = s.stage2_steps * 2 + s.stage1_steps
     bars = {a: tqdm(total=total, desc=f"{a:13s}", unit="step", position=i, dynamic_ncols=True)
             for i, a in enumerate(s.attentions)}
@@ -452,6 +475,18 @@ def _demo_command(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def add_cli(sub, train_sub) -> None:
     """Register ``moca demo``."""
     p = sub.add_parser("demo", help="the whole MoCa pipeline on embedded data: Stage 1, Stage 2, evaluation, "
@@ -460,10 +495,13 @@ def add_cli(sub, train_sub) -> None:
     p.add_argument("--model", default=None, help="a local Qwen2-VL / Qwen2.5-VL checkpoint instead of the tiny model")
     p.add_argument("--quick", action="store_true", help="a reduced run of a few seconds (smoke test)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="processes (default with the tiny model: 2, one per attention variant; 1 with --model)")
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="processes (default with the tiny model: 2, one per attention variant; 1 with --model, "
+                        "--quick or a 1-core CPU)")
     p.add_argument("--attention", choices=ATTENTIONS, default=None, help="run only one attention variant")
-    p.add_argument("--stage1-steps", type=int, default=None)
-    p.add_argument("--stage2-steps", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stage1-steps", type=_positive_int, default=None,
+                   help="Stage 1 steps (default 200; 2 with --quick)")
+    p.add_argument("--stage2-steps", type=_positive_int, default=None,
+                   help="Stage 2 steps of every Stage 2 run (default 500; 3 with --quick)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, the initial weights and the batches")
     p.set_defaults(func=_demo_command)

@@ -105,3 +105,34 @@ def test_quick_demo_runs_from_a_local_checkpoint(tmp_path, capsys):
     final = tmp_path / "demo" / "bidirectional" / "stage1_stage2" / "final"
     assert json.loads((final / "moca_config.json").read_text())["stage"] == "contrastive"
     assert sum(ln.startswith("| ") for ln in capsys.readouterr().out.splitlines()) == 2 + 1 + 3
+
+
+def test_rerunning_the_demo_in_the_same_folder_starts_fresh_logs(tmp_path):
+    """The trainer appends to its JSONL logs: a second demo in the same folder must not report both runs."""
+    from moca.cli import main
+
+    for run in ("stage2_only", "stage1"):   # what an earlier demo in this folder left
+        log = tmp_path / "demo" / "causal" / run / "logs" / "train.jsonl"
+        log.parent.mkdir(parents=True)
+        log.write_text(json.dumps({"step": 7, "loss": 1.0, "mlm_loss": 1.0, "mae_loss": 1.0}) + "\n")
+    assert main(["demo", "--quick", "--attention", "causal", "--stage1-steps", "1", "--stage2-steps", "2",
+                 "--out", str(tmp_path / "demo"), "--device", "cpu"]) == 0
+    arms = json.loads((tmp_path / "demo" / "results.json").read_text())["attention"]["causal"]["arms"]
+    assert [h["step"] for h in arms["Stage 2 only"]["stage2_history"]] == [1, 2]
+    assert [h["step"] for h in arms["Stage 1 + Stage 2"]["stage1_history"]] == [1]
+
+
+def test_bad_demo_arguments_fail_before_any_work(tmp_path, capsys):
+    from moca.cli import main
+
+    out = str(tmp_path / "demo")
+    for args, message in ((["--workers", "0"], "argument --workers: expected an integer >= 1, got 0"),
+                          (["--stage2-steps", "-1"], "argument --stage2-steps: expected an integer >= 1, got -1")):
+        with pytest.raises(SystemExit) as exc:
+            main(["demo", "--out", out, *args])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    for args, message in ((["--model", str(tmp_path / "nowhere")], "nowhere is not a checkpoint directory"),
+                          (["--device", "gpu"], "--device: 'gpu' is not a device")):
+        assert main(["demo", "--quick", "--out", out, *args]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
