@@ -41,7 +41,9 @@ def from_dict(cls, data: Optional[dict], where: str = ""):
         value = data[f.name]
         t = _strip_optional(hints[f.name])
         key = f"{where}.{f.name}" if where else f.name
-        if _is_dataclass_type(t) and (isinstance(value, dict) or value is None):
+        if _is_dataclass_type(t):
+            if not (isinstance(value, dict) or value is None):   # e.g. `data: [1, 2]` or --set train=3
+                raise ValueError(f"config {key}: expected a section (a mapping of keys), got {value!r}")
             value = from_dict(t, value, key)
         elif typing.get_origin(t) in (list, List) and value is not None:
             if not isinstance(value, list):     # a bare string would be read as a list of its characters
@@ -67,7 +69,8 @@ def from_dict(cls, data: Optional[dict], where: str = ""):
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"config {where or 'root'}: {exc}") from exc
+        msg = str(exc)   # a nested section's error already names its key: no second prefix
+        raise ValueError(msg if msg.startswith("config ") else f"config {where or 'root'}: {msg}") from exc
 
 
 def to_dict(obj) -> Any:
@@ -87,7 +90,10 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"invalid YAML in override {item!r}: {exc}") from None
     return data
 
 
@@ -100,7 +106,11 @@ def load_config(cls, path: Optional[Union[str, Path]] = None, overrides: Sequenc
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(f"config file {p} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:   # its position says line/column; name the file, not "<unicode string>"
+            raise ValueError(f"invalid YAML in config file {p}: {str(exc).replace('<unicode string>', str(p))}") \
+                from None
     return from_dict(cls, apply_overrides(data, list(overrides)))
 
 

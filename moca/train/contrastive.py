@@ -60,6 +60,7 @@ class ClModelConfig(ModelConfig):
     pooling: str = "mean"
 
     def __post_init__(self):
+        super().__post_init__()   # Stage 1's checks (model.dtype)
         if self.pooling not in POOLINGS:
             raise ValueError(f"model.pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.path is not None and not Path(self.path).is_dir():
@@ -114,7 +115,7 @@ class GradCacheConfig:
 
     def __post_init__(self):
         if self.query_chunk_size < 0 or self.doc_chunk_size < 0:
-            raise ValueError(f"grad_cache.query_chunk_size and doc_chunk_size must be >= 1 (0 = all at once), got "
+            raise ValueError(f"grad_cache.query_chunk_size and doc_chunk_size must be >= 0 (0 = all at once), got "
                              f"{self.query_chunk_size}, {self.doc_chunk_size}")
 
 

@@ -188,6 +188,24 @@ class MetricsLogger:
                                 type(exc).__name__, exc, log_dir / "train.jsonl")
                     MetricsLogger._warned = True
 
+    def start(self, step: int) -> None:
+        """Begin a run at optimizer step ``step`` (0 = a fresh run, else the step resumed from): drop the lines an
+        earlier run in the same folder wrote for later steps, so the file holds one line per step of this run's
+        history (a fresh run in an old folder starts empty; a resumed one keeps what its checkpoint covers)."""
+        if not self.enabled:
+            return
+        path = Path(self.file.name)
+        self.file.close()
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if int(json.loads(line)["step"]) <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):   # a line cut short by a crash
+                continue
+        path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+        self.file = open(path, "a", encoding="utf-8")
+
     def log(self, step: int, metrics: Dict[str, object]) -> None:
         if not self.enabled:
             return
@@ -463,6 +481,7 @@ class Trainer:
         ckpt = find_checkpoint(self.cfg.resume, self.out)
         if ckpt is not None:
             self.load_checkpoint(ckpt)
+        self.logger.start(self.step)
         if self.step >= self.cfg.max_steps:
             log.info("nothing to do: the run is already at step %d of %d", self.step, self.cfg.max_steps)
         bar = None

@@ -142,7 +142,7 @@ def test_subset_instructions_go_before_queries_and_documents_and_a_record_instru
 def test_stage2_config_errors_name_the_key(tmp_path, subsets, capsys):
     from moca.cli import main
 
-    with pytest.raises(ValueError, match="grad_cache.query_chunk_size and doc_chunk_size must be >= 1"):
+    with pytest.raises(ValueError, match="grad_cache.query_chunk_size and doc_chunk_size must be >= 0"):
         _cfg(tmp_path, subsets, **{"grad_cache.query_chunk_size": -3})
     with pytest.raises(FileNotFoundError, match="model.path: .*nowhere is not a checkpoint directory"):
         _cfg(tmp_path, subsets, **{"model.path": str(tmp_path / "nowhere")})

@@ -97,6 +97,10 @@ def test_a_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, corpus, monkey
     assert ck.name == "step_00000002", ck
     hist = run_cpt(_cfg(tmp_path / "c", corpus, max_steps=4, data_budget=128), DistEnv())
     assert [h["step"] for h in hist] == [3, 4]
+    log_steps = lambda: [json.loads(x)["step"] for x in (tmp_path / "c" / "logs" / "train.jsonl").read_text().splitlines()]
+    assert log_steps() == [1, 2, 3, 4], "the resumed run's log holds each step once (step 3 was logged before the crash)"
+    run_cpt(_cfg(tmp_path / "c", corpus, max_steps=2, data_budget=128, resume=None), DistEnv())
+    assert log_steps() == [1, 2], "a fresh run in an old folder starts a fresh log"
 
 
 def _bad_corpus(tmp_path, corpus):
@@ -210,3 +214,24 @@ def test_two_process_gloo_run_through_torchrun(tmp_path, corpus, parallel):
     assert [x["step"] for x in lines] == list(range(1, steps + 1)), "only rank 0 logs"
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in lines)
     assert (out / "final" / "model.safetensors").exists() or list((out / "final").glob("model*.safetensors"))
+
+
+def test_config_errors_name_the_section_once_and_the_file(tmp_path):
+    with pytest.raises(ValueError, match=r"^config train: expected a section"):
+        load_config(CptConfig, None, ["train=3"])
+    with pytest.raises(ValueError, match=r"^config data: expected a section"):
+        load_config(CptConfig, None, ["data=[1, 2]"])
+    with pytest.raises(ValueError) as err:      # a nested section's own error is not prefixed a second time
+        load_config(CptConfig, None, ["model.dtype=bf16"])
+    assert str(err.value).count("config ") == 1, str(err.value)
+    from moca.train.contrastive import ClConfig
+
+    with pytest.raises(ValueError, match="model.dtype"):   # Stage 2's model section runs Stage 1's checks too
+        load_config(ClConfig, None, ["model.dtype=bf16"])
+    p = tmp_path / "broken.yaml"
+    p.write_text("train: {max_steps: 3\n")
+    with pytest.raises(ValueError, match="invalid YAML in config file") as err:
+        load_config(CptConfig, p)
+    assert str(p) in str(err.value) and "<unicode string>" not in str(err.value)
+    with pytest.raises(ValueError, match=r"invalid YAML in override 'train.max_steps=\[3'"):
+        load_config(CptConfig, None, ["train.max_steps=[3"])
