@@ -95,8 +95,13 @@ class BuildExtension(build_ext):
     """Builds moca_kernels._C with nvcc, or explains in one line why it is skipped."""
 
     def build_extensions(self):
-        for ext in self.extensions:
+        for ext in list(self.extensions):
             self.build_extension(ext)
+
+    def _drop(self, ext):
+        """Forget an extension that was not built: setuptools would otherwise list its (missing) output and,
+        for an editable install, try to copy it into the source tree ("can't copy ... doesn't exist")."""
+        self.extensions = [e for e in self.extensions if e is not ext]
 
     def build_extension(self, ext):
         if ext.name != "moca_kernels._C":
@@ -104,6 +109,7 @@ class BuildExtension(build_ext):
         require = os.environ.get("MOCA_KERNELS_REQUIRE_CUDA_BUILD", "0") == "1"
         if os.environ.get("MOCA_KERNELS_SKIP_CUDA_BUILD", "0") == "1":
             _say("MOCA_KERNELS_SKIP_CUDA_BUILD=1: skipping the CUDA extension; the Triton and torch backends still work.")
+            self._drop(ext)
             return
         nvcc = _find_nvcc()
         if nvcc is None:
@@ -111,6 +117,7 @@ class BuildExtension(build_ext):
             if require:
                 raise RuntimeError(msg)
             _say(msg)
+            self._drop(ext)
             return
         try:
             self._build_with_nvcc(ext, nvcc)
@@ -119,6 +126,7 @@ class BuildExtension(build_ext):
                 raise
             _say(f"building the CUDA extension failed ({exc}); continuing without it. "
                  "Set MOCA_KERNELS_REQUIRE_CUDA_BUILD=1 to make this an error.")
+            self._drop(ext)
 
     def _build_with_nvcc(self, ext, nvcc):
         pybind_inc = _pybind11_include()
@@ -193,7 +201,7 @@ setup(
                   "matplotlib"],  # tensorboard optional; matplotlib: moca demo's loss-curve PNG
         "lora": ["peft>=0.10"],   # Stage 2 with lora.enabled: true
         "bench": ["matplotlib"],
-        "test": ["pytest", "triton>=3.0", "transformers>=5.17", "tokenizers", "safetensors", "pillow", "matplotlib",
+        "test": ["pytest", "wheel", "triton>=3.0", "transformers>=5.17", "tokenizers", "safetensors", "pillow", "matplotlib",
                  "peft>=0.10", "pyarrow"],  # peft, pyarrow: the LoRA and parquet tests run instead of skipping
     },
     entry_points={"console_scripts": ["moca=moca.cli:main"]},
