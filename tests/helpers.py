@@ -35,6 +35,16 @@ def assert_close_like_torch(ours: torch.Tensor, ref64: torch.Tensor, torch_lowp:
     assert err <= bound, f"{what}: max abs error {err:.3e} > {factor} x torch's {base:.3e} + floor ({bound:.3e})"
 
 
+def free_port() -> str:
+    """A TCP port on localhost that nothing listens on now (for torchrun's rendezvous in tests; a fixed port
+    collides with any other run of the suite on the same machine)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def rand(*shape, dtype=torch.float32, device="cpu", scale=1.0) -> torch.Tensor:
     """Fresh random normal data (never zeros)."""
     return (torch.randn(*shape, dtype=torch.float32, device=device) * scale).to(dtype)

@@ -19,6 +19,7 @@ from moca.data.retrieval import PairLoader, SubsetConfig
 from moca.data.sampler import TaskBatchSampler
 from moca.train.contrastive import ClConfig, ContrastiveTrainer, build_contrastive_model, run_cl
 from moca.train.core import DistEnv
+from tests.helpers import free_port
 
 TINY = dict(tiny_hidden=32, tiny_layers=2, tiny_heads=2, tiny_kv_heads=1, tiny_vision_hidden=16, tiny_vision_depth=2,
             tiny_image_size=56)
@@ -339,7 +340,7 @@ def test_two_process_ddp_run_equals_one_process_on_the_global_batch(tmp_path, su
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", MOCA_KERNELS_IMPL="torch",
                PYTHONPATH=str(Path(__file__).resolve().parents[2]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            "-m", "moca.cli", "train", "cl", "--config", str(tmp_path / "cl.yaml")]
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -16,6 +16,7 @@ from moca.data.loader import PackingLoader, RecordSet
 from moca.data.processor import BadRecord, MocaProcessor
 from moca.train.cpt import CptConfig, run_cpt
 from moca.train.core import DistEnv
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(tiny_hidden=32, tiny_layers=2, tiny_heads=2, tiny_kv_heads=1, tiny_vision_hidden=16)
@@ -199,7 +200,7 @@ def test_two_process_gloo_run_through_torchrun(tmp_path, corpus, parallel):
         "train.progress=false", "train.tensorboard=false", "train.lr=1e-3", f"train.parallel={parallel}",
         "train.log_every=1", "train.save_every=0",
         "masking.image_corruption=" + ("drop" if parallel == "ddp" else "mask_token")]
-    port = "29517" if parallel == "ddp" else "29518"
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            "-m", "moca.cli", "train", "cpt"] + sum((["--set", s] for s in sets), [])
     res = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
