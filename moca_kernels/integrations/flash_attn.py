@@ -96,7 +96,7 @@ def _refuse(dropout_p, window_size, softcap, alibi_slopes, return_attn_probs, bl
     """NotImplementedError naming the first flash-attn option moca cannot honour."""
     if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or dropout_p != 0:
         raise NotImplementedError(f"{_NAME}: dropout_p={dropout_p!r}: attention dropout is not supported; pass "
-                                  f"dropout_p=0.0 (e.g. `dropout_p if self.training else 0.0` -> 0.0)")
+                                  f"dropout_p=0.0 (set the model's attention dropout to 0)")
     try:
         left, right = (int(x) for x in window_size)
     except (TypeError, ValueError):
