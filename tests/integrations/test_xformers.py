@@ -187,3 +187,17 @@ def test_duck_typed_bias_without_importing_xformers():
         mk.AttentionMask.from_xformers(object())
     with pytest.raises(TypeError, match="mask must be an AttentionMask"):
         mk.masked_attention(q, k, v, object(), impl="torch")
+
+
+def test_benchmark_row_says_why_xformers_does_not_run(tmp_path, capsys):
+    """bench/bench_attention.py keeps xformers' row: a time where its kernels run, else the reason."""
+    from bench.bench_attention import build_mask, case_xformers
+    from bench.harness import Case, run_cases
+
+    mask = build_mask("documents", [24, 8], "cpu")
+    report = run_cases("xformers row", [Case("xformers memory_efficient_attention",
+                                             case_xformers(mask, (32, 4, 2, 16, torch.float32, "cpu"), False))],
+                       shape={}, warmup=0, rep=1, out=tmp_path)
+    (row,) = report.results
+    assert row.median_ms is not None or "xformers" in row.error
+    assert "xformers memory_efficient_attention" in capsys.readouterr().out
