@@ -98,6 +98,9 @@ def test_triton_float32_interpreted():
         out = flash_attn_varlen_func(q, k, v, cu, cu, 12, 12, causal=causal, impl="triton")
         ref = reference(q, k, v, cu.tolist(), causal)
         assert (out.double() - ref).abs().max().item() < 2e-5
+        go = torch.randn_like(out)
+        for g, r in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go.double())):
+            assert (g.double() - r).abs().max().item() < 2e-5
 
 
 def test_mask_cached_per_cu_tensor_and_rebuilt_after_in_place_change():

@@ -73,6 +73,9 @@ def test_triton_float32_interpreted():
     out = mk.masked_attention(q, k, v, bias, impl="triton")
     ref = dense_reference(q, k, v, bias.materialize((24, 24), dtype=torch.float64))
     assert (out.double() - ref).abs().max().item() < 2e-5
+    go = torch.randn_like(out)
+    for g, r in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go.double())):
+        assert (g.double() - r).abs().max().item() < 2e-5
 
 
 @needs_xformers
