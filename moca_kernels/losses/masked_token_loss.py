@@ -58,13 +58,15 @@ def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     :class:`MaskedTokenLoss`.
 
     Returns:
-        float32 scalar, or float32 [N] with reduction="none" (float64 on the torch backend for float64
-        inputs). With every label ignored the loss is 0 (also for "mean") and every gradient is 0, never NaN.
+        float32 scalar, or float32 [N] (labels' shape, see above) with reduction="none" (float64 on the torch
+        backend for float64 inputs). With every label ignored the loss is 0 (also for "mean") and every
+        gradient is 0, never NaN.
 
     Gradients flow to hidden, weight and bias (each in its input's dtype), accumulated in float32. Shapes that
-    disagree (H of hidden and weight, N of hidden and labels, bias not [V]), inputs that are not 2-D / 1-D as
-    above, empty inputs, tensors on different devices and an unknown reduction raise ValueError before any
-    backend runs; non-float hidden / weight / bias raise TypeError. The triton backend needs one host
+    disagree (H of hidden and weight, hidden's leading shape and labels', bias not [V]), a weight that is not
+    2-D, a shift < 0 or >= the sequence length, empty inputs, tensors on different devices and an unknown
+    reduction raise ValueError before any backend runs; non-float hidden / weight / bias, non-integer labels
+    and a shift that is not a bool or int raise TypeError. The triton backend needs one host
     synchronisation per forward and per backward (to count the rows and check the labels).
     """
     hidden, labels, out_shape = _rows(hidden, labels, shift, ignore_index)
