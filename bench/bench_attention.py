@@ -203,7 +203,8 @@ def case_xformers(mask, shape, backward):
             raise RuntimeError(f"xformers does not import: {type(exc).__name__}: {str(exc)[:120]}") from None
         T, Hq, Hkv, D, dtype, device = shape
         q, k, v, do = inputs(*shape)
-        bias = BlockDiagonalMask.from_seqlens(list(mask.seqlens), **({"device": device} if device == "cuda" else {}))
+        on_gpu = {"device": device} if device == "cuda" else {}   # xformers pins host memory for CPU offsets
+        bias = BlockDiagonalMask.from_seqlens(list(mask.seqlens), **on_gpu)
         G, g = Hkv, Hq // Hkv
 
         def fn(a, b, c):

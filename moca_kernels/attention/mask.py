@@ -171,8 +171,9 @@ class AttentionMask:
         return mask
 
     @classmethod
-    def from_cu_seqlens(cls, cu_seqlens: Union[Sequence[int], torch.Tensor], block_ids: Optional[torch.Tensor] = None,
-                        causal: bool = False, device: Optional[Union[str, torch.device]] = None) -> "AttentionMask":
+    def from_cu_seqlens(cls, cu_seqlens: Union[Sequence[int], torch.Tensor],
+                        block_ids: Optional[torch.Tensor] = None, causal: bool = False,
+                        device: Optional[Union[str, torch.device]] = None) -> "AttentionMask":
         """Describe a packed sequence by cumulative document offsets, flash-attn's ``cu_seqlens`` convention.
 
         Args:

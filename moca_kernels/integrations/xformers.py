@@ -102,5 +102,5 @@ def _mask(attn_bias, B: int, M: int, device: torch.device) -> AttentionMask:
                              f"B = 1, got B = {B}")
         return mask_of_xformers_bias(attn_bias, device)
     name = type(attn_bias).__name__ if kind is None else kind
-    raise NotImplementedError(f"{_NAME}: attn_bias of type {name} is not supported; pass None, LowerTriangularMask, "
-                              f"BlockDiagonalMask or BlockDiagonalCausalMask")
+    raise NotImplementedError(f"{_NAME}: attn_bias of type {name} is not supported; pass None, "
+                              f"LowerTriangularMask, BlockDiagonalMask or BlockDiagonalCausalMask")

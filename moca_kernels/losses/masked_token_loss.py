@@ -39,7 +39,8 @@ def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         weight: [V, H], same dtype as hidden on the triton backend, the LM head. It may be tied to the input
             embedding (its gradient adds to the embedding's through autograd) and may be a view with any
             strides (e.g. the transpose of an [H, V] tensor).
-        labels: [N] (or [...]) int64 / int32 / int16 / int8 / uint8, the token to predict at each row, or ``ignore_index``.
+        labels: [N] (or [...]) int64 / int32 / int16 / int8 / uint8, the token to predict at each row, or
+            ``ignore_index``.
             Any other value outside [0, V) raises ValueError; a float or bool tensor raises TypeError.
         bias: [V] float32 / float16 / bfloat16 (need not match hidden's dtype; any stride) or None.
         ignore_index: label value of rows that are skipped (not counted, zero gradient).
@@ -102,8 +103,8 @@ def _rows(hidden, labels, shift, ignore_index):
         return hidden, labels, None
     check_int("labels", labels, _NAME)
     if hidden.dim() < 1 or tuple(hidden.shape[:-1]) != tuple(labels.shape):
-        raise ValueError(f"{_NAME}: hidden [..., H] = {tuple(hidden.shape)} and labels [...] = {tuple(labels.shape)} "
-                         f"must share their leading shape")
+        raise ValueError(f"{_NAME}: hidden [..., H] = {tuple(hidden.shape)} and labels [...] = "
+                         f"{tuple(labels.shape)} must share their leading shape")
     shape = tuple(labels.shape)
     if s:
         if labels.dim() == 0 or shape[-1] <= s:

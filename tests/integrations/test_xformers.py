@@ -106,7 +106,8 @@ def test_memory_efficient_attention_layouts():
 
 @needs_xformers
 @pytest.mark.parametrize("make,name", [
-    (lambda: xab.BlockDiagonalCausalFromBottomRightMask.from_seqlens([3, 4]), "BlockDiagonalCausalFromBottomRightMask"),
+    (lambda: xab.BlockDiagonalCausalFromBottomRightMask.from_seqlens([3, 4]),
+     "BlockDiagonalCausalFromBottomRightMask"),
     (lambda: xab.BlockDiagonalCausalMask.from_seqlens([3, 4]).make_local_attention(2),
      "BlockDiagonalCausalLocalAttentionMask"),
     (lambda: xab.LowerTriangularMask(), "LowerTriangularMask"),
@@ -123,7 +124,8 @@ def test_other_biases_refused_by_name(make, name):
     (dict(p=0.1), NotImplementedError, "p=0.1"),
     (dict(op=object()), NotImplementedError, "op="),
     (dict(attn_bias=torch.zeros(7, 7)), NotImplementedError, "attn_bias"),
-    (dict(attn_bias="bottom-right"), NotImplementedError, "attn_bias of type BlockDiagonalCausalFromBottomRightMask"),
+    (dict(attn_bias="bottom-right"), NotImplementedError,
+     "attn_bias of type BlockDiagonalCausalFromBottomRightMask"),
     (dict(batch=2), ValueError, "B = 1"),
 ])
 def test_memory_efficient_attention_refusals(over, exc, name):
@@ -192,15 +194,14 @@ def test_duck_typed_bias_without_importing_xformers():
         mk.masked_attention(q, k, v, object(), impl="torch")
 
 
-def test_benchmark_row_says_why_xformers_does_not_run(tmp_path, capsys):
+def test_benchmark_row_says_why_xformers_does_not_run():
     """bench/bench_attention.py keeps xformers' row: a time where its kernels run, else the reason."""
     from bench.bench_attention import build_mask, case_xformers
-    from bench.harness import Case, run_cases
+    from bench.harness import Case, Report, format_table, measure
 
     mask = build_mask("documents", [24, 8], "cpu")
-    report = run_cases("xformers row", [Case("xformers memory_efficient_attention",
-                                             case_xformers(mask, (32, 4, 2, 16, torch.float32, "cpu"), False))],
-                       shape={}, warmup=0, rep=1, out=tmp_path)
-    (row,) = report.results
+    case = Case("xformers memory_efficient_attention", case_xformers(mask, (32, 4, 2, 16, torch.float32, "cpu"), False))
+    row = measure(case, warmup=0, rep=1, flops=None, bytes_moved=None)
     assert row.median_ms is not None or "xformers" in row.error
-    assert "xformers memory_efficient_attention" in capsys.readouterr().out
+    table = format_table(Report("attention", "cpu", {}, None, None, None, results=[row]))
+    assert "xformers memory_efficient_attention" in table and (row.error or "") in table
