@@ -31,7 +31,7 @@ def dense_reference(q, k, v, bias_dense, scale=None):
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = torch.einsum("ihd,jhd->hij", q, k) * scale + bias_dense.double()
+    s = torch.einsum("ihd,jhd->hij", q, k) * scale + bias_dense.double().to(q.device)
     return torch.einsum("hij,jhd->ihd", torch.softmax(s, -1), v)
 
 
@@ -67,9 +67,10 @@ def test_masked_attention_takes_the_bias(cls, Hq, Hkv, scale):
 
 
 @needs_xformers
-def test_triton_float32_interpreted():
+def test_triton_float32_interpreted(device):
+    """Triton kernels: interpreted on a CPU-only machine, compiled on a GPU (the ``device`` fixture)."""
     bias = xab.BlockDiagonalCausalMask.from_seqlens([9, 4, 11])
-    q, k, v = qkv(24, 4, 2, dtype=torch.float32)
+    q, k, v = (t.detach().to(device).requires_grad_() for t in qkv(24, 4, 2, dtype=torch.float32))
     out = mk.masked_attention(q, k, v, bias, impl="triton")
     ref = dense_reference(q, k, v, bias.materialize((24, 24), dtype=torch.float64))
     assert (out.double() - ref).abs().max().item() < 2e-5

@@ -53,8 +53,11 @@ def test_leading_dims_and_shift_match_float64(shape, shift, reduction):
         torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
 
 
-def test_triton_float32_interpreted_with_shift():
-    hidden, weight, labels = data((2, 10), dtype=torch.float32)
+def test_triton_float32_interpreted_with_shift(device):
+    """Triton kernels: interpreted on a CPU-only machine, compiled on a GPU (the ``device`` fixture)."""
+    hidden, weight, labels = (t.detach().to(device) for t in data((2, 10), dtype=torch.float32))
+    hidden.requires_grad_()
+    weight.requires_grad_()
     loss = mk.masked_token_loss(hidden, weight, labels, shift=True, impl="triton")
     ref = reference(hidden, weight, labels, 1)
     assert abs(loss.item() - ref.item()) < 1e-5
