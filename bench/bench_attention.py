@@ -12,7 +12,9 @@ Hq = 16, Hkv = 2, D = 128, bf16; forward and forward + backward, for two masks:
 
 Peers, same masks, same inputs: FlexAttention (torch.compile'd ``flex_attention``, its block mask built once
 outside the timing; ``create_block_mask`` is timed in the metadata table), torch ``varlen_attn``
-(FlashAttention-2; documents mask only: the mixed mask is not expressible), SDPA flash on one unmasked
+(FlashAttention-2; documents mask only: the mixed mask is not expressible), xformers'
+``memory_efficient_attention`` with a ``BlockDiagonalMask`` (documents only; where its kernels do not load,
+the table shows the reason in its row), SDPA flash on one unmasked
 sequence of T (5.6x the work of the documents mask) and, without ``--quick``, SDPA efficient with a dense
 [T, T] boolean mask. Ours: the default backward (dQ by float32 atomics) and ``deterministic=True``.
 
@@ -170,6 +172,54 @@ def case_varlen(mask, shape, backward):
     return setup
 
 
+def xformers_unavailable(exc: BaseException) -> str:
+    """One line saying why xformers' kernels did not run (its own error spans many lines)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    why = []
+    try:   # the extension build that did not load, first: the table keeps the first 200 characters
+        from xformers import _cpp_lib
+
+        load = getattr(_cpp_lib, "_cpp_library_load_exception", None)
+        if load is not None:
+            why += [f"extensions built for {ln.strip()}" for ln in str(load).splitlines()
+                    if "PyTorch" in ln and "you have" in ln][:1]
+    except Exception:
+        pass
+    why += [ln.split(" - see ")[0] for ln in lines
+            if ("supported" in ln or "built" in ln) and "is not supported because" not in ln]
+    text = "; ".join(dict.fromkeys(why)) or (lines[0] if lines else type(exc).__name__)
+    return f"xformers kernels do not run here: {text}"
+
+
+def case_xformers(mask, shape, backward):
+    """xformers' memory_efficient_attention with a BlockDiagonalMask over the documents, layout [1, T, G, g, D]
+    (K/V expanded over the g query heads of each of the G = Hkv groups, xformers' GQA form). Where xformers or
+    its kernels do not load, setup raises one line with the reason, and the table shows it as the row."""
+    def setup():
+        try:
+            import xformers.ops as xops
+            from xformers.ops.fmha.attn_bias import BlockDiagonalMask
+        except Exception as exc:
+            raise RuntimeError(f"xformers does not import: {type(exc).__name__}: {str(exc)[:120]}") from None
+        T, Hq, Hkv, D, dtype, device = shape
+        q, k, v, do = inputs(*shape)
+        on_gpu = {"device": device} if device == "cuda" else {}   # xformers pins host memory for CPU offsets
+        bias = BlockDiagonalMask.from_seqlens(list(mask.seqlens), **on_gpu)
+        G, g = Hkv, Hq // Hkv
+
+        def fn(a, b, c):
+            b = b.view(1, T, G, 1, D).expand(1, T, G, g, D)
+            c = c.view(1, T, G, 1, D).expand(1, T, G, g, D)
+            return xops.memory_efficient_attention(a.view(1, T, G, g, D), b, c, attn_bias=bias).view(T, Hq, D)
+        try:
+            with torch.no_grad():
+                fn(q, k, v)
+        except Exception as exc:
+            raise RuntimeError(xformers_unavailable(exc)) from None
+        return timed(fn, q, k, v, do, backward)
+    return setup
+
+
 def case_sdpa_flash_unmasked(shape, backward):
     def setup():
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -267,11 +317,14 @@ def run_shape(label, lens, Hq, Hkv, D, kinds, args, device, dtype, full):
             cases.append(Case("FlexAttention (compiled)", case_flex(mask, shape, backward)))
             if kind == "documents":
                 cases.append(Case("torch varlen_attn", case_varlen(mask, shape, backward)))
+                cases.append(Case("xformers memory_efficient_attention", case_xformers(mask, shape, backward)))
             cases.append(Case("SDPA flash, unmasked T (more work)", case_sdpa_flash_unmasked(shape, backward)))
             if full:
                 cases.append(Case("SDPA efficient + dense mask", case_sdpa_dense(mask, shape, backward)))
         else:
             cases.append(Case("moca torch (reference)", case_moca(mask, shape, backward, impl="torch")))
+            if kind == "documents":   # a row with the reason where xformers' kernels do not run
+                cases.append(Case("xformers memory_efficient_attention", case_xformers(mask, shape, backward)))
         t0 = time.perf_counter()
         run_cases(f"masked_attention {label} {kind} {mode}", cases,
                   shape=dict(T=T, Hq=Hq, Hkv=Hkv, D=D, dtype=str(dtype), mask=kind, pairs=pairs),

@@ -36,7 +36,9 @@ packed [T, ...] layout.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+import weakref
+from collections import OrderedDict
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -168,6 +170,91 @@ class AttentionMask:
         mask.padding_index = index
         return mask
 
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: Union[Sequence[int], torch.Tensor],
+                        block_ids: Optional[torch.Tensor] = None, causal: bool = False,
+                        device: Optional[Union[str, torch.device]] = None) -> "AttentionMask":
+        """Describe a packed sequence by cumulative document offsets, flash-attn's ``cu_seqlens`` convention.
+
+        Args:
+            cu_seqlens: [n_docs + 1] integer tensor (any integer dtype; flash-attn's is int32) or a sequence of
+                ints: 0, then the running sum of the document lengths, so document d is tokens
+                [cu_seqlens[d], cu_seqlens[d + 1]) and T = cu_seqlens[-1]. It must start with 0 and increase
+                strictly (a repeated offset would be a zero-length document, which is refused). A GPU tensor
+                costs one host sync.
+            block_ids, causal: as in :meth:`from_seqlens`.
+            device: where the metadata lives (default: cu_seqlens' device when it is a tensor, else
+                block_ids' device, else CPU).
+
+        ``AttentionMask.from_cu_seqlens(cu)`` equals ``AttentionMask.from_seqlens(cu[1:] - cu[:-1])``.
+        """
+        op = "AttentionMask.from_cu_seqlens"
+        if isinstance(cu_seqlens, torch.Tensor):
+            if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+                raise TypeError(f"{op}: cu_seqlens must be an integer tensor (flash-attn uses int32), "
+                                f"got {cu_seqlens.dtype}")
+            if device is None:
+                device = cu_seqlens.device
+        elif not isinstance(cu_seqlens, (list, tuple)):
+            raise TypeError(f"{op}: cu_seqlens must be a 1-D integer tensor or a list of ints, "
+                            f"got {type(cu_seqlens).__name__}")
+        cu = as_int_list(cu_seqlens, "cu_seqlens", op)
+        if len(cu) < 2:
+            raise ValueError(f"{op}: cu_seqlens must hold at least 2 offsets (0 and T), got {cu}")
+        if cu[0] != 0:
+            raise ValueError(f"{op}: cu_seqlens must start with 0, got {_short(cu)}; for document lengths use "
+                             f"AttentionMask.from_seqlens")
+        for d in range(len(cu) - 1):
+            if cu[d + 1] < cu[d]:
+                raise ValueError(f"{op}: cu_seqlens must be nondecreasing, but cu_seqlens[{d}] = {cu[d]} > "
+                                 f"cu_seqlens[{d + 1}] = {cu[d + 1]} (looks like document lengths? use "
+                                 f"AttentionMask.from_seqlens)")
+            if cu[d + 1] == cu[d]:
+                raise ValueError(f"{op}: document {d} has zero length (cu_seqlens[{d}] = cu_seqlens[{d + 1}] = "
+                                 f"{cu[d]}); drop empty documents from cu_seqlens")
+        lens = [cu[d + 1] - cu[d] for d in range(len(cu) - 1)]
+        return cls.from_seqlens(lens, block_ids=block_ids, causal=causal, device=device)
+
+    @classmethod
+    def from_xformers(cls, attn_bias, device: Optional[Union[str, torch.device]] = None) -> "AttentionMask":
+        """The mask of an xformers block-diagonal attention bias (``xformers.ops.fmha.attn_bias``).
+
+        Args:
+            attn_bias: a ``BlockDiagonalMask`` (bidirectional within each block, as ``causal=False``) or a
+                ``BlockDiagonalCausalMask`` (causal within each block, ``causal=True``) with the same query
+                and key lengths. Every other bias (padded or gappy keys, local windows, bottom-right causal,
+                different query and key lengths, tensors) raises, naming it. Blocks of length 0 are refused.
+            device: where the metadata lives (default: the device of the bias' offsets).
+
+        The bias applies to xformers' [1, T, H, K] layout; ``masked_attention`` takes the same tokens as
+        [T, H, K] (drop the batch dimension). xformers itself is not imported here: the bias is recognised by
+        its class name and module.
+        """
+        op = "AttentionMask.from_xformers"
+        kind = _xformers_kind(attn_bias)
+        name = type(attn_bias).__name__
+        if kind is None:
+            raise TypeError(f"{op}: attn_bias must be an xformers BlockDiagonalMask or BlockDiagonalCausalMask, "
+                            f"got {type(attn_bias).__module__}.{name}")
+        if kind not in _XFORMERS_ACCEPTED:
+            raise ValueError(f"{op}: xformers {name} is not supported; only BlockDiagonalMask and "
+                             f"BlockDiagonalCausalMask (equal query and key lengths) are")
+        q_info = getattr(attn_bias, "q_seqinfo", None)
+        k_info = getattr(attn_bias, "k_seqinfo", None)
+        if q_info is None or k_info is None:
+            raise ValueError(f"{op}: {name} has no q_seqinfo / k_seqinfo; unsupported xformers version")
+        q_start, k_start = _xformers_starts(q_info), _xformers_starts(k_info)
+        if q_start != k_start:
+            raise ValueError(f"{op}: {name} has query offsets {_short(q_start)} and key offsets {_short(k_start)}; "
+                             f"moca needs the same documents for queries and keys")
+        if device is None:
+            seqstart = getattr(q_info, "seqstart", None)
+            device = seqstart.device if isinstance(seqstart, torch.Tensor) else None
+        try:
+            return cls.from_cu_seqlens(q_start, causal=_XFORMERS_ACCEPTED[kind], device=device)
+        except ValueError as exc:
+            raise ValueError(f"{op}: {name}: {exc}") from None
+
     # -- metadata ----------------------------------------------------------------------------------------------
 
     def tile_metadata(self, q_tile: int, k_tile: int) -> torch.Tensor:
@@ -228,6 +315,67 @@ class AttentionMask:
         shown = list(self.seqlens[:8]) + (["..."] if n > 8 else [])
         return (f"AttentionMask(T={self.total_len}, docs={n} {shown}, causal={self.causal}, "
                 f"blocks={'yes' if self.block_ids is not None else 'no'}, device={self.device})")
+
+
+_XFORMERS_ACCEPTED = {"BlockDiagonalMask": False, "BlockDiagonalCausalMask": True}   # class name -> causal
+
+
+def _xformers_kind(obj) -> Optional[str]:
+    """The class name of an xformers attention bias (by duck-typing: xformers is not imported), else None."""
+    cls = type(obj)
+    if (cls.__module__ or "").split(".")[0] != "xformers":
+        return None
+    return cls.__name__
+
+
+def _xformers_starts(seqinfo) -> list:
+    starts = getattr(seqinfo, "seqstart_py", None)
+    if starts is None:
+        starts = seqinfo.seqstart.tolist()
+    return [int(x) for x in starts]
+
+
+def _short(xs: Sequence[int], n: int = 8) -> str:
+    xs = list(xs)
+    return str(xs) if len(xs) <= n else str(xs[:n])[:-1] + ", ...]"
+
+
+class _IdentityCache:
+    """Masks built from one object (a cu_seqlens tensor, an xformers bias), reused while that object lives and
+    is unchanged (a tensor's in-place version counter), so a model whose every layer passes the same object
+    builds the mask and its per-tile tables once, not once per layer. Holds weak references only."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self._entries: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+    def get(self, obj, extra: tuple, build: Callable[[], "AttentionMask"]) -> "AttentionMask":
+        version = obj._version if isinstance(obj, torch.Tensor) else None
+        key = (id(obj),) + tuple(extra)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0]() is obj and hit[1] == version:
+            self._entries.move_to_end(key)
+            return hit[2]
+        mask = build()
+        entries = self._entries
+        try:
+            ref = weakref.ref(obj, lambda _, key=key: entries.pop(key, None))
+        except TypeError:   # not weak-referenceable: no caching
+            return mask
+        entries[key] = (ref, version, mask)
+        while len(entries) > self.size:
+            entries.popitem(last=False)
+        return mask
+
+
+_MASK_CACHE = _IdentityCache()
+
+
+def mask_of_xformers_bias(attn_bias, device: torch.device) -> "AttentionMask":
+    """:meth:`AttentionMask.from_xformers` on ``device``, cached per bias object (see ``_IdentityCache``)."""
+    device = torch.device(device)
+    return _MASK_CACHE.get(attn_bias, ("xformers", str(device)),
+                           lambda: AttentionMask.from_xformers(attn_bias, device=device))
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

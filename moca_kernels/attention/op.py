@@ -18,7 +18,7 @@ import torch
 from .. import reference
 from .._checks import KERNEL_DTYPES, check_float, check_ndim, check_same_device, check_same_dtype
 from ..dispatch import Backend, Op, triton_reasons
-from .mask import AttentionMask
+from .mask import AttentionMask, _xformers_kind, mask_of_xformers_bias
 
 _NAME = "masked_attention"
 MAX_TRITON_HEAD_DIM = 128
@@ -35,7 +35,9 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: At
             stride other than 1 costs a copy).
         k, v: [T, Hkv, D], same dtype and device; Hq % Hkv == 0 (query head h reads key/value head
             h // (Hq // Hkv), no repeat in memory).
-        mask: an AttentionMask with total length T (moved to q's device once and cached if elsewhere).
+        mask: an AttentionMask with total length T (moved to q's device once and cached if elsewhere), or an
+            xformers ``BlockDiagonalMask`` / ``BlockDiagonalCausalMask`` (converted by
+            ``AttentionMask.from_xformers``, once per bias object).
         scale: finite positive softmax scale (default D ** -0.5).
         return_lse: also return the log-sum-exp of the scaled scores, [Hq, T] float32 (float64 for float64
             inputs; differentiable).
@@ -50,6 +52,8 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: At
     Returns:
         out [T, Hq, D] in q's dtype, or (out, lse).
     """
+    if _xformers_kind(mask) is not None:   # an xformers block-diagonal bias (AttentionMask.from_xformers)
+        mask = mask_of_xformers_bias(mask, q.device if isinstance(q, torch.Tensor) else "cpu")
     _validate(q, k, v, mask, scale)
     return _OP(impl, q=q, k=k, v=v, mask=mask.to(q.device), scale=scale, return_lse=bool(return_lse),
                deterministic=bool(deterministic))

@@ -13,7 +13,7 @@ through it; the reduction is plain torch on its per-row output.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -27,41 +27,140 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                       bias: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
-                      impl: Optional[str] = None) -> torch.Tensor:
+                      impl: Optional[str] = None, shift: Union[bool, int] = False) -> torch.Tensor:
     """Cross-entropy of the LM head's logits at rows whose label is not ``ignore_index``.
 
     loss[r] = logsumexp_v(logits[r, v]) - logits[r, labels[r]],  logits = hidden @ weight.T (+ bias),
     for every counted row r (labels[r] != ignore_index); the [N, V] logits are never held whole.
 
     Args:
-        hidden: [N, H] float32 / float16 / bfloat16 (float64 on the torch backend), final hidden states (any
-            strides).
+        hidden: [N, H] (or [..., H], see below) float32 / float16 / bfloat16 (float64 on the torch backend),
+            final hidden states (any strides).
         weight: [V, H], same dtype as hidden on the triton backend, the LM head. It may be tied to the input
             embedding (its gradient adds to the embedding's through autograd) and may be a view with any
             strides (e.g. the transpose of an [H, V] tensor).
-        labels: [N] int64 / int32 / int16 / int8 / uint8, the token to predict at each row, or ``ignore_index``.
+        labels: [N] (or [...]) int64 / int32 / int16 / int8 / uint8, the token to predict at each row, or
+            ``ignore_index``.
             Any other value outside [0, V) raises ValueError; a float or bool tensor raises TypeError.
         bias: [V] float32 / float16 / bfloat16 (need not match hidden's dtype; any stride) or None.
         ignore_index: label value of rows that are skipped (not counted, zero gradient).
         reduction: "mean" over counted rows, "sum", or "none" ([N], 0 at ignored rows).
         impl: "triton", "torch" or None (automatic: triton where it can run, i.e. CUDA tensors, or CPU tensors
             under TRITON_INTERPRET=1; torch otherwise).
+        shift: next-token prediction on unshifted labels (Cut Cross-Entropy's ``shift``): True or an int s >= 1
+            makes hidden[..., t, :] predict labels[..., t + s] along the last label axis (the sequence), so
+            the last s positions of each sequence predict nothing; False / 0 (default) predicts labels[..., t].
+
+    Leading dimensions (Cut Cross-Entropy's and torch's ``linear_cross_entropy`` conventions): hidden may be
+    [..., H] with labels [...] (e.g. [B, S, H] and [B, S]); the rows are flattened (a view where the strides
+    allow) and ``reduction="none"`` returns labels' shape, [..., S - s] with a shift of s. Positional order
+    matches ``cut_cross_entropy.linear_cross_entropy(e, c, targets)`` and
+    ``torch.nn.functional.linear_cross_entropy(input, linear_weight, target)``; the module form is
+    :class:`MaskedTokenLoss`.
 
     Returns:
-        float32 scalar, or float32 [N] with reduction="none" (float64 on the torch backend for float64
-        inputs). With every label ignored the loss is 0 (also for "mean") and every gradient is 0, never NaN.
+        float32 scalar, or float32 [N] (labels' shape, see above) with reduction="none" (float64 on the torch
+        backend for float64 inputs). With every label ignored the loss is 0 (also for "mean") and every
+        gradient is 0, never NaN.
 
     Gradients flow to hidden, weight and bias (each in its input's dtype), accumulated in float32. Shapes that
-    disagree (H of hidden and weight, N of hidden and labels, bias not [V]), inputs that are not 2-D / 1-D as
-    above, empty inputs, tensors on different devices and an unknown reduction raise ValueError before any
-    backend runs; non-float hidden / weight / bias raise TypeError. The triton backend needs one host
+    disagree (H of hidden and weight, hidden's leading shape and labels', bias not [V]), a weight that is not
+    2-D, a shift < 0 or >= the sequence length, empty inputs, tensors on different devices and an unknown
+    reduction raise ValueError before any backend runs; non-float hidden / weight / bias, non-integer labels
+    and a shift that is not a bool or int raise TypeError. The triton backend needs one host
     synchronisation per forward and per backward (to count the rows and check the labels).
     """
+    hidden, labels, out_shape = _rows(hidden, labels, shift, ignore_index)
     _validate(hidden, weight, labels, bias, reduction)
     if labels.dtype in (torch.uint8, torch.int8, torch.int16):
         labels = labels.long()  # labels != ignore_index in uint8 would wrap -100 to 156 and drop those rows
-    return _OP(impl, hidden=hidden, weight=weight, labels=labels, bias=bias, ignore_index=int(ignore_index),
+    loss = _OP(impl, hidden=hidden, weight=weight, labels=labels, bias=bias, ignore_index=int(ignore_index),
                reduction=reduction)
+    if out_shape is not None and reduction == "none":
+        shape, s = out_shape
+        loss = loss.reshape(shape)
+        if s:
+            loss = loss[..., :shape[-1] - s]
+    return loss
+
+
+def _rows(hidden, labels, shift, ignore_index):
+    """hidden [..., H], labels [...] -> (hidden [N, H], labels [N], None or (labels' shape, shift)).
+
+    With a shift s, labels[..., t] becomes labels[..., t + s] and the last s positions ignore_index. 2-D
+    hidden with 1-D labels and no shift pass through untouched (their checks are ``_validate``'s)."""
+    if isinstance(shift, bool):
+        s = int(shift)
+    elif isinstance(shift, int):
+        s = shift
+    else:
+        raise TypeError(f"{_NAME}: shift must be a bool or an int >= 0, got {type(shift).__name__}")
+    if s < 0:
+        raise ValueError(f"{_NAME}: shift must be >= 0, got {s}")
+    if not (isinstance(hidden, torch.Tensor) and isinstance(labels, torch.Tensor)):
+        return hidden, labels, None   # _validate names the culprit
+    if s == 0 and hidden.dim() == 2 and labels.dim() == 1:
+        return hidden, labels, None
+    check_int("labels", labels, _NAME)
+    if hidden.dim() < 1 or tuple(hidden.shape[:-1]) != tuple(labels.shape):
+        raise ValueError(f"{_NAME}: hidden [..., H] = {tuple(hidden.shape)} and labels [...] = "
+                         f"{tuple(labels.shape)} must share their leading shape")
+    shape = tuple(labels.shape)
+    if s:
+        if labels.dim() == 0 or shape[-1] <= s:
+            raise ValueError(f"{_NAME}: shift={shift!r} needs labels [..., S] with S > {s}, got labels "
+                             f"{shape}")
+        pad = torch.full(shape[:-1] + (s,), int(ignore_index), dtype=torch.int64, device=labels.device)
+        labels = torch.cat([labels[..., s:].long(), pad], dim=-1)
+    return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), (shape, s)
+
+
+class MaskedTokenLoss(torch.nn.Module):
+    """Module form of :func:`masked_token_loss`, holding its options, to swap in where a model computes its LM
+    loss (as ``cut_cross_entropy.LinearCrossEntropy`` or Liger's ``LigerFusedLinearCrossEntropyLoss`` are)::
+
+        loss_fn = MaskedTokenLoss(shift=True)              # causal LM: hidden[t] predicts labels[t + 1]
+        loss = loss_fn(hidden, model.lm_head, labels)      # hidden [B, S, H], labels [B, S]
+
+    Args:
+        ignore_index, reduction, shift, impl: as in :func:`masked_token_loss`, checked here.
+
+    ``forward(hidden, lm_head, labels, bias=None)``: hidden [..., H] float; lm_head an ``nn.Linear`` (its
+    weight [V, H] and bias) or a weight tensor [V, H]; labels [...] integer; bias [V] or None (not both a
+    Linear with a bias and ``bias``). Returns what :func:`masked_token_loss` returns. Note the argument order:
+    Liger's module takes ``(lin_weight, _input, target)``, weight first; this one takes hidden first, as Cut
+    Cross-Entropy's ``LinearCrossEntropy`` does.
+    """
+
+    def __init__(self, ignore_index: int = -100, reduction: str = "mean", shift: Union[bool, int] = False,
+                 impl: Optional[str] = None):
+        super().__init__()
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"MaskedTokenLoss: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"MaskedTokenLoss: ignore_index must be an int, got {ignore_index!r}")
+        if not isinstance(shift, (bool, int)) or (not isinstance(shift, bool) and shift < 0):
+            raise ValueError(f"MaskedTokenLoss: shift must be a bool or an int >= 0, got {shift!r}")
+        self.ignore_index, self.reduction, self.shift, self.impl = ignore_index, reduction, shift, impl
+
+    def forward(self, hidden: torch.Tensor, lm_head, labels: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if isinstance(lm_head, torch.nn.Linear):
+            if lm_head.bias is not None and bias is not None:
+                raise ValueError("MaskedTokenLoss: lm_head is an nn.Linear with a bias and bias= was given too; "
+                                 "pass one")
+            weight, bias = lm_head.weight, lm_head.bias if bias is None else bias
+        elif isinstance(lm_head, torch.Tensor):
+            weight = lm_head
+        else:
+            raise TypeError(f"MaskedTokenLoss: lm_head must be an nn.Linear or a weight tensor [V, H], "
+                            f"got {type(lm_head).__name__}")
+        return masked_token_loss(hidden, weight, labels, bias=bias, ignore_index=self.ignore_index,
+                                 reduction=self.reduction, impl=self.impl, shift=self.shift)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, shift={self.shift!r}, "
+                f"impl={self.impl!r}")
 
 
 def _validate(hidden, weight, labels, bias, reduction) -> None:

@@ -278,8 +278,10 @@ def test_shape_mismatches_raise():
         mk.masked_token_loss(h, w, y[:3])
     with pytest.raises(ValueError, match=r"bias must have shape \[10\]"):
         mk.masked_token_loss(h, w, y, bias=torch.randn(9))
-    with pytest.raises(ValueError, match="must be 2-D"):
+    with pytest.raises(ValueError, match="must share their leading shape"):   # hidden [..., H] needs labels [...]
         mk.masked_token_loss(h[None], w, y)
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        mk.masked_token_loss(h, w[None], y)
 
 
 def test_float_labels_raise():
