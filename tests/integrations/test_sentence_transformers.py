@@ -31,6 +31,15 @@ except ImportError:  # sentence-transformers < 6
 import moca_kernels as mk  # noqa: E402
 from moca_kernels.integrations.sentence_transformers import CachedInfoNCELoss, InfoNCELoss  # noqa: E402
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models here are tiny: one thread is several times faster than two on a shared, loaded CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 B = 6
 
 
@@ -339,3 +348,31 @@ def test_trainer_steps_equal_cmnrl(bert_dir, tmp_path):
     for a, b in zip(ours_logs, ref_logs):
         assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * b["grad_norm"]
         assert abs(a["loss"] - b["loss"]) < 1e-4 * b["loss"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The README's snippet runs as written (the tiny BERT in place of the downloaded MiniLM).
+# ------------------------------------------------------------------------------------------------------------
+
+
+def readme_snippet() -> str:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text.split("### sentence-transformers\n", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_snippet_trains(bert_dir, tmp_path, monkeypatch):
+    code = readme_snippet()
+    name = '"sentence-transformers/all-MiniLM-L6-v2"'
+    assert name in code, "the snippet's model line changed: update this test"
+    monkeypatch.chdir(tmp_path)            # the trainer's default output_dir
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    scope: dict = {}
+    exec(compile(code.replace(name, repr(bert_dir)), "README.md:sentence-transformers", "exec"), scope)
+    model = scope["model"]
+    init = tiny_sentence_transformer(bert_dir).state_dict()
+    moved = max((v - init[k]).abs().max().item() for k, v in model.state_dict().items())
+    assert isinstance(scope["loss"], CachedInfoNCELoss) and moved > 1e-6

@@ -14,6 +14,15 @@ import torch
 
 from moca.embedding import MocaEmbedder
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models here are tiny: one thread is several times faster than two on a shared, loaded CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 TEXTS = ["a large red circle above a small blue square", "two green triangles", "a blue square on the left",
          "three yellow dots in a row", "a purple star under a circle"]
 

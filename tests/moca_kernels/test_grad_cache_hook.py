@@ -4,10 +4,20 @@ the autocast settings of the first pass are replayed although backward runs outs
 no_grad only the first pass runs. (Before, a trainer could not back-propagate GradCache: step() ran its own
 backward and returned a detached loss.)"""
 
+import pytest
 import torch
 
 import moca_kernels as mk
 from tests.moca_kernels.test_grad_cache import contrastive, full_batch_step, grads_of, make_batch, tower
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models here are tiny: one thread is several times faster than two on a shared, loaded CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def test_backward_of_the_scaled_loss_gives_scaled_full_batch_gradients():
@@ -27,7 +37,7 @@ def test_backward_of_the_scaled_loss_gives_scaled_full_batch_gradients():
     ref = full_batch_step([net, net], lambda q, d: 0.25 * loss_fn(q, d), [queries, docs], (3, 7))
     torch.testing.assert_close(0.25 * loss.detach(), ref)
     for a, b in zip(ours, grads_of(params)):   # the temperature's gradient is scaled too
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_accumulating_two_halves_equals_one_step_on_the_same_batch():
@@ -40,7 +50,7 @@ def test_accumulating_two_halves_equals_one_step_on_the_same_batch():
     for _ in range(2):
         (cache.loss(queries, docs) / 2).backward()
     for a, b in zip(grads_of(list(net.parameters())), once):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_autocast_of_the_first_pass_is_replayed_in_backward():
