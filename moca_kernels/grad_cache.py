@@ -75,7 +75,9 @@ class GradCache:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    The returned loss is detached. Gradients accumulate into ``.grad`` as a normal backward would.
+    The returned loss is detached. Gradients accumulate into ``.grad`` as a normal backward would. Inside a
+    trainer that calls ``backward`` itself (sentence-transformers, transformers, accelerate), use
+    :meth:`loss` instead: the second pass then runs from the loss's backward, with the trainer's scaling.
     """
 
     def __init__(self, encoders: Union[Encoder, Sequence[Encoder]], loss_fn: Callable[..., torch.Tensor],
