@@ -162,38 +162,6 @@ def test_own_scope_pairs_each_query_with_its_own_column_negatives(model64, cache
     assert abs(run(model64, InfoNCELoss(model64), feats)[0].item() - la.item()) > 1e-3
 
 
-def test_info_nce_columns_layout_equals_grouped():
-    """info_nce(hard_negative_layout="columns") = the grouped layout after reordering, values and gradients,
-    positive_index and doc_ids indexed in the columns order; "own" with the wrong layout gives another loss."""
-    g = torch.Generator().manual_seed(0)
-    Bq, k, P, D = 5, 3, 7, 8
-    q = torch.randn(Bq, D, generator=g, dtype=torch.float64, requires_grad=True)
-    cols = torch.randn(P + Bq * k, D, generator=g, dtype=torch.float64, requires_grad=True)
-    pos = torch.tensor([0, 3, 6, 2, 1])
-    ids = torch.randint(0, 4, (P + Bq * k,), generator=g)
-    grouped_rows = torch.cat([torch.arange(P), P + torch.arange(Bq * k).view(k, Bq).T.reshape(-1)])
-    for scope in ("own", "batch"):
-        a = mk.info_nce(q, cols, 0.1, pos, hard_negatives=k, hard_negative_scope=scope, doc_ids=ids,
-                        hard_negative_layout="columns", symmetric=True)
-        ga = torch.autograd.grad(a, (q, cols))
-        b = mk.info_nce(q, cols[grouped_rows], 0.1, pos, hard_negatives=k, hard_negative_scope=scope,
-                        doc_ids=ids[grouped_rows], symmetric=True)
-        gb = torch.autograd.grad(b, (q, cols))
-        assert torch.allclose(a, b, rtol=1e-13, atol=0) and all(torch.allclose(x, y, rtol=1e-12, atol=1e-14)
-                                                                for x, y in zip(ga, gb))
-    wrong = mk.info_nce(q, cols, 0.1, pos, hard_negatives=k, hard_negative_scope="own")
-    assert abs(wrong.item() - mk.info_nce(q, cols[grouped_rows], 0.1, pos, hard_negatives=k,
-                                          hard_negative_scope="own").item()) > 1e-3
-    # a positive_index into the hard negatives ("batch" scope) follows the columns order
-    pos_hard = torch.tensor([P + 0 * Bq + 4, 1, P + 2 * Bq + 0, 2, 3])   # query 4's 1st, query 0's 3rd negative
-    a = mk.info_nce(q, cols, 0.1, pos_hard, hard_negatives=k, hard_negative_layout="columns")
-    b = mk.info_nce(q, cols[grouped_rows], 0.1, torch.tensor([P + 4 * k + 0, 1, P + 0 * k + 2, 2, 3]),
-                    hard_negatives=k)
-    assert torch.allclose(a, b, rtol=1e-13, atol=0)
-    with pytest.raises(ValueError, match="hard_negative_layout"):
-        mk.info_nce(q, cols, 0.1, hard_negatives=k, hard_negative_layout="column")
-
-
 def test_learnable_temperature_gradient_cached_equals_plain(model64):
     feats = features(model64, 3, seed=6)
     model64.eval()   # chunked (cached) and merged (plain) embedding draw different dropout masks: none here
