@@ -238,8 +238,16 @@ class MocaEmbedder(nn.Module):
             packed: one packed row per batch (default) or right-padded rows (same result up to rounding).
             device: a check that the model is on this device (the model is not moved: ``model.to(...)``);
                 default: wherever the model is.
+            sentences: the same as ``texts`` (sentence-transformers' name).
+            prompt / prompt_name: the instruction itself, or the key of one in ``self.prompts`` (give one of
+                ``instruction``, ``prompt``, ``prompt_name``).
+            convert_to_numpy / convert_to_tensor: a float32 numpy array instead of the tensor (tensor wins).
+            normalize_embeddings: True / False: L2-normalised or the raw pooled vectors; None (default): the
+                model's setting (normalised unless saved otherwise).
+            show_progress_bar: the same as ``show_progress``.
+            precision / output_value: only "float32" / "sentence_embedding" (anything else raises).
 
-        Returns an empty float32 [0, H] for empty lists.
+        Returns an empty float32 [0, H] for empty lists (float32 numpy [n, H] with ``convert_to_numpy``).
 
         Raises:
             ValueError naming the item: a missing image file, an empty text, texts and images of different
@@ -299,10 +307,8 @@ class MocaEmbedder(nn.Module):
         """MTEB's ``encode``: batches ``{"text": [...], "image": [...], ...}`` -> float32 numpy [n, H]. The
         instruction is ``self.prompts``' entry for "<task>-<query|document>", "<task>", "<task type>-<...>",
         "<task type>" or "<query|document>" (the first found; sentence-transformers' order), else none."""
-        unknown = sorted(k for k in kwargs if k not in ("show_progress_bar", "precision"))
-        if unknown:
-            raise TypeError(f"encode (MTEB): unexpected keyword argument(s) {unknown}")
-        show_progress = kwargs.get("show_progress_bar", show_progress)
+        if kwargs:
+            raise TypeError(f"encode (MTEB): unexpected keyword argument(s) {sorted(kwargs)}")
         kind = getattr(prompt_type, "value", prompt_type)
         keys = [f"{task_metadata.name}-{kind}", task_metadata.name, f"{task_metadata.type}-{kind}",
                 task_metadata.type, kind]
