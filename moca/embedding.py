@@ -88,7 +88,7 @@ class MocaEmbedder(nn.Module):
         self.pooling = pooling
         self.normalize = normalize
         self.spec = VisionSpec.from_config(backbone.vlm.config)
-        self.prompts: dict = {}   # name -> instruction, for encode(prompt_name=...) and MTEB (sentence-transformers' convention)
+        self.prompts: dict = {}   # name -> instruction: encode(prompt_name=...), MTEB (sentence-transformers' way)
 
     # -- construction -----------------------------------------------------------------------------------
 

@@ -129,7 +129,8 @@ def _columns_to_grouped(doc, positive_index, doc_ids, B: int, k: int):
         doc_ids = torch.cat([doc_ids[:P], doc_ids[P:].unflatten(0, (k, B)).transpose(0, 1).flatten(0, 1)])
     if positive_index is not None:
         c = positive_index.long() - P
-        positive_index = torch.where(c < 0, positive_index.long(), P + (c % B) * k + torch.div(c, B, rounding_mode="floor"))
+        grouped = P + (c % B) * k + torch.div(c, B, rounding_mode="floor")          # row P + r B + i -> P + i k + r
+        positive_index = torch.where(c < 0, positive_index.long(), grouped)
     return doc, positive_index, doc_ids
 
 

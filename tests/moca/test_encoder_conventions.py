@@ -109,7 +109,8 @@ def _task(kind: str):
     class Tiny(AbsTaskRetrieval):
         metadata = TaskMetadata(
             name=f"MocaTiny{kind.upper()}", description="a local test task", reference=None,
-            dataset={"path": "local/none", "revision": "none"}, type="Any2AnyRetrieval" if kind == "t2i" else "Retrieval",
+            dataset={"path": "local/none", "revision": "none"},
+            type="Any2AnyRetrieval" if kind == "t2i" else "Retrieval",
             category=kind, modalities=["image", "text"] if kind == "t2i" else ["text"], eval_splits=["test"],
             eval_langs=["eng-Latn"], main_score="ndcg_at_10", date=None, domains=None, task_subtypes=None,
             license=None, annotations_creators=None, dialect=None, sample_creation=None, bibtex_citation="")
