@@ -4,7 +4,10 @@
     moca train cpt --config run.yaml [--set train.max_steps=10 ...]    Stage 1 (continual pre-training)
     moca train cl --config run.yaml [--set loss.temperature=0.03 ...]  Stage 2 (contrastive fine-tuning)
     moca eval --config eval.yaml [--model PATH]                         evaluation: a table and JSON
-    moca data embedded --out DIR [--docs N]                             write the embedded Stage 1 corpus
+    moca data embedded --output-dir DIR [--docs N]                      write the embedded Stage 1 corpus
+
+Every command names its output folder ``--output-dir`` (config key ``output_dir``); ``--output`` and ``--out``
+are accepted as aliases.
 
 ``train cl``, ``eval`` and ``demo`` live in their modules (:mod:`moca.train.contrastive`, :mod:`moca.eval`,
 :mod:`moca.demo`) and register through an ``add_cli(subparsers, train_subparsers)`` hook that sets ``func`` on
@@ -48,11 +51,36 @@ def _data_embedded(args) -> int:
     return 0
 
 
+# One name for "where the outputs go" on every command: --output-dir (config key output_dir); the names some
+# commands used before are accepted as aliases.
+OUTPUT_DIR_FLAGS = ("--output-dir", "--output", "--out")
+
+
+class _SetOutputDir(argparse.Action):
+    """``--output-dir DIR`` on a config-driven command: the same as ``--set <key>=DIR`` (a string, quoted)."""
+
+    def __init__(self, option_strings, dest, key: str, **kwargs):
+        self.key = key
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import json
+
+        namespace.set = list(getattr(namespace, "set", None) or []) + [f"{self.key}={json.dumps(values)}"]
+
+
+def add_output_dir_override(parser, key: str) -> None:
+    """``--output-dir`` (aliases ``--output``, ``--out``) setting config key ``key`` (after the --set list)."""
+    parser.add_argument(*OUTPUT_DIR_FLAGS, dest="_output_dir", action=_SetOutputDir, key=key, metavar="DIR",
+                        default=argparse.SUPPRESS, help=f"output folder (sets {key}; --output / --out: aliases)")
+
+
 def add_train_cpt(train_sub) -> None:
     p = train_sub.add_parser("cpt", help="Stage 1: modality-aware continual pre-training (MLM + MAE)")
     p.add_argument("--config", default=None, help="YAML config (default: moca/configs/cpt_tiny.yaml, the tiny model on the embedded corpus)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.max_steps=20 (repeatable)")
+    add_output_dir_override(p, "train.output_dir")
     p.set_defaults(func=_train_cpt)
 
 
@@ -66,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="data utilities")
     data_sub = data.add_subparsers(dest="what", required=True)
     emb = data_sub.add_parser("embedded", help="write the embedded Stage 1 corpus (JSONL + PNG)")
-    emb.add_argument("--out", required=True, help="output folder (cpt.jsonl and images/)")
+    emb.add_argument(*OUTPUT_DIR_FLAGS, dest="out", required=True, metavar="DIR",
+                     help="output folder (cpt.jsonl and images/; --output / --out: aliases)")
     emb.add_argument("--docs", type=int, default=400, help="number of documents (default 400)")
     emb.add_argument("--seed", type=int, default=0, help="seed (the same seed writes the same files)")
     emb.set_defaults(func=_data_embedded)

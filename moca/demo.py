@@ -491,7 +491,8 @@ def add_cli(sub, train_sub) -> None:
     """Register ``moca demo``."""
     p = sub.add_parser("demo", help="the whole MoCa pipeline on embedded data: Stage 1, Stage 2, evaluation, "
                                     "a comparison table (no downloads)")
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--output-dir", "--output", "--out", dest="out", default="runs/demo", metavar="DIR",
+                   help="output folder (default runs/demo; --output / --out: aliases)")
     p.add_argument("--model", default=None, help="a local Qwen2-VL / Qwen2.5-VL checkpoint instead of the tiny model")
     p.add_argument("--quick", action="store_true", help="a reduced run of a few seconds (smoke test)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -88,6 +88,7 @@ class MocaEmbedder(nn.Module):
         self.pooling = pooling
         self.normalize = normalize
         self.spec = VisionSpec.from_config(backbone.vlm.config)
+        self.prompts: dict = {}   # name -> instruction: encode(prompt_name=...), MTEB (sentence-transformers' way)
 
     # -- construction -----------------------------------------------------------------------------------
 
@@ -108,6 +109,8 @@ class MocaEmbedder(nn.Module):
         ``pooling`` / ``causal`` default to what the checkpoint was saved with (mean, bidirectional for a
         plain checkpoint). Never touches the network.
         """
+        if pooling is not None and pooling not in POOLINGS:   # before any weights load
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{path} is not a checkpoint directory")
@@ -119,6 +122,7 @@ class MocaEmbedder(nn.Module):
         if proc.ids["mask"] >= rows:   # a plain checkpoint: the added <|mask|> token needs a row (never used here)
             bb.vlm.resize_token_embeddings(proc.vocab_size)
         model = cls(bb, proc, pooling=pooling or emb.get("pooling", "mean"), normalize=emb.get("normalize", True))
+        model.name_or_path = str(path)
         if device is not None:
             model.to(device)
         return model
@@ -154,10 +158,12 @@ class MocaEmbedder(nn.Module):
         """Samples -> one packed row (``packed=True``) or right-padded rows, on the CPU."""
         return collate(list(samples), self.spec, packed=packed, pad_token_id=self.processor.ids["endoftext"])
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """Embeddings float32 [n_samples, H] of a collated batch (L2-normalised unless ``normalize=False``)."""
+    def forward(self, batch: Batch, normalize: Optional[bool] = None) -> torch.Tensor:
+        """Embeddings float32 [n_samples, H] of a collated batch, L2-normalised when ``normalize`` (default:
+        the model's ``normalize``, True unless saved otherwise)."""
         hidden = self.backbone(batch)
-        return pool_hidden(hidden, batch.sample_index, len(batch.record_ids), self.pooling, self.normalize)
+        normalize = self.normalize if normalize is None else normalize
+        return pool_hidden(hidden, batch.sample_index, len(batch.record_ids), self.pooling, normalize)
 
     # -- the user API -----------------------------------------------------------------------------------
 
@@ -206,8 +212,19 @@ class MocaEmbedder(nn.Module):
 
     @torch.inference_mode()
     def encode(self, texts=None, images=None, instruction=None, batch_size: int = 32, show_progress: bool = False,
-               packed: bool = True, device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+               packed: bool = True, device: Optional[Union[str, torch.device]] = None, *, sentences=None,
+               prompt: Optional[str] = None, prompt_name: Optional[str] = None, convert_to_numpy: bool = False,
+               convert_to_tensor: bool = False, normalize_embeddings: Optional[bool] = None,
+               show_progress_bar: Optional[bool] = None, precision: str = "float32",
+               output_value: Optional[str] = "sentence_embedding", **mteb_kwargs):
         """Embed inputs; returns float32 [n, H] on the CPU, rows L2-normalised, in input order.
+
+        Also callable the way sentence-transformers and MTEB call encoders:
+        ``encode(sentences, prompt=..., batch_size=..., convert_to_numpy=True, normalize_embeddings=...)``
+        (``prompt`` = ``instruction``; ``prompt_name`` picks one of ``self.prompts``; ``show_progress_bar`` =
+        ``show_progress``; a torch tensor is returned unless ``convert_to_numpy=True``, where sentence-transformers
+        returns numpy by default), and ``encode(dataloader, task_metadata=..., hf_split=..., hf_subset=...,
+        prompt_type=...)``, MTEB's encoder protocol (see :meth:`mteb_model_meta`).
 
         Args:
             texts: a string or a list; each item a string, or an interleaved list of segments: a string is
@@ -221,22 +238,107 @@ class MocaEmbedder(nn.Module):
             packed: one packed row per batch (default) or right-padded rows (same result up to rounding).
             device: a check that the model is on this device (the model is not moved: ``model.to(...)``);
                 default: wherever the model is.
+            sentences: the same as ``texts`` (sentence-transformers' name).
+            prompt / prompt_name: the instruction itself, or the key of one in ``self.prompts`` (give one of
+                ``instruction``, ``prompt``, ``prompt_name``).
+            convert_to_numpy / convert_to_tensor: a float32 numpy array instead of the tensor (tensor wins).
+            normalize_embeddings: True / False: L2-normalised or the raw pooled vectors; None (default): the
+                model's setting (normalised unless saved otherwise).
+            show_progress_bar: the same as ``show_progress``.
+            precision / output_value: only "float32" / "sentence_embedding" (anything else raises).
 
-        Returns an empty float32 [0, H] for empty lists.
+        Returns an empty float32 [0, H] for empty lists (float32 numpy [n, H] with ``convert_to_numpy``).
 
         Raises:
             ValueError naming the item: a missing image file, an empty text, texts and images of different
             lengths, an unreadable image. TypeError: ``texts`` / ``images`` / ``instruction`` of a wrong type.
         """
-        return self.encode_items(self.inputs(texts, images, instruction), batch_size=batch_size,
-                                 show_progress=show_progress, packed=packed, device=device)
+        show = show_progress if show_progress_bar is None else show_progress_bar
+        if output_value != "sentence_embedding" or precision != "float32":
+            raise ValueError(f"encode: only output_value='sentence_embedding' and precision='float32' are "
+                             f"supported, got output_value={output_value!r}, precision={precision!r}")
+        if _is_dataloader(texts):   # MTEB: encode(DataLoader[BatchedInput], task_metadata=..., ...)
+            return self._encode_mteb(texts, batch_size=batch_size, show_progress=show, packed=packed,
+                                     normalize=normalize_embeddings, **mteb_kwargs)
+        if mteb_kwargs:
+            raise TypeError(f"encode() got unexpected keyword argument(s) {sorted(mteb_kwargs)} (MTEB's "
+                            "task_metadata / hf_split / hf_subset / prompt_type come with a DataLoader of inputs)")
+        if sentences is not None:
+            if texts is not None:
+                raise TypeError("encode: give the inputs once (texts or sentences=), not both")
+            texts = sentences
+        instruction = _one_instruction(instruction, prompt, prompt_name, self.prompts)
+        out = self.encode_items(self.inputs(texts, images, instruction), batch_size=batch_size, show_progress=show,
+                                packed=packed, device=device, normalize=normalize_embeddings)
+        return out.numpy() if convert_to_numpy and not convert_to_tensor else out
+
+    # -- MTEB's encoder protocol and sentence-transformers' similarity helpers ------------------------------
+
+    similarity_fn_name = "cosine"
+
+    def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
+        """Cosine similarities float32 [n1, n2] of two sets of embeddings (numpy or torch, [n, H] or [H])."""
+        a, b = (F.normalize(torch.as_tensor(e).float().reshape(-1, torch.as_tensor(e).shape[-1]), dim=-1)
+                for e in (embeddings1, embeddings2))
+        return a @ b.T
+
+    def similarity_pairwise(self, embeddings1, embeddings2) -> torch.Tensor:
+        """Cosine similarity float32 [n] of each pair (row i of both)."""
+        a, b = (F.normalize(torch.as_tensor(e).float().reshape(-1, torch.as_tensor(e).shape[-1]), dim=-1)
+                for e in (embeddings1, embeddings2))
+        return (a * b).sum(-1)
+
+    @property
+    def mteb_model_meta(self):
+        """MTEB's ``ModelMeta`` for this model (name: the checkpoint path, or ``moca/tiny``): text and image
+        inputs, cosine similarity, instructions used (``self.prompts``)."""
+        from mteb.models.model_meta import ModelMeta
+
+        name = getattr(self, "name_or_path", None) or "moca/tiny"
+        return ModelMeta.create_empty(overwrites=dict(
+            name=name if "/" in name else f"moca/{name}", revision="local", embed_dim=self.dim,
+            n_parameters=sum(p.numel() for p in self.parameters()), similarity_fn_name="cosine",
+            modalities=["text", "image"], framework=["PyTorch"], use_instructions=bool(self.prompts),
+            open_weights=True))
+
+    def _encode_mteb(self, loader, *, task_metadata, hf_split: Optional[str] = None, hf_subset: Optional[str] = None,
+                     prompt_type=None, batch_size: int = 32, show_progress: bool = False, packed: bool = True,
+                     normalize: Optional[bool] = None, **kwargs):
+        """MTEB's ``encode``: batches ``{"text": [...], "image": [...], ...}`` -> float32 numpy [n, H]. The
+        instruction is ``self.prompts``' entry for "<task>-<query|document>", "<task>", "<task type>-<...>",
+        "<task type>" or "<query|document>" (the first found; sentence-transformers' order), else none."""
+        if kwargs:
+            raise TypeError(f"encode (MTEB): unexpected keyword argument(s) {sorted(kwargs)}")
+        kind = getattr(prompt_type, "value", prompt_type)
+        keys = [f"{task_metadata.name}-{kind}", task_metadata.name, f"{task_metadata.type}-{kind}",
+                task_metadata.type, kind]
+        instruction = next((self.prompts[k] for k in keys if k in self.prompts), None)
+        items = []
+        for batch in loader:
+            texts, images = batch.get("text"), batch.get("image")
+            if texts is None and images is None:
+                raise ValueError(f"encode (MTEB task {task_metadata.name}): a batch with neither 'text' nor "
+                                 f"'image' (keys {sorted(batch)})")
+            for i in range(len(texts) if texts is not None else len(images)):
+                text = texts[i] if texts is not None else None
+                image = images[i] if images is not None else None
+                name = f"{task_metadata.name} {kind or 'input'} {len(items)}"
+                if image is not None and text:
+                    side = [image, {"text": text}]
+                else:
+                    side = image if image is not None else text
+                items.append((side, name, instruction))
+        return self.encode_items(items, batch_size=batch_size, show_progress=show_progress, packed=packed,
+                                 normalize=normalize).numpy()
 
     @torch.inference_mode()
     def encode_items(self, items: Sequence[tuple], root: Optional[Path] = None, batch_size: int = 32,
                      show_progress: bool = False, packed: bool = True,
-                     device: Optional[Union[str, torch.device]] = None, desc: str = "encode") -> torch.Tensor:
+                     device: Optional[Union[str, torch.device]] = None, desc: str = "encode",
+                     normalize: Optional[bool] = None) -> torch.Tensor:
         """Embed ``(side, name, instruction)`` items (record sides; see :mod:`moca.data.retrieval`), relative
-        image paths resolved against ``root``. Returns float32 [n, H] on the CPU, in order."""
+        image paths resolved against ``root``. Returns float32 [n, H] on the CPU, in order, L2-normalised
+        when ``normalize`` (default: the model's setting)."""
         if batch_size < 1:
             raise ValueError(f"encode: batch_size must be >= 1, got {batch_size}")
         dev = self.device
@@ -258,10 +360,28 @@ class MocaEmbedder(nn.Module):
                 except BadRecord as exc:   # "record texts[3]: ..." -> "encode: texts[3]: ..."
                     raise ValueError(f"encode: {str(exc).removeprefix('record ')}") from exc
                 batch = self.collate(samples, packed=packed).to(dev)
-                out.append(self(batch).float().cpu())
+                out.append(self(batch, normalize=normalize).float().cpu())
         finally:
             self.train(was_training)
         return torch.cat(out) if out else torch.zeros(0, self.dim)
+
+
+def _is_dataloader(x) -> bool:
+    return isinstance(x, torch.utils.data.DataLoader)
+
+
+def _one_instruction(instruction, prompt, prompt_name, prompts: dict):
+    """``instruction``, or its sentence-transformers names ``prompt`` / ``prompt_name`` (one of them)."""
+    given = [n for n, v in (("instruction", instruction), ("prompt", prompt), ("prompt_name", prompt_name))
+             if v is not None]
+    if len(given) > 1:
+        raise TypeError(f"encode: give one of instruction / prompt / prompt_name, got {' and '.join(given)}")
+    if prompt_name is not None:
+        if prompt_name not in prompts:
+            raise ValueError(f"encode: prompt_name={prompt_name!r} is not in model.prompts "
+                             f"({sorted(prompts) or 'empty'}); set model.prompts[{prompt_name!r}] = '...'")
+        return prompts[prompt_name]
+    return prompt if prompt is not None else instruction
 
 
 def resolve_device(spec, what: str = "device") -> torch.device:

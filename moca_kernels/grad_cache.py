@@ -75,7 +75,9 @@ class GradCache:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    The returned loss is detached. Gradients accumulate into ``.grad`` as a normal backward would.
+    The returned loss is detached. Gradients accumulate into ``.grad`` as a normal backward would. Inside a
+    trainer that calls ``backward`` itself (sentence-transformers, transformers, accelerate), use
+    :meth:`loss` instead: the second pass then runs from the loss's backward, with the trainer's scaling.
     """
 
     def __init__(self, encoders: Union[Encoder, Sequence[Encoder]], loss_fn: Callable[..., torch.Tensor],
@@ -108,6 +110,24 @@ class GradCache:
 
         batches: one per embedding matrix the loss takes (e.g. queries, documents). loss_kwargs go to loss_fn.
         """
+        loss = self.loss(*batches, **loss_kwargs)
+        with _outside_autocast():
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return loss.detach()
+
+    def loss(self, *batches, **loss_kwargs) -> torch.Tensor:
+        """The first pass and the loss; the second pass runs when the returned loss is back-propagated.
+
+        For trainers that call ``backward`` themselves (sentence-transformers, transformers' ``Trainer``,
+        accelerate): the returned float scalar requires grad, and ``(c * loss).backward()`` (a gradient
+        accumulation divisor, a GradScaler's scale, a loss weight) re-encodes every chunk from a backward hook
+        and back-propagates ``c`` times the cached embedding gradients, so parameter gradients are exactly
+        those of ``(c * loss).backward()`` through one full-batch forward. The second pass replays each chunk
+        under the RNG state and the autocast settings of its first pass. ``self.scaler`` is not applied here
+        (scale the loss yourself, as the trainer does). Under ``torch.no_grad()`` only the first pass runs
+        (evaluation). Each backward of the loss re-encodes once; a loss that is never back-propagated
+        costs no second pass.
+        """
         if not batches:
             raise ValueError("GradCache.step: no batch given")
         encoders = self._per_batch(self.encoders, len(batches), "encoders")
@@ -128,22 +148,27 @@ class GradCache:
                     outs.append(_embedding(_call(enc, chunk)))
                 states.append(rng)
                 rows.append([o.shape[0] for o in outs])
-                embeddings.append(torch.cat(outs).detach().requires_grad_(True))
+                embeddings.append(torch.cat(outs))
 
-        # 2. the loss on the whole batch, and its gradient w.r.t. the embeddings
+        # 2. the loss on the whole batch; backward reaches the embeddings through _SecondPass, which then
+        # runs step 3 (re-encode each chunk with grad, push the embedding gradient of that chunk through it)
+        grad_mode = torch.is_grad_enabled()
+        if grad_mode:
+            replay = _Replay(self, encoders, chunks, states, rows, _autocast_state())
+            embeddings = list(_SecondPass.apply(replay, torch.empty(0, requires_grad=True), *embeddings))
         loss = self.loss_fn(*embeddings, **loss_kwargs)
         if not torch.is_tensor(loss) or loss.numel() != 1:
             raise TypeError("GradCache: loss_fn must return a scalar tensor")
-        if not loss.requires_grad:
+        if grad_mode and not loss.requires_grad:
             raise RuntimeError("GradCache: the loss does not depend on the embeddings (no grad_fn)")
-        with _outside_autocast():
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return loss
 
-        # 3. re-encode each chunk with grad under its first-pass RNG state; push the cached gradient through it.
+    def _second_pass(self, encoders, chunks, states, rows, autocast, grads) -> None:
+        """Step 3: re-encode each chunk with grad under its first-pass RNG state and autocast settings, and
+        back-propagate its slice of ``grads`` (one per batch, None for a batch the loss ignores)."""
         # Batches whose embeddings got no gradient (the loss ignores them) are not re-encoded.
-        work = [(b, i) for b in range(len(batches)) if embeddings[b].grad is not None
-                for i in range(len(chunks[b]))]
-        grads = [e.grad.split(r) if e.grad is not None else None for e, r in zip(embeddings, rows)]
+        work = [(b, i) for b in range(len(chunks)) if grads[b] is not None for i in range(len(chunks[b]))]
+        grads = [g.split(r) if g is not None else None for g, r in zip(grads, rows)]
         quiet = self._sync_modules(encoders)
         # a DDP encoder syncs on the last chunk it encodes; modules named in sync_modules on the last chunk of all
         last_use = [max((n for n, (b, _) in enumerate(work) if encoders[b] is m or _named(m, self.sync_modules)),
@@ -155,13 +180,13 @@ class GradCache:
                     if n != last:
                         stack.enter_context(m.no_sync())
                 stack.enter_context(states[b][i].replay())
-                out = _embedding(_call(encoders[b], chunks[b][i]))
+                with torch.enable_grad(), _autocast_region(autocast):
+                    out = _embedding(_call(encoders[b], chunks[b][i]))
                 if out.shape != grad.shape:
                     raise RuntimeError(f"GradCache: chunk {i} of batch {b} re-encoded to shape "
                                        f"{tuple(out.shape)}, its first pass gave {tuple(grad.shape)}")
                 stack.enter_context(_outside_autocast())
-                out.backward(grad.to(out.dtype))
-        return loss.detach()
+                torch.autograd.backward(out, grad.to(out.dtype))
 
     # -----------------------------------------------------------------------------------------------------
 
@@ -184,6 +209,50 @@ class GradCache:
             if not hasattr(m, "no_sync"):
                 raise TypeError(f"GradCache: sync_modules entries need no_sync() (DDP), got {type(m).__name__}")
         return mods
+
+
+class _Replay:
+    """What the second pass needs, kept by :class:`_SecondPass` until backward."""
+
+    def __init__(self, cache, encoders, chunks, states, rows, autocast):
+        self.cache, self.encoders, self.chunks, self.states = cache, encoders, chunks, states
+        self.rows, self.autocast = rows, autocast
+
+
+class _SecondPass(torch.autograd.Function):
+    """Identity on the first-pass embeddings; its backward receives d loss / d embeddings (times whatever the
+    caller scaled the loss by) and runs the second pass with them. ``anchor`` (an empty tensor that requires
+    grad) puts the function into the graph although the embeddings themselves were computed without grad."""
+
+    @staticmethod
+    def forward(ctx, replay, anchor, *embeddings):
+        ctx.replay = replay
+        ctx.set_materialize_grads(False)
+        return tuple(e.detach() for e in embeddings)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        r = ctx.replay
+        r.cache._second_pass(r.encoders, r.chunks, r.states, r.rows, r.autocast, list(grads))
+        return (None, None) + (None,) * len(grads)
+
+
+def _autocast_state() -> list:
+    """(device, dtype, cache_enabled) of every autocast region enclosing the first pass."""
+    return [(d, torch.get_autocast_dtype(d), torch.is_autocast_cache_enabled())
+            for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+
+
+def _autocast_region(state) -> contextlib.ExitStack:
+    """Re-enter the first pass's autocast settings (a backward hook runs outside the caller's regions)."""
+    stack = contextlib.ExitStack()
+    on = {d for d, _, _ in state}
+    for device in ("cpu", "cuda"):
+        if device not in on and torch.is_autocast_enabled(device):
+            stack.enter_context(torch.autocast(device, enabled=False))
+    for device, dtype, cache in state:
+        stack.enter_context(torch.autocast(device, dtype=dtype, cache_enabled=cache))
+    return stack
 
 
 def _outside_autocast() -> contextlib.ExitStack:

@@ -85,7 +85,8 @@ class EvalConfig:
     packed: bool = True
     recall_k: List[int] = field(default_factory=lambda: [1, 5, 10])
     ndcg_k: int = 5
-    output: str = "runs/eval/results.json"
+    output_dir: Optional[str] = None                        # results.json goes here (default runs/eval)
+    output: Optional[str] = None                            # alias: the results file itself (older configs)
     show_progress: bool = True
 
     def __post_init__(self):
@@ -99,6 +100,16 @@ class EvalConfig:
         self.recall_k = list(self.recall_k)
         if self.batch_size < 1 or self.ndcg_k < 1 or any(k < 1 for k in self.recall_k):
             raise ValueError("batch_size, ndcg_k and every recall_k must be >= 1")
+        if self.output_dir is not None and self.output is not None:
+            raise ValueError(f"give output_dir (a folder for results.json) or output (the results file), not both "
+                             f"(output_dir={self.output_dir!r}, output={self.output!r})")
+
+    @property
+    def results_path(self) -> Path:
+        """Where the results JSON goes: ``<output_dir>/results.json``, or ``output`` when that is given."""
+        if self.output is not None:
+            return Path(self.output)
+        return Path(self.output_dir or "runs/eval") / "results.json"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -281,8 +292,8 @@ def embedded_tasks(out_dir, seed: int = 0) -> List[EvalTask]:
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    """Load the model, run the tasks, write ``cfg.output`` (JSON); returns the results."""
-    out = Path(cfg.output)
+    """Load the model, run the tasks, write ``cfg.results_path`` (JSON); returns the results."""
+    out = cfg.results_path
     tasks = cfg.tasks or embedded_tasks(cfg.embedded_dir or out.parent / "eval_data", cfg.embedded_seed)
     model = load_embedder(cfg.model)
     results = evaluate(model, tasks, cfg)
@@ -300,7 +311,7 @@ def _eval_command(args) -> int:
     results = run_eval(cfg)
     print(f"model: {results['model']}")
     print(results_table(results))
-    print(f"results written to {cfg.output}")
+    print(f"results written to {cfg.results_path}")
     return 0
 
 
@@ -311,6 +322,9 @@ def add_cli(sub, train_sub) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (overrides model.path)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set batch_size=64 (repeatable)")
+    from ..cli import add_output_dir_override
+
+    add_output_dir_override(p, "output_dir")
     p.set_defaults(func=_eval_command)
 
 

@@ -403,4 +403,7 @@ def add_cli(sub, train_sub) -> None:
                         "moca/configs/cl_tiny.yaml is the CPU recipe)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.max_steps=20 (repeatable)")
+    from ..cli import add_output_dir_override
+
+    add_output_dir_override(p, "train.output_dir")
     p.set_defaults(func=_train_cl)

@@ -19,12 +19,14 @@ from ..dispatch import Backend, Op, triton_interpret, triton_reasons
 
 _NAME = "info_nce"
 SCOPES = ("batch", "own")
+LAYOUTS = ("grouped", "columns")
 
 
 def info_nce(query: torch.Tensor, doc: torch.Tensor, temperature: Union[float, torch.Tensor] = 0.03,
              positive_index: Optional[torch.Tensor] = None, impl: Optional[str] = None, *,
              hard_negatives: int = 0, hard_negative_scope: str = "batch", symmetric: bool = False,
-             doc_ids: Optional[torch.Tensor] = None, group=None) -> torch.Tensor:
+             doc_ids: Optional[torch.Tensor] = None, group=None,
+             hard_negative_layout: str = "grouped") -> torch.Tensor:
     """InfoNCE over similarities q_i . d_j / t (cosine similarities when the embeddings are L2-normalised).
 
     Basic form, with s_ij = q_i . d_j / t and p(i) = positive_index[i]::
@@ -38,12 +40,19 @@ def info_nce(query: torch.Tensor, doc: torch.Tensor, temperature: Union[float, t
 
     Args:
         query: [B, D] float32 / float16 / bfloat16 (float64 on the torch backend).
-        doc: [M, D], same dtype as query. Layout with ``hard_negatives = k > 0``: the first M - B k rows are the
-            in-batch documents (usually the positives), then k hard negatives per query, query i's at rows
-            M - B k + i k ... M - B k + i k + k - 1::
+        doc: [M, D], same dtype as query. Layout with ``hard_negatives = k > 0``: the first P = M - B k rows are
+            the in-batch documents (usually the positives), then the B k hard negatives, h_i,r = query i's r-th.
+            ``hard_negative_layout="grouped"`` (default): query i's k at rows P + i k ... P + i k + k - 1::
 
                 doc = [ d_0 ... d_{P-1} | h_0,0 ... h_0,k-1 | h_1,0 ... h_1,k-1 | ... | h_{B-1},k-1 ]
                         P = M - B k rows    query 0's k         query 1's k
+
+            ``hard_negative_layout="columns"`` (sentence-transformers' order: ``torch.cat([positive,
+            negative_1, ..., negative_k])``): every query's first negative, then every query's second, ...,
+            h_i,r at row P + r B + i::
+
+                doc = [ d_0 ... d_{P-1} | h_0,0 ... h_{B-1},0 | h_0,1 ... h_{B-1},1 | ... | h_{B-1},k-1 ]
+                        P = M - B k rows    every first negative  every second negative
 
         temperature: float > 0, or a tensor of one element (> 0) that then receives a gradient
             d loss / d t = -(1/t) mean_i ( E_{softmax_i}[s_ij] - s_i,p(i) ).
@@ -74,6 +83,11 @@ def info_nce(query: torch.Tensor, doc: torch.Tensor, temperature: Union[float, t
             rank that owns each embedding, summed over every rank's loss; a DDP step, which averages
             parameter gradients over ranks, therefore equals single-process training on the global batch.
             Every rank must call with the same options.
+        hard_negative_layout: "grouped" (default) or "columns": the order of the hard negatives in ``doc``
+            (above). Only the order of the input differs: the loss is the same once each layout holds the same
+            negatives; "columns" indexes ``positive_index`` and ``doc_ids`` in its own order too. It costs one
+            copy of the B k hard-negative rows (and their ``doc_ids``). With ``group=``, each rank's ``doc``
+            in this layout.
 
     Returns:
         float32 scalar (float64 on the torch backend for float64 inputs).
@@ -94,11 +108,30 @@ def info_nce(query: torch.Tensor, doc: torch.Tensor, temperature: Union[float, t
         on different devices. Under torch.compile the two value checks (positive_index range, a tensor
         temperature > 0) are asserts inside the graph, so fullgraph=True works; they raise RuntimeError.
     """
+    if hard_negative_layout not in LAYOUTS:
+        raise ValueError(f"{_NAME}: hard_negative_layout must be one of {LAYOUTS}, got {hard_negative_layout!r}")
     k = _validate(query, doc, temperature, positive_index, hard_negatives, hard_negative_scope, symmetric,
                   doc_ids, group)
+    if hard_negative_layout == "columns" and k > 1:
+        doc, positive_index, doc_ids = _columns_to_grouped(doc, positive_index, doc_ids, query.shape[0], k)
     with _no_autocast(query.device):  # the inputs' own precision (above), whatever autocast region encloses us
         return _info_nce(query, doc, temperature, positive_index, impl, k, hard_negative_scope, symmetric, doc_ids,
                          group)
+
+
+def _columns_to_grouped(doc, positive_index, doc_ids, B: int, k: int):
+    """doc (and doc_ids) with the hard negatives reordered from the "columns" to the "grouped" layout;
+    positive_index remapped to the new rows. Differentiable (a gather)."""
+    P = doc.shape[0] - B * k
+    hard = doc[P:].unflatten(0, (k, B)).transpose(0, 1).flatten(0, 1)        # column r*B+i -> row i*k+r
+    doc = torch.cat([doc[:P], hard])
+    if doc_ids is not None:
+        doc_ids = torch.cat([doc_ids[:P], doc_ids[P:].unflatten(0, (k, B)).transpose(0, 1).flatten(0, 1)])
+    if positive_index is not None:
+        c = positive_index.long() - P
+        grouped = P + (c % B) * k + torch.div(c, B, rounding_mode="floor")          # row P + r B + i -> P + i k + r
+        positive_index = torch.where(c < 0, positive_index.long(), grouped)
+    return doc, positive_index, doc_ids
 
 
 def _no_autocast(device: torch.device):
