@@ -207,7 +207,8 @@ def _open(path, max_pixels: Optional[int]):
         raise ImageError(f"image {p} has more than {2 * Image.MAX_IMAGE_PIXELS} pixels, more than max_image_pixels "
                          f"({max_pixels}); it was not decoded", "image_too_large") from exc
     except UnidentifiedImageError as exc:
-        raise ImageError(f"image {p} is not an image file Pillow can read", "not_an_image") from exc
+        raise ImageError(f"image {p} cannot be read: not an image file (Pillow does not recognise its format)",
+                         "not_an_image") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(f"image {p} cannot be read ({type(exc).__name__}: {exc})"[:300], "corrupt_image") from exc
     w, h = im.size
