@@ -4,6 +4,11 @@ The same rules as the Qwen2-VL image processor (its ``smart_resize``, bicubic re
 CLIP mean/std, the 2x2-merge-block-major patch order), written here so that the tiny default model and a real
 checkpoint share one code path and no image library beyond Pillow is needed. A checkpoint's
 ``preprocessor_config.json`` supplies its own mean, std and pixel bounds (:meth:`ImageSpec.from_pretrained`).
+
+Reading the images that data records name goes through two functions here, for every reader of record files
+(Stage 1 and 2 loaders, evaluation, format readers): :func:`resolve_image_path` (a record's path, confined to its
+data folder unless allowed) and :func:`open_image` / :func:`check_image` (a pixel bound checked from the header
+before decoding, Qwen's shape rule, every failure an :class:`ImageError` naming the file with a reason).
 """
 
 from __future__ import annotations

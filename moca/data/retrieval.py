@@ -19,8 +19,10 @@ A **pair record** (one JSONL line of a Stage 2 subset)::
 
     {"id": "...", "query": SIDE, "positive": SIDE, "negatives": [SIDE, ...]}
 
-Problems raise :class:`~moca.data.processor.BadRecord` naming the item (``texts[3]``, ``scenes.jsonl:17 query``):
-a missing image file, an unreadable image, an empty text, an empty side.
+Problems raise :class:`~moca.data.processor.BadRecord` naming the item (``texts[3]``, ``scenes.jsonl:17 query``)
+and a reason: a missing or unreadable image, an image path leading out of the data folder (records only; see
+:func:`moca.data.images.resolve_image_path`), an image above the pixel bound or of an unusable shape, an empty
+text, a vision placeholder token in a text, an empty side.
 """
 
 from __future__ import annotations
