@@ -197,10 +197,16 @@ def _open(path, max_pixels: Optional[int]):
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path)
-    if not p.exists():
+    try:
+        exists, is_dir, is_file = p.exists(), p.is_dir(), p.is_file()
+    except (OSError, ValueError) as exc:            # a NUL byte, a name too long, no permission
+        raise ImageError(f"image path {str(path)!r} cannot be used ({exc})", "missing_image") from exc
+    if not exists:
         raise ImageError(f"image file {p} does not exist", "missing_image")
-    if p.is_dir():
+    if is_dir:
         raise ImageError(f"image {p} is a directory, not an image file", "missing_image")
+    if not is_file:                                 # a pipe or a device would block or never end
+        raise ImageError(f"image {p} is not a regular file", "not_an_image")
     pil_limit = Image.MAX_IMAGE_PIXELS
     if pil_limit is not None and (max_pixels is None or 2 * pil_limit < max_pixels):
         Image.MAX_IMAGE_PIXELS = None if max_pixels is None else max_pixels   # ours is the bound that applies

@@ -63,6 +63,15 @@ def segments_of(record: dict, record_id: str) -> List[dict]:
     return out
 
 
+def check_text(text: str, record_id: str) -> None:
+    """BadRecord for a text the tokenizer cannot take: one holding a lone surrogate (JSON allows ``"\\ud800"``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadRecord(record_id, f"text is not valid Unicode ({exc.reason} at character {exc.start})",
+                        "malformed") from exc
+
+
 def load_record_image(path, root, spec: ImageSpec, record_id: str):
     """The decoded RGB image a record names: the path resolved against ``root`` (and confined to it, unless
     ``root.allow_outside``), the pixel bound and Qwen's shape rule checked from the header first. Any problem
@@ -115,6 +124,7 @@ class MocaProcessor:
         return len(self.tokenizer)
 
     def encode_text(self, text: str, record_id: str = "") -> List[int]:
+        check_text(text, record_id)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         bad = {self.ids["image_pad"], self.ids["video_pad"], self.ids["vision_start"], self.ids["vision_end"]} & set(ids)
         if bad:

@@ -43,7 +43,7 @@ from .batch import Sample
 from .images import (DEFAULT_MAX_IMAGE_PIXELS, VISION_TOKENS, ImageError, ImageSpec, check_image, image_root,
                      preprocess_image, resolve_image_path)
 from .loader import WARN_FIRST, RecordSet, parse_record_line, read_lines
-from .processor import BadRecord, MocaProcessor, load_record_image
+from .processor import BadRecord, MocaProcessor, check_text, load_record_image
 from .sampler import TaskBatchSampler
 
 log = logging.getLogger("moca.data")
@@ -137,6 +137,7 @@ def check_side(side, where: str, root=None, spec: Optional[ImageSpec] = None) ->
     root = image_root(root)
     for s in segs:
         if "text" in s:
+            check_text(s["text"], where)
             found = [t for t in VISION_TOKENS if t in s["text"]]
             if found:
                 raise BadRecord(where, f"text contains the vision placeholder token {found[0]} (only images may "

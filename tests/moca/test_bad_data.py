@@ -39,6 +39,7 @@ KINDS = {
     "not_image": (r"not_image.png cannot be read: not an image file", "not_an_image"),
     "thin": (r"thin.png \(400 x 1\) cannot be used: image aspect ratio 400 is above 200", "bad_image_size"),
     "vision_token": (r"text contains the vision placeholder token <\|image_pad\|>", "vision_token_in_text"),
+    "surrogate": (r"text is not valid Unicode \(surrogates not allowed", "malformed"),   # was a tokenizer TypeError
 }
 IMAGE_OF = {"bomb": "bomb.png", "truncated": "truncated.png", "not_image": "not_image.png", "thin": "thin.png"}
 
@@ -77,7 +78,7 @@ def _bad_line(kind: str, stage: str) -> bytes:
     if kind == "deep":
         return b'{"id": "bad_deep", "text": "x", "extra": ' + b"[" * 50000 + b"]" * 50000 + b"}"
     img = IMAGE_OF.get(kind, "g9.png")
-    text = "look <|image_pad|> here" if kind == "vision_token" else "a caption"
+    text = {"vision_token": "look <|image_pad|> here", "surrogate": "a \ud800 b"}.get(kind, "a caption")
     if stage == "cpt":
         rec = {"id": f"bad_{kind}", "content": [{"text": text}, {"image": img}]}
     else:
@@ -221,6 +222,8 @@ def test_pixel_bound_is_configurable_and_checked_from_the_header(tmp_path):
     assert e.value.reason == "image_too_large"
     assert open_image(d / "g0.png", max_pixels=3136).size == (56, 56)
     check_image(d / "bomb.png", max_pixels=None)            # header only: nothing decoded, no bound
+    with pytest.raises(ImageError, match=r"/dev/null is not a regular file"):   # a pipe or device: never read
+        open_image("/dev/null")
     f = _write(d, "cpt", [], n_good=4)
     with pytest.raises(BadRecord, match=r"r\d \(train.jsonl:\d\): image .* more than max_image_pixels \(3000\)"):
         run_cpt(_cpt(f, tmp_path / "run", "data.max_image_pixels=3000"), DistEnv())
