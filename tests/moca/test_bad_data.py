@@ -337,8 +337,15 @@ def test_outside_paths_are_used_with_the_option_and_inside_paths_always(tmp_path
                            skip_bad=True, max_samples=1)
     assert [s.record_id for s in loader.next_micro_batch()] == ["r (t.jsonl:1)"]
     assert dict(loader.skipped) == {"outside_data_folder": 1}
-    # Stage 2 and eval have the same option
-    assert load_config(ClConfig, None, ["data.allow_outside_paths=true"]).data.allow_outside_paths
+    # Stage 2 has the same option
+    pairs = [{"id": f"r{i}", "query": f"q{i}", "positive": {"image": f"g{i}.png"},
+              "negatives": [{"image": [esc["dotdot"], esc["absolute"], esc["symlink"]][i % 3]}]} for i in range(4)]
+    h = d / "pairs.jsonl"
+    h.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    with pytest.raises(BadRecord, match=r"r0 \(pairs.jsonl:1\) negatives\[0\]: .*outside the data folder"):
+        run_cl(_cl(h, tmp_path / "cl", "train.max_steps=1"), DistEnv())
+    hist = run_cl(_cl(h, tmp_path / "cl", "train.max_steps=1", "data.allow_outside_paths=true"), DistEnv())
+    assert hist[-1]["skipped"] == 0 and np.isfinite(hist[-1]["loss"])
     assert from_dict(EvalConfig, {"allow_outside_paths": True}).allow_outside_paths
     side = {"image": esc["dotdot"]}
     with pytest.raises(BadRecord, match="outside the data folder"):
@@ -356,3 +363,21 @@ def test_direct_encode_calls_are_not_confined(tmp_path):
     assert resolve_image_path("/abs/x.png") == Path("/abs/x.png")      # no root: as given
     with pytest.raises(ValueError, match=r"images\[0\].*cannot be read: not an image file"):
         model.encode(images=["/etc/passwd"])                  # used as given, and still checked
+
+
+def test_eval_tasks_refuse_outside_paths_unless_allowed(tmp_path, opened):
+    from moca.embedding import MocaEmbedder
+    from moca.eval import EvalTask, run_candidates
+
+    d, esc = _escapes(tmp_path)
+    f = d / "task.jsonl"
+    f.write_text(json.dumps({"id": "q1", "query": "a red square", "answer": 0,
+                             "candidates": [{"image": "g0.png"}, {"image": esc["dotdot"]}]}) + "\n")
+    task = EvalTask(name="t", type="candidates", file=str(f))
+    model = MocaEmbedder.tiny(image_size=56)
+    with pytest.raises(ValueError, match=r"eval task t: q1 \(task.jsonl:1\) candidates\[1\]: image path "
+                                         r"'../outside.png' resolves to .*outside the data folder"):
+        run_candidates(model, task, from_dict(EvalConfig, {"show_progress": False}))
+    assert not [p for p in opened if Path(p).name == "outside.png"]
+    out = run_candidates(model, task, from_dict(EvalConfig, {"show_progress": False, "allow_outside_paths": True}))
+    assert out["n_queries"] == 1 and any(Path(p).name == "outside.png" for p in opened)
