@@ -381,3 +381,19 @@ def test_eval_tasks_refuse_outside_paths_unless_allowed(tmp_path, opened):
     assert not [p for p in opened if Path(p).name == "outside.png"]
     out = run_candidates(model, task, from_dict(EvalConfig, {"show_progress": False, "allow_outside_paths": True}))
     assert out["n_queries"] == 1 and any(Path(p).name == "outside.png" for p in opened)
+
+
+@pytest.mark.parametrize("path, says", [("x" * 5000 + ".png", "cannot be used .*File name too long"),
+                                        ("a\x00b.png", "cannot be resolved .*null byte")], ids=["long", "nul"])
+def test_odd_image_paths_are_bad_records_naming_the_record(tmp_path, path, says):
+    d = tmp_path / "data"
+    _images(d)
+    f = d / "t.jsonl"
+    f.write_text(json.dumps({"id": "ok", "text": "fine"}) + "\n" +
+                 json.dumps({"id": "odd", "content": [{"text": "x"}, {"image": path}]}) + "\n")
+    loader = PackingLoader(RecordSet(f), MocaProcessor.tiny(56), 512, shuffle=False, max_samples=1)
+    with pytest.raises(BadRecord, match=rf"record odd \(t.jsonl:2\): image .*{says}"):   # was an OSError traceback
+        loader.next_micro_batch()
+    loader = PackingLoader(RecordSet(f), MocaProcessor.tiny(56), 512, shuffle=False, max_samples=1, skip_bad=True)
+    assert [s.record_id for s in loader.next_micro_batch()] == ["ok (t.jsonl:1)"]
+    assert dict(loader.skipped) == {"missing_image": 1}
