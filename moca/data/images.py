@@ -4,12 +4,20 @@ The same rules as the Qwen2-VL image processor (its ``smart_resize``, bicubic re
 CLIP mean/std, the 2x2-merge-block-major patch order), written here so that the tiny default model and a real
 checkpoint share one code path and no image library beyond Pillow is needed. A checkpoint's
 ``preprocessor_config.json`` supplies its own mean, std and pixel bounds (:meth:`ImageSpec.from_pretrained`).
+
+Reading the images that data records name goes through two functions here, for every reader of record files
+(Stage 1 and 2 loaders, evaluation, format readers): :func:`resolve_image_path` (a record's path, confined to its
+data folder unless allowed) and :func:`open_image` / :func:`check_image` (a pixel bound checked from the header
+before decoding, Qwen's shape rule, every failure an :class:`ImageError` naming the file with a reason).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -105,10 +113,167 @@ def preprocess_image(image, spec: ImageSpec) -> Tuple[torch.Tensor, Tuple[int, i
     return x.reshape(gh * gw, 3 * tp * p * p).contiguous(), (1, gh, gw)
 
 
-def load_image(path) -> "Image.Image":
-    """Open and fully decode an image (raises OSError / ValueError for missing or corrupt files)."""
-    from PIL import Image
+# ------------------------------------------------------------------------------------------------------------
+# Reading images named by data records: where a path may point, how big an image may be, what counts as bad
+# ------------------------------------------------------------------------------------------------------------
 
-    with Image.open(path) as im:
-        im.load()
-        return im.convert("RGB")
+DEFAULT_MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+"""Default bound on an image's width x height (67,108,864 = 8192 x 8192, 192 MiB as RGB), read from the file's
+header before anything is decoded; larger images are refused (config key ``max_image_pixels``; null = no bound)."""
+
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+"""Qwen's vision placeholders: only the processor may put them in a sequence; a record's text must not hold them."""
+
+
+class ImageError(ValueError):
+    """An image a record names cannot be used. ``reason`` is a short category for skip counts: ``missing_image``,
+    ``outside_data_folder``, ``not_an_image``, ``image_too_large``, ``bad_image_size``, ``corrupt_image``."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ImageRoot:
+    """Where the image paths of one data file may point, and how big their images may be.
+
+    Attributes:
+        folder: relative paths resolve against it (the data file's folder, or a configured image root).
+        allow_outside: False (default): a path that resolves outside ``folder`` (``../``, an absolute path
+            elsewhere, a symlink out) is refused; True: any path is used as given.
+        max_pixels: bound on width x height, checked from the header (None = no bound).
+    """
+
+    folder: Path
+    allow_outside: bool = False
+    max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS
+
+    def resolve(self, path) -> Path:
+        return resolve_image_path(path, self.folder, self.allow_outside)
+
+
+def image_root(root) -> Optional[ImageRoot]:
+    """``root`` as an :class:`ImageRoot`: None stays None (paths given directly by a caller, not by a data
+    record: used as given), a folder becomes a confined ImageRoot with the default pixel bound."""
+    if root is None or isinstance(root, ImageRoot):
+        return root
+    return ImageRoot(Path(root))
+
+
+def resolve_image_path(path, root=None, allow_outside: bool = False) -> Path:
+    """The file a record's image path names.
+
+    Args:
+        path: the path as written in the record (str or PathLike).
+        root: the folder relative paths resolve against (an :class:`ImageRoot` brings its own
+            ``allow_outside``); None = a path given directly by a caller: returned as given, never confined.
+        allow_outside: allow paths that resolve (symlinks followed) outside ``root``.
+
+    Returns the path to open: under confinement the resolved real path (so a symlink cannot be swapped between
+    the check and the open). Raises :class:`ImageError` (reason ``outside_data_folder``) naming the path, what it
+    resolves to and the folder.
+    """
+    if isinstance(root, ImageRoot):
+        root, allow_outside = root.folder, root.allow_outside or allow_outside
+    p = Path(path)
+    if root is None:
+        return p
+    full = p if p.is_absolute() else Path(root) / p
+    if allow_outside:
+        return full
+    try:
+        real, real_root = Path(os.path.realpath(full)), Path(os.path.realpath(root))
+    except (OSError, ValueError) as exc:       # a NUL byte, a symlink loop on some platforms
+        raise ImageError(f"image path {str(path)!r} cannot be resolved ({exc})", "missing_image") from exc
+    if not real.is_relative_to(real_root):
+        raise ImageError(f"image path {str(path)!r} resolves to {real}, outside the data folder {real_root} "
+                         f"(allow_outside_paths: true in the data / eval config allows it)", "outside_data_folder")
+    return real
+
+
+def _open(path, max_pixels: Optional[int]):
+    """Image.open (header only) with moca's pixel bound in place of Pillow's; ImageError for every failure."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    try:
+        exists, is_dir, is_file = p.exists(), p.is_dir(), p.is_file()
+    except (OSError, ValueError) as exc:            # a NUL byte, a name too long, no permission
+        raise ImageError(f"image path {str(path)!r} cannot be used ({exc})", "missing_image") from exc
+    if not exists:
+        raise ImageError(f"image file {p} does not exist", "missing_image")
+    if is_dir:
+        raise ImageError(f"image {p} is a directory, not an image file", "missing_image")
+    if not is_file:                                 # a pipe or a device would block or never end
+        raise ImageError(f"image {p} is not a regular file", "not_an_image")
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    if pil_limit is not None and (max_pixels is None or 2 * pil_limit < max_pixels):
+        Image.MAX_IMAGE_PIXELS = None if max_pixels is None else max_pixels   # ours is the bound that applies
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(p)
+    except Image.DecompressionBombError as exc:      # above twice Pillow's own bound, which is above ours
+        raise ImageError(f"image {p} has more than {2 * Image.MAX_IMAGE_PIXELS} pixels, more than max_image_pixels "
+                         f"({max_pixels}); it was not decoded", "image_too_large") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"image {p} cannot be read: not an image file (Pillow does not recognise its format)",
+                         "not_an_image") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageError(f"image {p} cannot be read ({type(exc).__name__}: {exc})"[:300], "corrupt_image") from exc
+    w, h = im.size
+    if max_pixels is not None and w * h > max_pixels:
+        im.close()
+        raise ImageError(f"image {p} is {w} x {h} = {w * h} pixels, more than max_image_pixels ({max_pixels}); "
+                         "it was not decoded", "image_too_large")
+    if min(w, h) <= 0:
+        im.close()
+        raise ImageError(f"image {p} has an empty side ({w} x {h})", "bad_image_size")
+    return im
+
+
+def check_image_size(width: int, height: int, spec: ImageSpec, what: str = "image") -> None:
+    """Raise ImageError (reason ``bad_image_size``) when Qwen's resize rule cannot use a width x height image
+    (an empty side, an aspect ratio above 200: e.g. 1 x 400)."""
+    factor = spec.patch_size * spec.merge_size
+    try:
+        h, w = smart_resize(height, width, factor, spec.min_pixels, spec.max_pixels)
+    except ValueError as exc:
+        raise ImageError(f"{what} ({width} x {height}) cannot be used: {exc}", "bad_image_size") from exc
+    if h < factor or w < factor:
+        raise ImageError(f"{what} ({width} x {height}) resizes to {w} x {h}, smaller than one "
+                         f"{factor} x {factor} merged patch", "bad_image_size")
+
+
+def check_image(path, spec: Optional[ImageSpec] = None, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+    """Check an image file from its header alone (nothing is decoded): it exists, Pillow knows its format,
+    width x height is within ``max_pixels`` and (with ``spec``) Qwen's resize rule can use its shape.
+    A file damaged after its header passes; :func:`open_image` finds that. Raises :class:`ImageError`."""
+    with _open(path, max_pixels) as im:
+        if spec is not None:
+            check_image_size(im.width, im.height, spec, f"image {path}")
+
+
+def open_image(path, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, spec: Optional[ImageSpec] = None):
+    """Open and fully decode an image as RGB; the one place moca reads image files.
+
+    Checks before decoding: the file exists, its header names a known format, width x height <= ``max_pixels``
+    (None = no bound; a bound above Pillow's own ``Image.MAX_IMAGE_PIXELS`` raises Pillow's to it) and, with
+    ``spec``, the shape suits Qwen's resize rule. Raises :class:`ImageError` naming the file and the cause
+    (also for a truncated or corrupt file found while decoding).
+    """
+    with _open(path, max_pixels) as im:
+        if spec is not None:
+            check_image_size(im.width, im.height, spec, f"image {path}")
+        try:
+            im.load()
+            return im.convert("RGB")
+        except (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError) as exc:
+            raise ImageError(f"image {path} cannot be decoded ({type(exc).__name__}: {exc})"[:300],
+                             "corrupt_image") from exc
+
+
+def load_image(path) -> "Image.Image":
+    """Open and fully decode an image (ImageError, a ValueError, for missing, too large or corrupt files)."""
+    return open_image(path)

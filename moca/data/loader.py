@@ -7,9 +7,14 @@ groups consecutive samples into micro-batches of at most ``token_budget`` tokens
 cursor, skip counts) is a small dict: a resumed run continues with exactly the micro-batches an uninterrupted
 run would have seen.
 
-Bad records (missing or corrupt image, no text, longer than the budget, malformed) raise an error naming the
-record and its file line, or, with ``skip_bad=True``, are counted by reason and skipped (a warning for each
-of the first few, the totals in the loader's ``skipped`` dict and the training logs).
+Bad records raise an error naming the record, its file and line, and the reason, or, with ``skip_bad=True``, are
+counted by reason and skipped (a warning naming each of the first 20, the totals in the loader's ``skipped`` dict
+and the training logs). A record is counted once, however many epochs meet it again (the indices of the bad
+records found so far are part of the loader state). Bad: a line that is not UTF-8 or not JSON or nested more
+than 64 levels, no text, a vision placeholder token in the text, longer than the budget, and an image that is
+missing, outside the data folder (see :func:`moca.data.images.resolve_image_path`), not an image, larger than
+``max_image_pixels`` (checked from its header, before decoding), of a shape Qwen's resize rule refuses (aspect
+ratio above 200), or truncated / corrupt.
 """
 
 from __future__ import annotations
@@ -22,9 +27,62 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .batch import Sample
+from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageRoot
 from .processor import BadRecord, MocaProcessor
 
 log = logging.getLogger("moca.data")
+
+
+MAX_NESTING = 64
+"""Records nested deeper than this (lists / objects inside each other) are bad records: no record format needs
+it, and deeper structures overflow Python's recursion limit in the JSON parser and in whatever walks them."""
+
+
+def _too_deep(obj, limit: int = MAX_NESTING) -> bool:
+    stack = [(obj, 1)]
+    while stack:
+        x, d = stack.pop()
+        if isinstance(x, dict):
+            x = list(x.values())
+        elif not isinstance(x, list):
+            continue
+        if d > limit:
+            return True
+        stack += [(v, d + 1) for v in x if isinstance(v, (dict, list))]
+    return False
+
+
+def parse_record_line(raw: Union[str, bytes], where: str):
+    """One JSONL line (bytes as read from the file, or str) -> the parsed value.
+
+    Raises :class:`BadRecord` (reason ``malformed``) naming ``where`` (``file.jsonl:17``) for a line that is not
+    UTF-8 (the byte and its column), not JSON, or nested deeper than :data:`MAX_NESTING`.
+    """
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadRecord(where, f"is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})",
+                            "malformed") from exc
+    try:
+        rec = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise BadRecord(where, f"is not valid JSON ({exc.msg}, column {exc.colno})", "malformed") from exc
+    except RecursionError as exc:
+        raise BadRecord(where, f"is nested too deeply to parse (more than {MAX_NESTING} levels)", "malformed") from exc
+    if _too_deep(rec):
+        raise BadRecord(where, f"is nested more than {MAX_NESTING} levels deep", "malformed")
+    return rec
+
+
+def read_lines(path: Path) -> Iterator[Tuple[int, bytes]]:
+    """(line number, raw bytes) of each non-blank line; decoding is per line (a bad byte spoils one line only)."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if n == 1 and line.startswith(b"\xef\xbb\xbf"):      # a UTF-8 byte order mark
+                line = line[3:]
+            if line.strip():
+                yield n, line
 
 
 class RecordSet:
@@ -32,11 +90,21 @@ class RecordSet:
 
     Args:
         paths: JSONL (``.jsonl`` / ``.json``) or parquet (``.parquet``) files.
+        image_root: folder that relative image paths resolve against (default: each file's own folder).
+        allow_outside_paths: allow image paths that resolve outside that folder (``../``, absolute paths
+            elsewhere, symlinks out); by default they make the record bad.
+        max_image_pixels: bound on an image's width x height, from its header (None = no bound).
     """
 
-    def __init__(self, paths: Union[str, Path, Sequence[Union[str, Path]]]):
+    def __init__(self, paths: Union[str, Path, Sequence[Union[str, Path]]], image_root: Optional[Union[str, Path]] = None,
+                 allow_outside_paths: bool = False, max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
         if isinstance(paths, (str, Path)):
             paths = [paths]
+        if image_root is not None and not Path(image_root).is_dir():
+            raise FileNotFoundError(f"image root {image_root} is not a directory")
+        self.image_root, self.allow_outside_paths = image_root, allow_outside_paths
+        self.max_image_pixels = max_image_pixels
+        self._roots: Dict[Path, ImageRoot] = {}
         self.items: List[Tuple[object, Path, int]] = []     # (raw, file, line/row number)
         for p in map(Path, paths):
             if not p.exists():
@@ -44,10 +112,7 @@ class RecordSet:
             if p.suffix == ".parquet":
                 self._read_parquet(p)
             else:
-                with open(p, encoding="utf-8") as f:
-                    for n, line in enumerate(f, 1):
-                        if line.strip():
-                            self.items.append((line, p, n))
+                self.items += [(line, p, n) for n, line in read_lines(p)]
         if not self.items:
             raise ValueError(f"no records in {', '.join(map(str, paths))}")
 
@@ -57,26 +122,38 @@ class RecordSet:
         except ImportError as exc:
             raise ImportError(f"reading {p} needs pyarrow (pip install pyarrow), or convert it to JSONL") from exc
         for n, row in enumerate(pq.read_table(p).to_pylist(), 1):
-            if isinstance(row.get("content"), str):
-                row = dict(row, content=json.loads(row["content"]))
             self.items.append((row, p, n))
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def get(self, i: int) -> Tuple[dict, str, Path]:
-        """(record dict, record id, folder for relative image paths). Raises BadRecord for unparsable lines."""
+    def root_of(self, path: Path) -> ImageRoot:
+        """The :class:`~moca.data.images.ImageRoot` of records from data file ``path``."""
+        if path not in self._roots:
+            folder = Path(self.image_root) if self.image_root is not None else path.parent
+            self._roots[path] = ImageRoot(folder, self.allow_outside_paths, self.max_image_pixels)
+        return self._roots[path]
+
+    def get(self, i: int) -> Tuple[dict, str, ImageRoot]:
+        """(record, record id, :class:`~moca.data.images.ImageRoot` for its image paths). Raises BadRecord for
+        a line that is not UTF-8 or not JSON, or a record nested too deeply."""
         raw, path, n = self.items[i]
         where = f"{path.name}:{n}"
-        if isinstance(raw, str):
-            try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise BadRecord(where, f"is not valid JSON ({exc.msg})", "malformed") from exc
+        if isinstance(raw, (str, bytes)):
+            rec = parse_record_line(raw, where)
         else:
             rec = raw
+            if isinstance(rec.get("content"), str):      # parquet: the segment list as a JSON string
+                rec = dict(rec, content=parse_record_line(rec["content"], f"{where} content"))
+            elif _too_deep(rec):
+                raise BadRecord(where, f"is nested more than {MAX_NESTING} levels deep", "malformed")
         rid = f"{rec.get('id')} ({where})" if isinstance(rec, dict) and rec.get("id") is not None else where
-        return rec, rid, path.parent
+        return rec, rid, self.root_of(path)
+
+
+WARN_FIRST = 20
+"""Bad records named in a warning each (the first ones); later ones are logged at DEBUG level (logger
+``moca.data``), all are counted."""
 
 
 class PackingLoader:
@@ -102,7 +179,8 @@ class PackingLoader:
         self.token_budget, self.seed, self.rank, self.world_size = token_budget, seed, rank, world_size
         self.skip_bad, self.shuffle, self.max_samples = skip_bad, shuffle, max_samples
         self.epoch, self.cursor, self.micro_batches = 0, 0, 0
-        self.skipped: Counter = Counter()
+        self.skipped: Counter = Counter()     # reason -> distinct bad records met (each counted once)
+        self.bad: Dict[int, str] = {}         # record index -> reason, for the records found bad so far
         self._order_epoch, self._order = None, None
         self._pending: Optional[Tuple[int, int, Sample]] = None      # (epoch, cursor, sample) read ahead
 
@@ -124,7 +202,8 @@ class PackingLoader:
         """Position of the first record not yet in a micro-batch, counts, and the split."""
         epoch, cursor = (self._pending[0], self._pending[1]) if self._pending is not None else (self.epoch, self.cursor)
         return {"epoch": epoch, "cursor": cursor, "micro_batches": self.micro_batches,
-                "skipped": dict(self.skipped), "seed": self.seed, "rank": self.rank, "world_size": self.world_size}
+                "skipped": dict(self.skipped), "bad": {str(i): r for i, r in sorted(self.bad.items())},
+                "seed": self.seed, "rank": self.rank, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
         if (state.get("world_size", 1), state.get("rank", 0)) != (self.world_size, self.rank):
@@ -133,6 +212,7 @@ class PackingLoader:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self.micro_batches = int(state.get("micro_batches", 0))
         self.skipped = Counter(state.get("skipped", {}))
+        self.bad = {int(i): r for i, r in state.get("bad", {}).items()}
         self._pending = None
 
     # -- iteration -----------------------------------------------------------------------------------
@@ -148,6 +228,11 @@ class PackingLoader:
             pos = (self.epoch, self.cursor)
             i = order[self.cursor]
             self.cursor += 1
+            if i in self.bad:                   # met in an earlier epoch: skipped again, counted once
+                bad_in_a_row += 1
+                if bad_in_a_row > len(self.records):
+                    raise RuntimeError(f"every record is bad (skipped: {dict(self.skipped)})")
+                continue
             try:
                 rec, rid, root = self.records.get(i)
                 sample = self.processor.process(rec, rid, root)
@@ -155,16 +240,27 @@ class PackingLoader:
                     raise BadRecord(rid, f"is {len(sample)} tokens long, more than the token budget "
                                          f"({self.token_budget})", "too_long")
                 return pos[0], pos[1], sample
+            except RecursionError as exc:       # a structure deep enough to overflow the stack in processing
+                err = BadRecord(self.records.items[i][1].name + f":{self.records.items[i][2]}",
+                                "is nested too deeply to process", "malformed")
+                err.__cause__ = exc
             except BadRecord as exc:
-                if not self.skip_bad:
-                    raise BadRecord(exc.record_id, str(exc).split(": ", 1)[-1] +
-                                    " (set data.skip_bad: true to count and skip such records)", exc.reason) from exc
-                self.skipped[exc.reason] += 1
-                if sum(self.skipped.values()) <= 5:
-                    log.warning("skipping %s", exc)
-                bad_in_a_row += 1
-                if bad_in_a_row > len(self.records):
-                    raise RuntimeError(f"every record is bad (skipped: {dict(self.skipped)})") from exc
+                err = exc
+            if not self.skip_bad:
+                raise BadRecord(err.record_id, str(err).split(": ", 1)[-1] +
+                                " (set data.skip_bad: true to count and skip such records)", err.reason) from err
+            self.bad[i] = err.reason
+            self.skipped[err.reason] += 1
+            n = sum(self.skipped.values())
+            if n <= WARN_FIRST:
+                log.warning("skipping %s%s", err, "" if n < WARN_FIRST else
+                            f" (the first {WARN_FIRST} bad records are named; later ones are counted, and logged "
+                            "at DEBUG level by logger moca.data)")
+            else:
+                log.debug("skipping %s", err)
+            bad_in_a_row += 1
+            if bad_in_a_row > len(self.records):
+                raise RuntimeError(f"every record is bad (skipped: {dict(self.skipped)})") from err
 
     def next_micro_batch(self) -> List[Sample]:
         """The next micro-batch: consecutive samples whose lengths sum to at most the token budget.

@@ -12,6 +12,7 @@ Problems with a record raise :class:`BadRecord` naming it; the loaders count and
 from __future__ import annotations
 
 import os
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -19,7 +20,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .batch import Sample
-from .images import ImageSpec, load_image, preprocess_image
+from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, ImageSpec, image_root, open_image, preprocess_image, resolve_image_path
 from .tokenizer import load_tokenizer, never_masked_ids, special_ids
 
 
@@ -50,7 +51,7 @@ def segments_of(record: dict, record_id: str) -> List[dict]:
     out = []
     for i, seg in enumerate(content):
         if not isinstance(seg, dict) or len(seg.keys() & {"text", "image"}) != 1:
-            raise BadRecord(record_id, f"segment {i} must have exactly one of 'text' or 'image', got {seg!r}"[:200],
+            raise BadRecord(record_id, f"segment {i} must have exactly one of 'text' or 'image', got {reprlib.repr(seg)}"[:200],
                             "malformed")
         if "text" in seg and not isinstance(seg["text"], str):
             raise BadRecord(record_id, f"segment {i}: text must be a string", "malformed")
@@ -60,6 +61,27 @@ def segments_of(record: dict, record_id: str) -> List[dict]:
     if not any("text" in s and s["text"].strip() for s in out):
         raise BadRecord(record_id, "has no text", "no_text")
     return out
+
+
+def check_text(text: str, record_id: str) -> None:
+    """BadRecord for a text the tokenizer cannot take: one holding a lone surrogate (JSON allows ``"\\ud800"``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadRecord(record_id, f"text is not valid Unicode ({exc.reason} at character {exc.start})",
+                        "malformed") from exc
+
+
+def load_record_image(path, root, spec: ImageSpec, record_id: str):
+    """The decoded RGB image a record names: the path resolved against ``root`` (and confined to it, unless
+    ``root.allow_outside``), the pixel bound and Qwen's shape rule checked from the header first. Any problem
+    raises :class:`BadRecord` naming the record, with the :class:`~moca.data.images.ImageError`'s reason."""
+    root = image_root(root)
+    try:
+        p = resolve_image_path(path, root)
+        return open_image(p, root.max_pixels if root is not None else DEFAULT_MAX_IMAGE_PIXELS, spec)
+    except ImageError as exc:
+        raise BadRecord(record_id, str(exc), exc.reason) from exc
 
 
 class MocaProcessor:
@@ -102,16 +124,22 @@ class MocaProcessor:
         return len(self.tokenizer)
 
     def encode_text(self, text: str, record_id: str = "") -> List[int]:
+        check_text(text, record_id)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         bad = {self.ids["image_pad"], self.ids["video_pad"], self.ids["vision_start"], self.ids["vision_end"]} & set(ids)
         if bad:
-            raise BadRecord(record_id, "text contains a vision placeholder token (<|image_pad|>, <|vision_start|>, ...)",
-                            "malformed")
+            names = ", ".join(self.tokenizer.convert_ids_to_tokens(sorted(bad)))
+            raise BadRecord(record_id, f"text contains the vision placeholder token {names} (only images may put "
+                                       "vision tokens in a sequence)", "vision_token_in_text")
         return ids
 
-    def process(self, record: dict, record_id: str = "", root: Optional[Path] = None,
-                add_eos: bool = True) -> Sample:
-        """One record -> :class:`Sample`. Raises :class:`BadRecord` (missing/corrupt image, no text, ...)."""
+    def process(self, record: dict, record_id: str = "", root=None, add_eos: bool = True) -> Sample:
+        """One record -> :class:`Sample`. Raises :class:`BadRecord` (missing/corrupt/too large image, an image
+        path outside the data folder, no text, ...).
+
+        ``root``: an :class:`~moca.data.images.ImageRoot` (or a folder, confined with the defaults) that the
+        record's image paths resolve against and must stay inside; None = paths used as given.
+        """
         segs = segments_of(record, record_id)
         ids: List[int] = []
         rows, grids = [], []
@@ -120,17 +148,11 @@ class MocaProcessor:
             if "text" in seg:
                 ids += self.encode_text(seg["text"], record_id)
                 continue
-            p = Path(seg["image"])
-            if not p.is_absolute() and root is not None:
-                p = root / p
-            if not p.exists():
-                raise BadRecord(record_id, f"image file {p} does not exist", "missing_image")
+            img = load_record_image(seg["image"], root, self.image_spec, record_id)
             try:
-                img = load_image(p)
                 px, grid = preprocess_image(img, self.image_spec)
-            except (OSError, ValueError, SyntaxError) as exc:
-                raise BadRecord(record_id, f"image {p} cannot be read ({type(exc).__name__}: {exc})"[:300],
-                                "corrupt_image") from exc
+            except ValueError as exc:
+                raise BadRecord(record_id, f"image {seg['image']} cannot be used ({exc})", "bad_image_size") from exc
             rows.append(px)
             grids.append(grid)
             n = px.shape[0] // m2

@@ -19,8 +19,10 @@ A **pair record** (one JSONL line of a Stage 2 subset)::
 
     {"id": "...", "query": SIDE, "positive": SIDE, "negatives": [SIDE, ...]}
 
-Problems raise :class:`~moca.data.processor.BadRecord` naming the item (``texts[3]``, ``scenes.jsonl:17 query``):
-a missing image file, an unreadable image, an empty text, an empty side.
+Problems raise :class:`~moca.data.processor.BadRecord` naming the item (``texts[3]``, ``scenes.jsonl:17 query``)
+and a reason: a missing or unreadable image, an image path leading out of the data folder (records only; see
+:func:`moca.data.images.resolve_image_path`), an image above the pixel bound or of an unusable shape, an empty
+text, a vision placeholder token in a text, an empty side.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
+import reprlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +40,10 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from .batch import Sample
-from .images import load_image, preprocess_image
-from .loader import RecordSet
-from .processor import BadRecord, MocaProcessor
+from .images import (DEFAULT_MAX_IMAGE_PIXELS, VISION_TOKENS, ImageError, ImageSpec, check_image, image_root,
+                     preprocess_image, resolve_image_path)
+from .loader import WARN_FIRST, RecordSet, parse_record_line, read_lines
+from .processor import BadRecord, MocaProcessor, check_text, load_record_image
 from .sampler import TaskBatchSampler
 
 log = logging.getLogger("moca.data")
@@ -110,33 +115,43 @@ def _segment(seg, where: str) -> dict:
         return {"image": seg}
     if isinstance(seg, dict) and len(seg.keys() & {"text", "image"}) == 1 and len(seg) == 1:
         return dict(seg)
-    raise BadRecord(where, f"must be a text, an image, {{'text': ...}} or {{'image': ...}}, got {seg!r}"[:200],
+    raise BadRecord(where, f"must be a text, an image, {{'text': ...}} or {{'image': ...}}, got {reprlib.repr(seg)}"[:200],
                     "malformed")
 
 
-def resolve_image(path, root: Optional[Path]) -> Path:
-    p = Path(path)
-    if not p.is_absolute() and root is not None:
-        p = Path(root) / p
-    return p
+def resolve_image(path, root=None) -> Path:
+    """A side's image path resolved against ``root`` (confined to it unless allowed; see
+    :func:`moca.data.images.resolve_image_path`); None = as given."""
+    return resolve_image_path(path, image_root(root))
 
 
-def _missing(p: Path) -> str:
-    return f"image {p} is a directory, not an image file" if p.is_dir() else f"image file {p} does not exist"
+def check_side(side, where: str, root=None, spec: Optional[ImageSpec] = None) -> List[dict]:
+    """Validate a side without decoding its images; returns its segments.
 
-
-def check_side(side, where: str, root: Optional[Path] = None) -> List[dict]:
-    """Validate a side without decoding its images (existence only); returns its segments."""
+    Checks each text for vision placeholder tokens and each image path from the file header alone: inside the
+    data folder (``root``, see :func:`moca.data.images.resolve_image_path`), an existing image file of a known
+    format, within the pixel bound and (with ``spec``) of a shape Qwen's resize rule can use. Raises
+    :class:`BadRecord` naming ``where`` with the reason.
+    """
     segs = side_segments(side, where)
+    root = image_root(root)
     for s in segs:
-        if "image" in s and not _is_pil(s["image"]):
-            p = resolve_image(s["image"], root)
-            if not p.is_file():
-                raise BadRecord(where, _missing(p), "missing_image")
+        if "text" in s:
+            check_text(s["text"], where)
+            found = [t for t in VISION_TOKENS if t in s["text"]]
+            if found:
+                raise BadRecord(where, f"text contains the vision placeholder token {found[0]} (only images may "
+                                       "put vision tokens in a sequence)", "vision_token_in_text")
+        elif not _is_pil(s["image"]):
+            try:
+                check_image(resolve_image_path(s["image"], root), spec,
+                            root.max_pixels if root is not None else DEFAULT_MAX_IMAGE_PIXELS)
+            except ImageError as exc:
+                raise BadRecord(where, str(exc), exc.reason) from exc
     return segs
 
 
-def build_sample(processor: MocaProcessor, side, where: str, root: Optional[Path] = None,
+def build_sample(processor: MocaProcessor, side, where: str, root=None,
                  instruction: Optional[str] = None, add_eos: bool = True) -> Sample:
     """One side -> :class:`Sample` (token ids with vision placeholders, pixel rows, grids).
 
@@ -144,7 +159,9 @@ def build_sample(processor: MocaProcessor, side, where: str, root: Optional[Path
         processor: the model's tokenizer and image settings.
         side: see the module docstring.
         where: the item's name in error messages (``texts[3]``, ``file.jsonl:17 positive``).
-        root: folder that relative image paths resolve against.
+        root: folder that relative image paths resolve against and must stay inside (an
+            :class:`~moca.data.images.ImageRoot` sets whether outside paths are allowed and the pixel bound);
+            None = image paths given directly by a caller, used as given.
         instruction: text put before the side (None or "" = none).
         add_eos: end with ``<|endoftext|>`` (mean and EOS pooling; last-token pooling takes the last content token).
     """
@@ -160,18 +177,11 @@ def build_sample(processor: MocaProcessor, side, where: str, root: Optional[Path
             continue
         img = seg["image"]
         if not _is_pil(img):
-            p = resolve_image(img, root)
-            if not p.is_file():
-                raise BadRecord(where, _missing(p), "missing_image")
-            try:
-                img = load_image(p)
-            except (OSError, ValueError, SyntaxError) as exc:
-                raise BadRecord(where, f"image {p} cannot be read ({type(exc).__name__}: {exc})"[:300],
-                                "corrupt_image") from exc
+            img = load_record_image(img, root, processor.image_spec, where)
         try:
             px, grid = preprocess_image(img, processor.image_spec)
         except ValueError as exc:
-            raise BadRecord(where, f"image cannot be used ({exc})", "corrupt_image") from exc
+            raise BadRecord(where, f"image cannot be used ({exc})", "bad_image_size") from exc
         rows.append(px)
         grids.append(grid)
         ids += [processor.ids["vision_start"]] + [processor.ids["image_pad"]] * (px.shape[0] // m2) + \
@@ -203,10 +213,13 @@ class SubsetConfig:
     weight: float = 1.0
     query_instruction: str = ""
     doc_instruction: str = ""
+    image_root: Optional[str] = None     # relative image paths resolve here (default: each file's own folder)
 
     def __post_init__(self):
         if not self.name:
             raise ValueError("a subset needs a name")
+        if self.image_root is not None and not Path(self.image_root).is_dir():
+            raise FileNotFoundError(f"subset {self.name}: image_root {self.image_root} is not a directory")
         if not self.files:
             raise ValueError(f"subset {self.name}: no files")
         if not self.weight > 0:
@@ -243,14 +256,28 @@ class PairBatch:
 class PairSubset:
     """The valid records of one subset (validated once, up front, so batches never come up short).
 
-    Bad records (unparsable line, missing side, missing image file, empty text, fewer than ``hard_negatives``
-    negatives) raise a BadRecord naming the record, or with ``skip_bad`` are counted by reason and left out.
+    Bad records raise a BadRecord naming the record and the reason, or with ``skip_bad`` are counted by reason
+    and left out. Checked up front: an unparsable line (not UTF-8, not JSON, nested too deeply), a missing side,
+    an empty text, a vision placeholder token in a text, fewer than ``hard_negatives`` negatives, and each image
+    from its header (see :func:`check_side`). Damage found only when an image is decoded is handled by the
+    :class:`PairLoader` when a batch is built.
+
+    Args:
+        config: the subset.
+        hard_negatives: k per query.
+        skip_bad: count and leave out bad records instead of raising.
+        allow_outside_paths: allow image paths outside the data folder (``../``, absolute, symlinks out).
+        max_image_pixels: bound on width x height from the image header (None = none).
+        spec: the model's image settings (for the shape check; None = no shape check).
     """
 
-    def __init__(self, config: SubsetConfig, hard_negatives: int, skip_bad: bool = False):
+    def __init__(self, config: SubsetConfig, hard_negatives: int, skip_bad: bool = False,
+                 allow_outside_paths: bool = False, max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+                 spec: Optional[ImageSpec] = None):
         self.config = config
-        self.records = RecordSet(config.files)
-        self.k = hard_negatives
+        self.records = RecordSet(config.files, image_root=config.image_root, allow_outside_paths=allow_outside_paths,
+                                 max_image_pixels=max_image_pixels)
+        self.k, self.spec = hard_negatives, spec
         self.valid: List[int] = []
         self.skipped: Counter = Counter()
         for i in range(len(self.records)):
@@ -262,8 +289,7 @@ class PairSubset:
                     raise BadRecord(exc.record_id, str(exc).split(": ", 1)[-1] +
                                     " (set data.skip_bad: true to count and skip such records)", exc.reason) from exc
                 self.skipped[exc.reason] += 1
-                if sum(self.skipped.values()) <= 5:
-                    log.warning("subset %s: skipping %s", config.name, exc)
+                _warn_skip(f"subset {config.name}: skipping {exc}", sum(self.skipped.values()))
         if not self.valid:
             raise ValueError(f"subset {config.name}: no usable record (skipped: {dict(self.skipped)})")
 
@@ -277,14 +303,19 @@ class PairSubset:
         for key in SIDE_KEYS:
             if key not in rec:
                 raise BadRecord(rid, f"has no '{key}'", "malformed")
-            check_side(rec[key], f"{rid} {key}", root)
+            check_side(rec[key], f"{rid} {key}", root, self.spec)
+        ins = rec.get("instruction")
+        if ins is not None and not isinstance(ins, str):
+            raise BadRecord(rid, f"'instruction' must be a string, got {type(ins).__name__}", "malformed")
+        if ins:
+            check_side(ins, f"{rid} instruction", root)
         negs = rec.get("negatives", []) or []
         if not isinstance(negs, list):
             raise BadRecord(rid, "'negatives' must be a list of sides", "malformed")
         if len(negs) < self.k:
             raise BadRecord(rid, f"has {len(negs)} hard negatives, the run uses {self.k} per query", "few_negatives")
         for j, n in enumerate(negs[:self.k]):
-            check_side(n, f"{rid} negatives[{j}]", root)
+            check_side(n, f"{rid} negatives[{j}]", root, self.spec)
 
     def samples(self, j: int, processor: MocaProcessor, add_eos: bool = True) -> Tuple[Sample, List[Sample], str]:
         """(query sample, [positive, negatives...] samples, record id) of the j-th valid record."""
@@ -298,6 +329,17 @@ class PairSubset:
         return q, docs, rid
 
 
+def _warn_skip(message: str, n: int) -> None:
+    """Name the first WARN_FIRST skipped records in a warning each, the rest at DEBUG level."""
+    if n < WARN_FIRST:
+        log.warning(message)
+    elif n == WARN_FIRST:
+        log.warning(message + f" (the first {WARN_FIRST} bad records are named; later ones are counted, and logged at "
+                              "DEBUG level by logger moca.data)")
+    else:
+        log.debug(message)
+
+
 class PairLoader:
     """Stage 2 micro-batches: each from one subset (chosen by a :class:`TaskBatchSampler`), this rank's share.
 
@@ -309,39 +351,98 @@ class PairLoader:
         seed, rank, world_size, shuffle: see the sampler.
         skip_bad: count and leave out bad records instead of raising.
         add_eos: end every side with ``<|endoftext|>`` (False for last-token pooling).
+        allow_outside_paths, max_image_pixels: see :class:`PairSubset`.
 
-    The state (``state_dict``) is the sampler's position: a resumed run continues with the same batches.
+    The state (``state_dict``) is the sampler's position and the records found bad while building batches: a
+    resumed run continues with the same batches.
+
+    A record that passed the up-front checks but fails while its batch is built (an image truncated after its
+    header, a file changed since) raises naming it, or with ``skip_bad`` is counted once, remembered, and
+    replaced in this batch by a stand-in from the same subset. The stand-ins of a step are a pure function of
+    (seed, step, position in the global batch) and never in the step's global batch; each position starts at its
+    own place in a seeded list of the other records, so the stand-ins of different ranks differ without any
+    communication (when the subset has at least a global batch of records outside the batch).
     """
 
     def __init__(self, subsets: Sequence[SubsetConfig], processor: MocaProcessor, global_batch_size: int,
                  hard_negatives: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                 skip_bad: bool = False, add_eos: bool = True):
+                 skip_bad: bool = False, add_eos: bool = True, allow_outside_paths: bool = False,
+                 max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
         if not subsets:
             raise ValueError("PairLoader: no subsets")
         names = [s.name for s in subsets]
         if len(set(names)) != len(names):
             raise ValueError(f"PairLoader: subset names must be unique, got {names}")
-        self.subsets = [PairSubset(s, hard_negatives, skip_bad) for s in subsets]
-        self.processor, self.k, self.add_eos = processor, hard_negatives, add_eos
+        self.subsets = [PairSubset(s, hard_negatives, skip_bad, allow_outside_paths, max_image_pixels,
+                                   processor.image_spec) for s in subsets]
+        self.processor, self.k, self.add_eos, self.skip_bad = processor, hard_negatives, add_eos, skip_bad
+        self.seed, self.rank = seed, rank
         self.sampler = TaskBatchSampler([len(s) for s in self.subsets], [s.weight for s in subsets],
                                         global_batch_size, world_size=world_size, rank=rank, seed=seed,
                                         shuffle=shuffle, names=names)
-        self.skipped: Counter = Counter()
+        self.checked: Counter = Counter()          # found by the up-front checks (the same on every rank)
         for s in self.subsets:
-            self.skipped.update(s.skipped)
+            self.checked.update(s.skipped)
+        self.bad: List[dict] = [{} for _ in self.subsets]   # per subset: valid index -> reason, found in batches
+
+    @property
+    def skipped(self) -> Counter:
+        """Bad records by reason, each counted once. The up-front counts are reported by rank 0 only (every rank
+        checks every record), so a sum over ranks counts each record once; records found bad while building
+        batches are counted by the rank that met them."""
+        out = Counter(self.checked) if self.rank == 0 else Counter()
+        for bad in self.bad:
+            out.update(bad.values())
+        return out
 
     def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_dict(), "skipped": dict(self.skipped)}
+        return {"sampler": self.sampler.state_dict(), "skipped": dict(self.skipped),
+                "bad": {s.config.name: {str(j): r for j, r in sorted(b.items())} for s, b in zip(self.subsets, self.bad)}}
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
+        saved = state.get("bad", {})
+        self.bad = [{int(j): r for j, r in saved.get(s.config.name, {}).items()} for s in self.subsets]
+
+    def _record(self, draw, s: int, pos: int, j: int, used: set):
+        """(query, docs, record id) for global batch position ``pos``: record j, or its stand-in (see above)."""
+        sub, bad = self.subsets[s], self.bad[s]
+        G = self.sampler.global_batch_size
+        standins, tries, start = None, 0, 0
+        while True:
+            if j not in bad:
+                try:
+                    return sub.samples(j, self.processor, self.add_eos)
+                except BadRecord as exc:
+                    if not self.skip_bad:
+                        raise BadRecord(exc.record_id, str(exc).split(": ", 1)[-1] +
+                                        " (set data.skip_bad: true to count and skip such records)", exc.reason) from exc
+                    bad[j] = exc.reason
+                    _warn_skip(f"subset {sub.config.name}: skipping {exc}; a stand-in takes its place in this batch",
+                               sum(self.skipped.values()))
+            if standins is None:
+                taken = set(draw.global_indices)
+                standins = [i for i in range(len(sub)) if i not in taken]
+                random.Random(f"{self.seed}/standin/{draw.step}").shuffle(standins)
+                start = pos * max(1, len(standins) // G)
+            while tries < len(standins) and (standins[(start + tries) % len(standins)] in bad or
+                                             standins[(start + tries) % len(standins)] in used):
+                tries += 1
+            if tries >= len(standins):
+                raise RuntimeError(f"subset {sub.config.name}: too many bad records to fill a batch of {G} at step "
+                                   f"{draw.step} (skipped: {dict(self.skipped)})")
+            j = standins[(start + tries) % len(standins)]
+            tries += 1
+            used.add(j)
 
     def next_micro_batch(self) -> PairBatch:
         draw = self.sampler.next()
         sub = self.subsets[draw.subset]
+        b = self.sampler.local_batch_size
         queries, positives, negatives, ids = [], [], [], []
-        for j in draw.indices:
-            q, docs, rid = sub.samples(j, self.processor, self.add_eos)
+        used: set = set()                            # stand-ins taken in this batch
+        for n, j in enumerate(draw.indices):
+            q, docs, rid = self._record(draw, draw.subset, self.rank * b + n, j, used)
             queries.append(q)
             positives.append(docs[0])
             negatives += docs[1:]
@@ -358,17 +459,10 @@ def write_jsonl(path: Union[str, Path], records: Sequence[dict]) -> Path:
 
 
 def read_jsonl(path: Union[str, Path]) -> List[dict]:
-    """All records of a JSONL file (a line that is not valid JSON raises naming file and line)."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n} is not valid JSON ({exc.msg})") from exc
-    return out
+    """All records of a JSONL file. A line that is not UTF-8, not JSON or nested more than 64 levels raises
+    a ValueError (:class:`BadRecord`) naming the file, the line and the cause."""
+    path = Path(path)
+    return [parse_record_line(line, f"{path}:{n}") for n, line in read_lines(path)]
 
 
 __all__ = ["side_segments", "check_side", "build_sample", "SubsetConfig", "PairBatch", "PairSubset", "PairLoader",

@@ -3,7 +3,7 @@
     moca eval --config eval.yaml [--model runs/cl/final] [--set batch_size=64 ...]
 
 prints a table and writes JSON. Two task types (sides: see :mod:`moca.data.retrieval`; relative image paths
-resolve against the task file's folder):
+resolve against the task file's folder, and paths leading out of it are refused unless ``allow_outside_paths``):
 
 * ``candidates`` (MMEB): one file, each line ``{"id", "query": SIDE, "candidates": [SIDE, ...], "answer": i}``;
   metric precision@1 (the gold candidate must score strictly highest).
@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..config import from_dict
+from ..data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageRoot
 from ..data.processor import BadRecord
 from ..data.retrieval import check_side, read_jsonl
 from .metrics import ndcg_at_k, precision_at_1, rank_documents, recall_at_k
@@ -88,6 +89,8 @@ class EvalConfig:
     output_dir: Optional[str] = None                        # results.json goes here (default runs/eval)
     output: Optional[str] = None                            # alias: the results file itself (older configs)
     show_progress: bool = True
+    allow_outside_paths: bool = False                       # image paths outside a task file's folder
+    max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS   # width x height bound (header); null = none
 
     def __post_init__(self):
         self.tasks = [t if isinstance(t, EvalTask) else from_dict(EvalTask, t, f"tasks[{i}]")
@@ -122,7 +125,8 @@ class _SideCache:
     text fails before any embedding work)."""
 
     def __init__(self, model, root: Path, cfg: EvalConfig, task: str):
-        self.model, self.root, self.cfg, self.task = model, root, cfg, task
+        self.model, self.cfg, self.task = model, cfg, task
+        self.root = ImageRoot(Path(root), cfg.allow_outside_paths, cfg.max_image_pixels)   # paths stay inside
         self.keys: Dict[str, int] = {}
         self.items: List[tuple] = []
 

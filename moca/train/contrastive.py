@@ -38,10 +38,11 @@ from torch import nn
 import moca_kernels as mk
 
 from ..config import dump_config, from_dict
+from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
 from ..data.retrieval import PairBatch, PairLoader, SubsetConfig
 from ..embedding import POOLINGS, MocaEmbedder
 from .core import DistEnv, TrainConfig, Trainer, init_distributed
-from .cpt import ModelConfig, build_model_and_processor
+from .cpt import ModelConfig, build_model_and_processor, check_image_settings
 
 log = logging.getLogger("moca.train")
 
@@ -81,8 +82,11 @@ class ClDataConfig:
     packed: bool = True
     shuffle: bool = True
     skip_bad: bool = False
+    allow_outside_paths: bool = False             # allow image paths outside each subset's folder / image_root
+    max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS   # width x height bound from the header; null = none
 
     def __post_init__(self):
+        check_image_settings(None, self.max_image_pixels)
         self.subsets = [s if isinstance(s, SubsetConfig) else from_dict(SubsetConfig, s, f"data.subsets[{i}]")
                         for i, s in enumerate(self.subsets)]
         if self.global_batch_size < 1 or self.hard_negatives < 0:
@@ -359,7 +363,8 @@ def run_cl(cfg: ClConfig, dist: Optional[DistEnv] = None) -> List[dict]:
     embedder = model.embedder
     loader = PairLoader(subsets, embedder.processor, cfg.data.global_batch_size, cfg.data.hard_negatives,
                         seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size, shuffle=cfg.data.shuffle,
-                        skip_bad=cfg.data.skip_bad, add_eos=embedder.add_eos)
+                        skip_bad=cfg.data.skip_bad, add_eos=embedder.add_eos,
+                        allow_outside_paths=cfg.data.allow_outside_paths, max_image_pixels=cfg.data.max_image_pixels)
 
     def export(final: Path, full_state=None):
         m = model

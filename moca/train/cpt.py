@@ -19,6 +19,7 @@ import torch
 
 from ..config import dump_config
 from ..data.batch import VisionSpec
+from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
 from ..data.loader import PackingLoader, RecordSet
 from ..data.masking import CptCollator, MaskingConfig, ModalityMasker
 from ..data.prefetch import Prefetcher
@@ -77,6 +78,9 @@ class DataConfig:
     shuffle: bool = True
     pad_to_multiple: int = 1
     prefetch: int = 2                            # micro-batches prepared ahead in a background thread (0 = off)
+    image_root: Optional[str] = None             # relative image paths resolve here (default: each file's folder)
+    allow_outside_paths: bool = False            # allow image paths outside that folder (../, absolute, symlinks)
+    max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS   # width x height bound from the header; null = none
 
     def __post_init__(self):
         if self.token_budget < 2:
@@ -87,6 +91,16 @@ class DataConfig:
             raise ValueError(f"data.max_samples must be >= 1 or null, got {self.max_samples}")
         if self.prefetch < 0:
             raise ValueError(f"data.prefetch must be >= 0 (0 = off), got {self.prefetch}")
+        check_image_settings(self.image_root, self.max_image_pixels)
+
+
+def check_image_settings(image_root: Optional[str], max_image_pixels: Optional[int], key: str = "data") -> None:
+    """Config checks shared by both stages: ``image_root`` a directory, ``max_image_pixels`` >= 1 or null."""
+    if image_root is not None and not Path(image_root).is_dir():
+        raise FileNotFoundError(f"{key}.image_root: {image_root} is not a directory")
+    if max_image_pixels is not None and (isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int)
+                                         or max_image_pixels < 1):
+        raise ValueError(f"{key}.max_image_pixels must be an integer >= 1 or null (no bound), got {max_image_pixels!r}")
 
 
 @dataclass
@@ -155,7 +169,8 @@ def run_cpt(cfg: CptConfig, dist: Optional[DistEnv] = None) -> List[dict]:
 
     backbone, proc = build_model_and_processor(cfg.model, cfg.masking.image_corruption)
     model = CptModel(backbone, cfg.loss)
-    records = RecordSet(files)
+    records = RecordSet(files, image_root=cfg.data.image_root, allow_outside_paths=cfg.data.allow_outside_paths,
+                        max_image_pixels=cfg.data.max_image_pixels)
     loader = PackingLoader(records, proc, cfg.data.token_budget, seed=cfg.train.seed, rank=dist.rank,
                            world_size=dist.world_size, skip_bad=cfg.data.skip_bad, shuffle=cfg.data.shuffle,
                            max_samples=cfg.data.max_samples)

@@ -106,11 +106,11 @@ def test_a_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, corpus, monkey
 
 def _bad_corpus(tmp_path, corpus):
     good = corpus.read_text().splitlines()[:6]
-    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     img_dir = corpus.parent
+    (img_dir / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")   # inside the data folder
     bad = [
         json.dumps({"id": "missing", "content": [{"text": "hello"}, {"image": "images/nope.png"}]}),
-        json.dumps({"id": "corrupt", "content": [{"text": "hello"}, {"image": str(tmp_path / "corrupt.png")}]}),
+        json.dumps({"id": "corrupt", "content": [{"text": "hello"}, {"image": "corrupt.png"}]}),
         json.dumps({"id": "notext", "content": [{"image": "images/doc00000_0.png"}]}) if
         (img_dir / "images" / "doc00000_0.png").exists() else json.dumps({"id": "notext", "content": []}),
         json.dumps({"id": "toolong", "text": "word " * 2000}),
@@ -133,7 +133,7 @@ def test_bad_records_raise_naming_the_record_or_are_counted_and_skipped(tmp_path
     seen = []
     while loader.epoch == 0:
         seen += [s.record_id for s in loader.next_micro_batch()]
-    assert dict(loader.skipped) == {"missing_image": 1, "corrupt_image": 1, "no_text": 1, "too_long": 1,
+    assert dict(loader.skipped) == {"missing_image": 1, "not_an_image": 1, "no_text": 1, "too_long": 1,
                                     "malformed": 1}
     assert len([r for r in seen if "with_bad" in r]) == 6
     for name in ("corrupt", "notext", "toolong"):
