@@ -527,7 +527,7 @@ class Trainer:
             if aside.exists():
                 shutil.rmtree(aside)
             os.replace(final, aside)
-        fault("save.swap", final)
+            fault("save.swap", final)
         os.replace(tmp, final)
         fsync_dir(root)
         if aside.exists():
