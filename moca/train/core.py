@@ -11,9 +11,13 @@ needs its own step (GradCache) overrides :meth:`Trainer.compute_step`. The data 
 ``state_dict()`` / ``load_state_dict()`` and may expose ``skipped`` counts.
 
 Checkpoints (``<output_dir>/checkpoints/step_XXXXXXXX``) hold the model (safetensors), the optimizer and
-scheduler, the trainer state, and each rank's data position and RNG states. A checkpoint is written into a
-temporary folder and renamed when complete, so a crash mid-save leaves the previous one intact; resuming on
-CPU reproduces the losses of an uninterrupted run exactly.
+scheduler (``optimizer.pt``), the trainer state (JSON), each rank's data position and RNG states
+(``rankNNNNN.pt``), and a ``MANIFEST.json`` with the size and SHA-256 of every file. The ``.pt`` files hold
+tensors and plain data only and are read with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
+A checkpoint is written into a temporary folder and renamed when complete, so a crash mid-save leaves the
+previous one intact; resume verifies checkpoints against their manifests and takes the newest intact one;
+resuming on CPU reproduces the losses of an uninterrupted run exactly. Run safety (the output-folder lock,
+SIGTERM / SIGINT, the errors the command reports) is in :mod:`moca.train.safety`.
 """
 
 from __future__ import annotations
@@ -212,8 +216,11 @@ class MetricsLogger:
     def log(self, step: int, metrics: Dict[str, object]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.file.flush()
+        except OSError as exc:     # a full disk: name the file
+            raise OSError(exc.errno, exc.strerror or str(exc), self.file.name) from exc
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):

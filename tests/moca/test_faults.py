@@ -450,6 +450,19 @@ def test_an_embedded_file_write_killed_midway_leaves_no_partial_file(tmp_path, m
     assert target.read_text() == "old complete content\n" and sorted(p.name for p in tmp_path.iterdir()) == ["cpt.jsonl"]
 
 
+def test_a_full_disk_while_writing_a_data_file_names_it(tmp_path, monkeypatch):
+    from moca import fsutil
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))   # as a write would: no file name
+
+    monkeypatch.setattr(fsutil.os, "fsync", full)
+    with pytest.raises(OSError, match=f"No space left on device: '{tmp_path / 'subsets.json'}'"):
+        fsutil.atomic_write_text(tmp_path / "subsets.json", "{}")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_embedded_subsets_index_cut_short_is_written_again(tmp_path, caplog):
     from moca.train.contrastive import embedded_subsets
 
