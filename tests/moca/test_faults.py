@@ -480,6 +480,23 @@ def test_embedded_subsets_index_cut_short_is_written_again(tmp_path, caplog):
     assert jsonl.name in caplog.text and len(jsonl.read_text().splitlines()) == 3
 
 
+def test_embedded_eval_tasks_cut_short_are_written_again(tmp_path, monkeypatch, caplog):
+    import functools
+
+    from moca.data import embedded_retrieval
+    from moca.eval import embedded_tasks
+
+    monkeypatch.setattr(embedded_retrieval, "write_eval_tasks", functools.partial(
+        embedded_retrieval.write_eval_tasks, n_queries=4, n_candidates=3, corpus_size=8, image_size=56))
+    first = embedded_tasks(tmp_path, seed=0)
+    corpus = tmp_path / "scene_search_corpus.jsonl"
+    corpus.write_text(corpus.read_text()[:30])                # a kill mid-write, before atomic writes
+    with caplog.at_level("WARNING"):
+        again = embedded_tasks(tmp_path, seed=0)
+    assert "scene_search_corpus.jsonl has" in caplog.text and len(corpus.read_text().splitlines()) == 8
+    assert [t.name for t in again] == [t.name for t in first]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Stage 2
 # ------------------------------------------------------------------------------------------------------------
