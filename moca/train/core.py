@@ -323,13 +323,15 @@ def verify_checkpoint(path: Path) -> Optional[str]:
 
 def recover_checkpoints(root: Path) -> None:
     """Tidy ``root`` (``<output_dir>/checkpoints``) after a killed save: remove unfinished ``.tmp_step_*``
-    folders; put back a ``.old_step_*`` folder (the previous copy, moved aside while a checkpoint of the same
+    folders and half-removed old checkpoints (``.del_step_*``); put back a ``.old_step_*`` folder (the previous copy, moved aside while a checkpoint of the same
     step was re-saved) whose replacement never arrived, and remove it when it did. Call with the run lock held."""
     if not root.is_dir():
         return
     for tmp in root.glob(".tmp_step_*"):
         log.warning("removing %s, an unfinished checkpoint left by an interrupted save", tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+    for gone in root.glob(".del_step_*"):      # an old checkpoint whose removal was interrupted
+        shutil.rmtree(gone, ignore_errors=True)
     for old in root.glob(".old_step_*"):
         final = root / old.name[len(".old_"):]
         if final.exists():
@@ -519,8 +521,11 @@ class Trainer:
         if self.dist.is_main:
             done = sorted((p for p in root.glob("step_*") if (p / "COMPLETE").exists()), key=_step_of)
             for old in done[:-max(self.cfg.keep_checkpoints, 1)]:
-                if old != final:
-                    shutil.rmtree(old, ignore_errors=True)
+                if old != final:       # renamed first: a kill in the rmtree leaves no half checkpoint named step_*
+                    gone = root / f".del_{old.name}"
+                    os.replace(old, gone)
+                    fault("save.prune", gone)
+                    shutil.rmtree(gone, ignore_errors=True)
         self.dist.barrier()
         return final
 
@@ -547,8 +552,7 @@ class Trainer:
         choice, error = None, None
         if self.dist.is_main:
             try:
-                if str(self.cfg.resume).lower() != "none" and self.cfg.resume is not None:
-                    recover_checkpoints(self.out / "checkpoints")
+                recover_checkpoints(self.out / "checkpoints")
                 choice = find_checkpoint(self.cfg.resume, self.out)
             except Exception as exc:       # raised below on every rank, so none waits for the others
                 error = exc

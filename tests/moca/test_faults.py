@@ -131,19 +131,23 @@ def _resume(world, out, **train):
 # ------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("point", ["save.write", "save.manifest"])
+@pytest.mark.parametrize("point", ["save.write@3", "save.manifest@3", "save.prune@1"])
 def test_a_kill_while_a_checkpoint_is_written_loses_nothing(world, tmp_path, caplog, point):
+    """Killed writing step 3's files, before its manifest, or removing step 1 after step 2 (keep 1)."""
     run = tmp_path / "run"
-    rc, err = _in_child(lambda: run_cpt(_cfg(run, world["corpus"]), DistEnv()) and 0, f"{point}@3:kill",
-                        tmp_path / "err")
+    keep = 1 if "prune" in point else 3
+    rc, err = _in_child(lambda: run_cpt(_cfg(run, world["corpus"], keep_checkpoints=keep), DistEnv()) and 0,
+                        f"{point}:kill", tmp_path / "err")
     assert rc == -signal.SIGKILL, (rc, err[-2000:])
     ck = run / "checkpoints"
-    assert (ck / ".tmp_step_00000003").is_dir() and not (ck / "step_00000003").exists()
+    left = ".del_step_00000001" if "prune" in point else ".tmp_step_00000003"
+    assert (ck / left).is_dir() and not (ck / "step_00000003").exists()
     assert find_checkpoint("auto", run).name == "step_00000002"
     with caplog.at_level("WARNING", logger="moca.train"):
-        rest = _resume(world, run)
+        rest = _resume(world, run, keep_checkpoints=keep)
     assert rest == world["full"][2:], "the resumed run differs from the uninterrupted one"
-    assert "unfinished checkpoint" in caplog.text and not list(ck.glob(".tmp_step_*"))
+    assert not list(ck.glob(".*"))
+    assert "prune" in point or "unfinished checkpoint" in caplog.text
 
 
 def test_a_kill_while_a_finished_runs_checkpoint_is_resaved_loses_nothing(world, tmp_path, caplog):
