@@ -23,7 +23,6 @@ The final model is exported to ``<output_dir>/final`` (LoRA merged), loadable by
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
