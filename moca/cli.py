@@ -11,7 +11,9 @@ are accepted as aliases.
 
 ``train cl``, ``eval`` and ``demo`` live in their modules (:mod:`moca.train.contrastive`, :mod:`moca.eval`,
 :mod:`moca.demo`) and register through an ``add_cli(subparsers, train_subparsers)`` hook that sets ``func`` on
-their parser. A bad config, override, file or argument ends with ``moca: error: ...`` and exit status 2.
+their parser. A bad config, override, file or argument ends with ``moca: error: ...`` and exit status 2; a disk
+error (read-only or full folder, damaged checkpoint) or an output folder in use by another run with exit status 1;
+a training run stopped by SIGTERM / SIGINT (after writing a checkpoint) with one line and 128 + the signal number.
 Multi-GPU: ``torchrun --nproc_per_node N -m moca.cli train cpt|cl --config ...``.
 """
 
@@ -143,6 +145,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     except yaml_error as exc:   # a config file or a --set value that is not valid YAML
         print(f"moca: error: invalid YAML: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:      # a read-only or full disk, a damaged checkpoint: the message names the path
+        print(f"moca: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:   # Ctrl-C outside a training loop (which stops gracefully instead)
+        print("moca: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        code = getattr(exc, "moca_exit_code", None)   # a run stopped by a signal (128 + signal), a locked folder
+        if code is None:
+            raise
+        print(f"moca: {'error: ' if code == 1 else ''}{exc}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -117,4 +117,6 @@ def load_config(cls, path: Optional[Union[str, Path]] = None, overrides: Sequenc
 def dump_config(obj, path: Union[str, Path]) -> None:
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+    from .fsutil import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))   # a full disk names the file

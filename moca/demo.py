@@ -117,18 +117,21 @@ def prepare_data(s: DemoSettings) -> dict:
     key = dict(seed=s.seed, image_size=s.image_size, cpt_docs=s.cpt_docs, pairs=s.pairs_per_subset,
                k=s.hard_negatives, eval=[s.eval_queries, s.eval_candidates, s.eval_corpus])
     index = root / "index.json"
-    if index.exists():
-        data = json.loads(index.read_text())
-        if data.get("key") == key:
-            return data
+    from .fsutil import files_named_by_jsonl, load_index, save_index
+
+    data = load_index(index, lambda d: d.get("key") == key)   # same settings and every listed file intact
+    if data is not None:
+        return data
     t0 = time.perf_counter()
     cpt = write_cpt_corpus(root / "stage1", n_docs=s.cpt_docs, seed=s.seed, image_size=s.image_size)
     subsets = write_train_subsets(root / "stage2", n_per_subset=s.pairs_per_subset,
                                   hard_negatives=max(s.hard_negatives, 1), seed=s.seed, image_size=s.image_size)
     tasks = write_eval_tasks(root / "eval", n_queries=s.eval_queries, n_candidates=s.eval_candidates,
                              corpus_size=s.eval_corpus, seed=s.seed, image_size=s.image_size)
-    data = {"key": key, "cpt": str(cpt), "subsets": subsets, "tasks": tasks}
-    index.write_text(json.dumps(data, indent=2))
+    jsonl = [cpt] + [f for c in subsets for f in c["files"]] + \
+        [t[k] for t in tasks for k in ("file", "queries", "corpus") if t.get(k)]
+    data = save_index(index, {"key": key, "cpt": str(cpt), "subsets": subsets, "tasks": tasks},
+                      files_named_by_jsonl(jsonl))   # written last: commits the data
     log.info("wrote the embedded data in %.1f s", time.perf_counter() - t0)
     return data
 

@@ -134,6 +134,9 @@ class MocaBackbone(nn.Module):
         from transformers import AutoConfig
 
         path = Path(path)
+        if (path / "INCOMPLETE").exists():   # an export cut short (moca.train.core.Trainer._export)
+            raise ValueError(f"{path} is an incomplete export ({path / 'INCOMPLETE'}: "
+                             f"{(path / 'INCOMPLETE').read_text(errors='replace').strip()[:300]})")
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path}: no config.json (expected a local transformers checkpoint directory)")
         meta = json.loads((path / MOCA_CONFIG).read_text()) if (path / MOCA_CONFIG).exists() else {}

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..fsutil import atomic_save_image, atomic_write_text
+
 COLORS: Dict[str, Tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
     "purple": (140, 60, 180), "orange": (245, 140, 30), "black": (20, 20, 20), "cyan": (40, 200, 210),
@@ -145,11 +147,26 @@ def write_cpt_corpus(out_dir, n_docs: int = 400, seed: int = 0, image_size: int 
         for j in range(rng.randint(0, max_images)):
             scene = random_scene(rng)
             name = f"images/doc{i:05d}_{j}.png"
-            draw_scene(scene, image_size).save(out / name, optimize=False, compress_level=6)
+            atomic_save_image(draw_scene(scene, image_size), out / name, optimize=False, compress_level=6)
             piece = [{"image": name}, {"text": f"Figure: {caption(scene)}."}]
             at = rng.randint(0, len(content))
             content[at:at] = piece
         lines.append(json.dumps({"id": f"doc{i:05d}", "content": content}))
     path = out / "cpt.jsonl"
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")    # never half a corpus under the final name
     return path
+
+
+def ensure_cpt_corpus(out_dir, n_docs: int = 400, seed: int = 0) -> Path:
+    """``out_dir/cpt.jsonl`` from :func:`write_cpt_corpus`, written only when absent, written for other
+    settings, or damaged: ``out_dir/cpt_index.json`` (written last) records the settings and the size and
+    checksum of the JSONL and of every image, and is checked before the corpus is reused."""
+    from ..fsutil import files_named_by_jsonl, load_index, save_index
+
+    out = Path(out_dir)
+    index = out / "cpt_index.json"
+    key = {"docs": n_docs, "seed": seed}
+    if load_index(index, lambda d: d.get("key") == key) is None:
+        path = write_cpt_corpus(out, n_docs=n_docs, seed=seed)
+        save_index(index, {"key": key, "corpus": path.name}, files_named_by_jsonl([path]))
+    return out / "cpt.jsonl"

@@ -38,7 +38,14 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from .embedded import COLORS, RELATIONS, SHAPES, SIZES, BACKGROUNDS, Scene, caption, draw_scene, passages, random_scene
-from .retrieval import write_jsonl
+from ..fsutil import atomic_save_image, atomic_write_text
+
+
+def write_jsonl(path, records) -> Path:
+    """Write records as JSON lines, atomically (a temporary renamed into place)."""
+    import json
+
+    return atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 INSTRUCTIONS = {
     "scene_t2i": ("Find an image that matches the given caption: ", ""),
@@ -64,7 +71,7 @@ class _Images:
         key = f"{caption(scene)}|{scene.jitter[0]:.4f}|{scene.jitter[1]:.4f}"
         if key not in self.seen:
             name = f"images/s{zlib.crc32(key.encode()):08x}.png"
-            draw_scene(scene, self.size).save(self.root / name, optimize=False, compress_level=6)
+            atomic_save_image(draw_scene(scene, self.size), self.root / name, optimize=False, compress_level=6)
             self.seen[key] = name
         return self.seen[key]
 

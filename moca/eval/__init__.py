@@ -286,12 +286,15 @@ def embedded_tasks(out_dir, seed: int = 0) -> List[EvalTask]:
     """Write (once per seed) and return the embedded held-out tasks."""
     from ..data.embedded_retrieval import write_eval_tasks
 
+    from ..fsutil import files_named_by_jsonl, load_index, save_index
+
     out = Path(out_dir)
     index = out / "tasks.json"
-    data = json.loads(index.read_text()) if index.exists() else None
-    if not isinstance(data, dict) or data.get("seed") != seed:   # absent, an older list index, or another seed
-        data = {"seed": seed, "tasks": write_eval_tasks(out, seed=seed)}
-        index.write_text(json.dumps(data, indent=2))
+    data = load_index(index, lambda d: d.get("seed") == seed)   # same seed and every listed file intact
+    if data is None:
+        tasks = write_eval_tasks(out, seed=seed)
+        jsonl = [t[k] for t in tasks for k in ("file", "queries", "corpus") if t.get(k)]
+        data = save_index(index, {"seed": seed, "tasks": tasks}, files_named_by_jsonl(jsonl))
     return [from_dict(EvalTask, t, f"tasks[{i}]") for i, t in enumerate(data["tasks"])]
 
 

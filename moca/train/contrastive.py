@@ -23,7 +23,6 @@ The final model is exported to ``<output_dir>/final`` (LoRA merged), loadable by
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -42,6 +41,7 @@ from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
 from ..data.retrieval import PairBatch, PairLoader, SubsetConfig
 from ..embedding import POOLINGS, MocaEmbedder
 from .core import DistEnv, TrainConfig, Trainer, init_distributed
+from .safety import RunLock
 from .cpt import ModelConfig, build_model_and_processor, check_image_settings
 
 log = logging.getLogger("moca.train")
@@ -323,14 +323,17 @@ def embedded_subsets(out_dir, n_pairs: int, hard_negatives: int, seed: int) -> L
     """Write (once per settings) the embedded training subsets and return their configs."""
     from ..data.embedded_retrieval import write_train_subsets
 
+    from ..fsutil import files_named_by_jsonl, load_index, save_index
+
     out = Path(out_dir)
     index = out / "subsets.json"
     key = {"pairs": n_pairs, "hard_negatives": max(hard_negatives, 2), "seed": seed}
-    data = json.loads(index.read_text()) if index.exists() else None
-    if not isinstance(data, dict) or data.get("key") != key:   # absent, an older list index, or other settings
-        data = {"key": key, "subsets": write_train_subsets(out, n_per_subset=n_pairs,
-                                                           hard_negatives=key["hard_negatives"], seed=seed)}
-        index.write_text(json.dumps(data, indent=2))
+    # reused only when written for these settings and every file it lists is intact (else written again)
+    data = load_index(index, lambda d: d.get("key") == key)
+    if data is None:
+        subsets = write_train_subsets(out, n_per_subset=n_pairs, hard_negatives=key["hard_negatives"], seed=seed)
+        files = files_named_by_jsonl(f for c in subsets for f in c["files"])
+        data = save_index(index, {"key": key, "subsets": subsets}, files)   # last: commits the data
     return [from_dict(SubsetConfig, c, f"subsets[{i}]") for i, c in enumerate(data["subsets"])]
 
 
@@ -346,8 +349,17 @@ def build_contrastive_model(cfg: ClConfig) -> ContrastiveModel:
 def run_cl(cfg: ClConfig, dist: Optional[DistEnv] = None) -> List[dict]:
     """Run Stage 2 with ``cfg``; returns the logged metrics (rank 0's view)."""
     dist = dist or init_distributed()
-    torch.manual_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
+    lock = RunLock(out).acquire() if dist.is_main else None   # one run per output folder (also held by fit)
+    try:
+        return _run_cl(cfg, dist, out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_cl(cfg: ClConfig, dist: DistEnv, out: Path) -> List[dict]:
+    torch.manual_seed(cfg.train.seed)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")

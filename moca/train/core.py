@@ -11,9 +11,13 @@ needs its own step (GradCache) overrides :meth:`Trainer.compute_step`. The data 
 ``state_dict()`` / ``load_state_dict()`` and may expose ``skipped`` counts.
 
 Checkpoints (``<output_dir>/checkpoints/step_XXXXXXXX``) hold the model (safetensors), the optimizer and
-scheduler, the trainer state, and each rank's data position and RNG states. A checkpoint is written into a
-temporary folder and renamed when complete, so a crash mid-save leaves the previous one intact; resuming on
-CPU reproduces the losses of an uninterrupted run exactly.
+scheduler (``optimizer.pt``), the trainer state (JSON), each rank's data position and RNG states
+(``rankNNNNN.pt``), and a ``MANIFEST.json`` with the size and SHA-256 of every file. The ``.pt`` files hold
+tensors and plain data only and are read with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
+A checkpoint is written into a temporary folder and renamed when complete, so a crash mid-save leaves the
+previous one intact; resume verifies checkpoints against their manifests and takes the newest intact one;
+resuming on CPU reproduces the losses of an uninterrupted run exactly. Run safety (the output-folder lock,
+SIGTERM / SIGINT, the errors the command reports) is in :mod:`moca.train.safety`.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 from torch import nn
+
+from ..fsutil import build_manifest, fsync_dir, verify_manifest
+from .safety import CheckpointError, ExportError, GracefulStop, RunLock, TrainingInterrupted, fault
 
 log = logging.getLogger("moca.train")
 
@@ -209,8 +216,11 @@ class MetricsLogger:
     def log(self, step: int, metrics: Dict[str, object]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.file.flush()
+        except OSError as exc:     # a full disk: name the file
+            raise OSError(exc.errno, exc.strerror or str(exc), self.file.name) from exc
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -228,44 +238,140 @@ class MetricsLogger:
 # --------------------------------------------------------------------------------------------------------
 
 
+INCOMPLETE_MARKER = "INCOMPLETE"    # in an export folder that is not (yet) a complete model
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "trainer_state.json")   # plus rank*.pt, MANIFEST.json
+
+
 def _rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states as tensors and plain data only (loadable with ``torch.load(weights_only=True)``)."""
+    py = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"python": [int(py[0]), [int(x) for x in py[1]], py[2]],
+          "numpy": [str(kind), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                    float(cached)],
+          "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
+        st["cuda"] = list(torch.cuda.get_rng_state_all())
     return st
 
 
 def _set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    version, keys, gauss = st["python"]
+    random.setstate((int(version), tuple(int(x) for x in keys), gauss))
+    kind, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((kind, np.asarray(keys.numpy(), dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
 def _fsync_dir(path: Path) -> None:
+    fsync_dir(path)
+
+
+def _save_torch(obj, path: Path) -> None:
+    """torch.save through a Python file, so a full disk raises OSError naming the cause (the C++ writer says
+    only "basic_ios::clear: iostream error")."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _load_torch(path: Path, map_location):
+    """torch.load of tensors and plain data only: a checkpoint can hold no code (weights_only=True)."""
+    with open(path, "rb") as f:
+        return torch.load(f, map_location=map_location, weights_only=True)
+
+
+def _step_of(path: Path) -> int:
     try:
-        fd = os.open(str(path), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+        return int(path.name.rsplit("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def verify_checkpoint(path: Path) -> Optional[str]:
+    """None when the checkpoint folder is complete and every file has the size and SHA-256 checksum recorded
+    in its ``MANIFEST.json`` when it was written; else what is wrong, naming the file."""
+    path = Path(path)
+    if not path.is_dir():
+        return f"{path} is not a folder"
+    if not (path / "COMPLETE").exists():
+        return f"{path / 'COMPLETE'} is missing (the save did not finish)"
+    mf = path / "MANIFEST.json"
+    if not mf.exists():
+        return f"{mf} is missing (written by an older moca: it cannot be verified or loaded safely)"
+    try:
+        files = json.loads(mf.read_text(encoding="utf-8"))["files"]
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{mf} is unreadable ({type(exc).__name__}: {exc})"
+    need = list(CHECKPOINT_FILES) + ["rank00000.pt"]
+    missing = [n for n in need if n not in files]
+    if missing:
+        return f"{mf} does not list {missing}"
+    problem = verify_manifest(path, files)
+    if problem:
+        return problem
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        int(state["step"]), int(state["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{path / 'trainer_state.json'} is unreadable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def recover_checkpoints(root: Path) -> None:
+    """Tidy ``root`` (``<output_dir>/checkpoints``) after a killed save: remove unfinished ``.tmp_step_*``
+    folders and half-removed old checkpoints (``.del_step_*``); put back a ``.old_step_*`` folder (the previous copy, moved aside while a checkpoint of the same
+    step was re-saved) whose replacement never arrived, and remove it when it did. Call with the run lock held."""
+    if not root.is_dir():
+        return
+    for tmp in root.glob(".tmp_step_*"):
+        log.warning("removing %s, an unfinished checkpoint left by an interrupted save", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+    for gone in root.glob(".del_step_*"):      # an old checkpoint whose removal was interrupted
+        shutil.rmtree(gone, ignore_errors=True)
+    for old in root.glob(".old_step_*"):
+        final = root / old.name[len(".old_"):]
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            log.warning("restoring %s from %s (a re-save of that checkpoint was interrupted)", final, old)
+            os.replace(old, final)
+            fsync_dir(root)
 
 
 def find_checkpoint(spec: Optional[str], output_dir: Path) -> Optional[Path]:
-    """Resolve ``resume``: "auto" = newest complete checkpoint under output_dir (or None), else a path."""
+    """Resolve ``resume``: "auto" = the newest intact checkpoint under output_dir (None when there is none at
+    all), a path = that checkpoint (which must be intact), None/"none" = start fresh.
+
+    Each checkpoint is verified against its manifest; a damaged newest one is passed over with a warning
+    naming the file and what is wrong. Raises :class:`CheckpointError` when checkpoints exist but none is
+    intact (``resume: null`` starts afresh)."""
     if spec is None or spec is False or str(spec).lower() in ("none", "null", "false", ""):
         return None
     if str(spec).lower() != "auto":
         p = Path(spec)
-        if not (p / "COMPLETE").exists():
-            raise FileNotFoundError(f"resume: {p} is not a complete checkpoint (no COMPLETE marker)")
+        problem = verify_checkpoint(p)
+        if problem:
+            raise CheckpointError(f"resume: {p} is not an intact checkpoint: {problem}")
         return p
     root = output_dir / "checkpoints"
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / "COMPLETE").exists()) if root.exists() else []
-    return done[-1] if done else None
+    found = sorted((p for p in root.glob("step_*") if p.is_dir()), key=_step_of) if root.exists() else []
+    problems = []
+    for p in reversed(found):
+        problem = verify_checkpoint(p)
+        if problem is None:
+            for bad, why in problems:
+                log.warning("checkpoint %s is damaged (%s); resuming from %s instead", bad, why, p)
+            return p
+        problems.append((p, problem))
+    if problems:
+        raise CheckpointError("no intact checkpoint in " + str(root) + ": " +
+                              "; ".join(f"{p.name}: {why}" for p, why in problems) +
+                              " (set train.resume: null to start afresh)")
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -313,6 +419,8 @@ class Trainer:
         self.micro_index = 0
         self.tokens_seen = 0
         self.history: List[dict] = []
+        self._loaded_from: Optional[Path] = None
+        self._loaded_step = -1
         self.logger = MetricsLogger(self.out / "logs", self.dist.is_main, cfg.tensorboard)
 
     # -- set-up --------------------------------------------------------------------------------------
@@ -353,51 +461,125 @@ class Trainer:
         return None, self.optimizer.state_dict()
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step_XXXXXXXX`` atomically; keep the newest ``keep_checkpoints``."""
+        """Write ``checkpoints/step_XXXXXXXX`` atomically; keep the newest ``keep_checkpoints``.
+
+        Every file goes into ``.tmp_step_XXXXXXXX``, then ``MANIFEST.json`` (size and SHA-256 of each file) and
+        ``COMPLETE``, then the folder is renamed into place. A checkpoint of the same step that is already
+        there is moved aside first and removed only after the new one is in place (a kill in between leaves
+        it to be restored on the next start). A write error (a full disk) removes the temporary folder and
+        raises :class:`CheckpointError` naming the checkpoint and the cause."""
         from safetensors.torch import save_file, save_model
 
         root = self.out / "checkpoints"
         final = root / f"step_{self.step:08d}"
         tmp = root / f".tmp_step_{self.step:08d}"
+        if self._loaded_from is not None and self._loaded_from.resolve() == final.resolve() \
+                and self._loaded_step == self.step:
+            return final        # resumed here and took no step: that checkpoint is this state
+        try:
+            if self.dist.is_main:
+                root.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+            self.dist.barrier()
+            r = self.dist.rank
+            _save_torch({"rng": _rng_state(), "data": self.data.state_dict()}, tmp / f"rank{r:05d}.pt")
+            fault("save.write", tmp / "model.safetensors")
+            model_state, optim_state = self._full_state()
+            if self.dist.is_main:
+                if model_state is not None:
+                    save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+                else:
+                    save_model(self.module, str(tmp / "model.safetensors"))
+                _save_torch({"optimizer": optim_state, "scheduler": self.scheduler.state_dict()}, tmp / "optimizer.pt")
+                (tmp / "trainer_state.json").write_text(json.dumps({
+                    "step": self.step, "micro_index": self.micro_index, "tokens_seen": self.tokens_seen,
+                    "world_size": self.dist.world_size, "max_steps": self.cfg.max_steps}))
+            self.dist.barrier()
+            if self.dist.is_main:
+                names = sorted(f.name for f in tmp.iterdir())
+                for name in names:
+                    with open(tmp / name, "rb") as fh:
+                        os.fsync(fh.fileno())
+                fault("save.manifest", tmp / "MANIFEST.json")
+                (tmp / "MANIFEST.json").write_text(json.dumps({"files": build_manifest(tmp, names)}, indent=1))
+                (tmp / "COMPLETE").write_text("ok\n")
+                for name in ("MANIFEST.json", "COMPLETE"):
+                    with open(tmp / name, "rb") as fh:
+                        os.fsync(fh.fileno())
+                _fsync_dir(tmp)
+                self._install(tmp, final)
+        except BaseException as exc:
+            if self.dist.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, Exception):
+                cause = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+                raise CheckpointError(f"could not write checkpoint {final}: {cause} (the unfinished {tmp} was "
+                                      f"removed; earlier checkpoints are intact)") from exc
+            raise
         if self.dist.is_main:
-            root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        self.dist.barrier()
-        r = self.dist.rank
-        torch.save({"rng": _rng_state(), "data": self.data.state_dict()}, tmp / f"rank{r:05d}.pt")
-        model_state, optim_state = self._full_state()
-        if self.dist.is_main:
-            if model_state is not None:
-                save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-            else:
-                save_model(self.module, str(tmp / "model.safetensors"))
-            torch.save({"optimizer": optim_state, "scheduler": self.scheduler.state_dict()}, tmp / "optimizer.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps({
-                "step": self.step, "micro_index": self.micro_index, "tokens_seen": self.tokens_seen,
-                "world_size": self.dist.world_size, "max_steps": self.cfg.max_steps}))
-        self.dist.barrier()
-        if self.dist.is_main:
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            (tmp / "COMPLETE").write_text("ok\n")
-            _fsync_dir(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(root)
-            done = sorted(p for p in root.glob("step_*") if (p / "COMPLETE").exists())
+            done = sorted((p for p in root.glob("step_*") if (p / "COMPLETE").exists()), key=_step_of)
             for old in done[:-max(self.cfg.keep_checkpoints, 1)]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old != final:       # renamed first: a kill in the rmtree leaves no half checkpoint named step_*
+                    gone = root / f".del_{old.name}"
+                    os.replace(old, gone)
+                    fault("save.prune", gone)
+                    shutil.rmtree(gone, ignore_errors=True)
         self.dist.barrier()
         return final
 
+    @staticmethod
+    def _install(tmp: Path, final: Path) -> None:
+        """Rename the finished ``tmp`` to ``final``; an existing ``final`` is moved aside first and removed only
+        once the new one is in place."""
+        root = final.parent
+        aside = root / f".old_{final.name}"
+        if final.exists():
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.replace(final, aside)
+            fault("save.swap", final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+        if aside.exists():
+            fault("save.cleanup", aside)
+            shutil.rmtree(aside, ignore_errors=True)
+
+    def _choose_checkpoint(self) -> Optional[Path]:
+        """Rank 0 tidies the checkpoint folder and picks the newest intact checkpoint (``resume``); every rank
+        gets rank 0's choice."""
+        choice, error = None, None
+        if self.dist.is_main:
+            try:
+                recover_checkpoints(self.out / "checkpoints")
+                choice = find_checkpoint(self.cfg.resume, self.out)
+            except Exception as exc:       # raised below on every rank, so none waits for the others
+                error = exc
+        if self.dist.distributed:
+            box = [None if choice is None else str(choice), None if error is None else str(error)]
+            torch.distributed.broadcast_object_list(box, src=0)
+            if not self.dist.is_main:
+                choice = None if box[0] is None else Path(box[0])
+                error = CheckpointError(box[1]) if box[1] is not None else None
+        if error is not None:
+            raise error
+        return choice
+
     def load_checkpoint(self, path: Path) -> None:
+        """Load a checkpoint written by :meth:`save_checkpoint` (verify it first: :func:`verify_checkpoint`).
+        Only tensors and plain data are read (``weights_only=True``); a file that holds anything else, or that
+        does not fit this run, raises :class:`CheckpointError` naming it."""
         from safetensors.torch import load_file, load_model
 
-        state = json.loads((path / "trainer_state.json").read_text())
+        def named(name: str, fn):
+            try:
+                return fn()
+            except Exception as exc:
+                raise CheckpointError(f"checkpoint {path}: cannot load {name}: {type(exc).__name__}: "
+                                      f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+        state = named("trainer_state.json", lambda: json.loads((path / "trainer_state.json").read_text()))
         if state["world_size"] != self.dist.world_size:
             raise ValueError(f"checkpoint {path} was written by {state['world_size']} processes, this run has "
                              f"{self.dist.world_size}; the data split would differ")
@@ -406,23 +588,27 @@ class Trainer:
                                                                  set_optimizer_state_dict)
 
             opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-            set_model_state_dict(self.model, load_file(str(path / "model.safetensors")), options=opts)
-            opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-            set_optimizer_state_dict(self.model, self.optimizer, opt["optimizer"], options=opts)
+            named("model.safetensors", lambda: set_model_state_dict(
+                self.model, load_file(str(path / "model.safetensors")), options=opts))
+            opt = named("optimizer.pt", lambda: _load_torch(path / "optimizer.pt", "cpu"))
+            named("optimizer.pt", lambda: set_optimizer_state_dict(self.model, self.optimizer, opt["optimizer"],
+                                                                   options=opts))
         else:
-            missing, unexpected = load_model(self.module, str(path / "model.safetensors"), strict=False,
-                                             device=str(self.dist.device))
+            missing, unexpected = named("model.safetensors", lambda: load_model(
+                self.module, str(path / "model.safetensors"), strict=False, device=str(self.dist.device)))
             if unexpected or [m for m in missing if not self._is_tied(m)]:
                 raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
                                  f"unexpected {unexpected[:5]}")
-            opt = torch.load(path / "optimizer.pt", map_location=self.dist.device, weights_only=False)
-            self.optimizer.load_state_dict(opt["optimizer"])
-        self.scheduler.load_state_dict(opt["scheduler"])
-        mine = torch.load(path / f"rank{self.dist.rank:05d}.pt", map_location="cpu", weights_only=False)
-        self.data.load_state_dict(mine["data"])
-        _set_rng_state(mine["rng"])
+            opt = named("optimizer.pt", lambda: _load_torch(path / "optimizer.pt", self.dist.device))
+            named("optimizer.pt", lambda: self.optimizer.load_state_dict(opt["optimizer"]))
+        named("optimizer.pt", lambda: self.scheduler.load_state_dict(opt["scheduler"]))
+        rank_file = f"rank{self.dist.rank:05d}.pt"
+        mine = named(rank_file, lambda: _load_torch(path / rank_file, "cpu"))
+        named(rank_file, lambda: self.data.load_state_dict(mine["data"]))
+        named(rank_file, lambda: _set_rng_state(mine["rng"]))
         self.step, self.micro_index = state["step"], state["micro_index"]
         self.tokens_seen = state.get("tokens_seen", 0)
+        self._loaded_from, self._loaded_step = Path(path), self.step
         if self.dist.is_main:
             log.info("resumed from %s at step %d", path, self.step)
 
@@ -477,8 +663,26 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------------
 
     def fit(self) -> List[dict]:
-        """Train to ``max_steps`` (resuming first when asked); returns the logged metrics of this run."""
-        ckpt = find_checkpoint(self.cfg.resume, self.out)
+        """Train to ``max_steps`` (resuming first when asked); returns the logged metrics of this run.
+
+        Holds the output folder's :class:`~moca.train.safety.RunLock` (rank 0). SIGTERM / SIGINT finish the
+        current step, write a checkpoint and raise :class:`~moca.train.safety.TrainingInterrupted`; a second
+        signal exits at once."""
+        lock = RunLock(self.out).acquire() if self.dist.is_main else None
+        try:
+            with GracefulStop() as stop:
+                return self._fit(stop)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _stop_requested(self, stop: GracefulStop) -> bool:
+        if not self.dist.distributed:
+            return stop.requested
+        return self.dist.all_reduce_sum([1.0 if stop.requested else 0.0])[0] > 0   # every rank stops together
+
+    def _fit(self, stop: GracefulStop) -> List[dict]:
+        ckpt = self._choose_checkpoint()
         if ckpt is not None:
             self.load_checkpoint(ckpt)
         self.logger.start(self.step)
@@ -491,16 +695,19 @@ class Trainer:
             bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         self.model.train()
         t_window, tok_window = time.perf_counter(), 0
+        interrupted = False
         try:
-            stop = min(self.cfg.max_steps, self.cfg.stop_at_step or self.cfg.max_steps)
-            while self.step < stop:
+            stop_at = min(self.cfg.max_steps, self.cfg.stop_at_step or self.cfg.max_steps)
+            while self.step < stop_at:
                 metrics = self.compute_step()
                 grad_norm = self.optimizer_step()
                 self.step += 1
+                fault("step")
+                interrupted = self._stop_requested(stop)
                 tok = metrics.pop("tokens")
                 tok_window += tok
                 self.tokens_seen += tok
-                if self.step % self.cfg.log_every == 0 or self.step == stop:
+                if self.step % self.cfg.log_every == 0 or self.step == stop_at or interrupted:
                     keys = sorted(k for k in metrics)
                     grad_norm = float(grad_norm)
                     summed = self.dist.all_reduce_sum([float(metrics[k]) for k in keys] + [tok_window])
@@ -521,18 +728,48 @@ class Trainer:
                     t_window, tok_window = time.perf_counter(), 0
                 if bar is not None:
                     bar.update(1)
-                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < stop:
+                if interrupted:
+                    break
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < stop_at:
                     self.save_checkpoint()
-            self.save_checkpoint()
+            path = self.save_checkpoint()
+            if interrupted and self.step < self.cfg.max_steps:
+                raise TrainingInterrupted(stop.signame, stop.signum, self.step, self.cfg.max_steps, path)
             if self.save_extra is not None and self.step >= self.cfg.max_steps:
                 self.dist.barrier()
                 full_state, _ = (self._full_state() if self.cfg.parallel == "fsdp" and self.dist.distributed
                                  else (None, None))        # FSDP: gathered on every rank, saved by rank 0
                 if self.dist.is_main:
-                    self.save_extra(self.out / "final", full_state)
+                    self._export(self.out / "final", full_state, path)
                 self.dist.barrier()
         finally:
             if bar is not None:
                 bar.close()
             self.logger.close()
         return self.history
+
+    def _export(self, final: Path, full_state, checkpoint: Path) -> None:
+        """Run ``save_extra`` into ``final`` behind an ``INCOMPLETE`` marker, removed only when the export has
+        finished: an export cut short (a full disk, a kill) stays marked, and moca's loaders refuse it."""
+        final.mkdir(parents=True, exist_ok=True)
+        marker = final / INCOMPLETE_MARKER
+        marker.write_text("this export has not finished (or failed): it is not a complete model\n")
+        fsync_dir(final)
+        try:
+            fault("export", final / "model.safetensors")
+            self.save_extra(final, full_state)
+        except Exception as exc:
+            try:
+                marker.write_text(f"this export failed and is not a complete model: {exc}\n")
+            except OSError:
+                pass                       # the marker from before the export is still there
+            cause = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+            raise ExportError(f"export of the final model to {final} failed: {cause}. {final} is incomplete and "
+                              f"marked so ({marker}); checkpoint {checkpoint} is intact: free space and run the "
+                              f"same command again to export") from exc
+        for f in final.rglob("*"):
+            if f.is_file() and f != marker:
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        marker.unlink()
+        fsync_dir(final)

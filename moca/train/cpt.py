@@ -27,6 +27,7 @@ from ..data.processor import MocaProcessor
 from ..modeling import MocaBackbone
 from ..stage1 import CptModel, LossConfig
 from .core import DistEnv, TrainConfig, Trainer, init_distributed
+from .safety import RunLock
 
 log = logging.getLogger("moca.train")
 
@@ -152,18 +153,27 @@ def cpt_loss(model, batch):
 def run_cpt(cfg: CptConfig, dist: Optional[DistEnv] = None) -> List[dict]:
     """Run Stage 1 with ``cfg``; returns the logged metrics (rank 0's view)."""
     dist = dist or init_distributed()
-    torch.manual_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
+    lock = RunLock(out).acquire() if dist.is_main else None   # one run per output folder (also held by fit)
+    try:
+        return _run_cpt(cfg, dist, out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_cpt(cfg: CptConfig, dist: DistEnv, out: Path) -> List[dict]:
+    torch.manual_seed(cfg.train.seed)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
     files = list(cfg.data.train)
     if not files:
-        from ..data.embedded import write_cpt_corpus
+        from ..data.embedded import ensure_cpt_corpus
 
         edir = Path(cfg.data.embedded_dir or out / "embedded_data")
-        if dist.is_main and not (edir / "cpt.jsonl").exists():
-            write_cpt_corpus(edir, n_docs=cfg.data.embedded_docs, seed=cfg.data.embedded_seed)
+        if dist.is_main:
+            ensure_cpt_corpus(edir, n_docs=cfg.data.embedded_docs, seed=cfg.data.embedded_seed)
         dist.barrier()
         files = [str(edir / "cpt.jsonl")]
 
