@@ -294,10 +294,7 @@ def _documents(module: nn.Module, attention_mask, B: int, S: int, device, kwargs
         if B != 1 or padded:
             raise ValueError(f"moca attention: cu_seq_lens_q/k describe one packed row without padding; got batch "
                              f"{B} {'with' if padded else 'without'} padding")
-        pre = kwargs.get("moca_vision_masks")
-        docs = _precomputed(cu_q, pre) if pre else None
-        if docs is None:
-            docs = _docs_from_cu_seqlens(cu_q, causal, device)
+        docs = _docs_from_cu_seqlens(cu_q, causal, device)
         if docs.total_len != S:
             raise ValueError(f"moca attention: cu_seq_lens_q covers {docs.total_len} tokens, the row has {S}")
         return docs
@@ -358,8 +355,7 @@ def moca_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
         scaling: softmax scale (default D ** -0.5).
         dropout: attention-probability dropout (transformers passes 0 in eval mode); > 0 runs the dense path.
         kwargs: the packing conventions of the module docstring (``moca_docs``, ``cu_seq_lens_q/k``,
-            ``max_length_q/k``, ``position_ids``); ``moca_vision_masks`` (precomputed vision masks keyed by
-            their cu_seqlens); ``sliding_window`` must be None.
+            ``max_length_q/k``, ``position_ids``); ``sliding_window`` must be None.
 
     Returns:
         (out [B, S, Hq, D] in the attention dtype, None).
@@ -371,11 +367,26 @@ def moca_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
     if key.shape[2] != S:
         raise NotImplementedError(f"moca attention: keys of length {key.shape[2]} for {S} queries (a KV cache); "
                                   "call the model with use_cache=False")
+    if _is_vision_attention(module):
+        # a vision tower's own per-image / per-window call (not patched by apply_moca_kernels): each row is one
+        # image or window; the language model's packing keywords, which transformers forwards here too, do not
+        # describe it
+        if attention_mask is not None:
+            raise TypeError(f"moca attention: {type(module).__name__} received a mask; vision attention is "
+                            "bidirectional within each image or window")
+        docs = _cached_rows(B, S, False, query.device)
+    else:
+        docs = _documents(module, attention_mask, B, S, query.device, kwargs)
+    return _attend(module, query, key, value, docs, scaling, dropout), None
+
+
+def _attend(module: nn.Module, query, key, value, docs: mk.AttentionMask, scaling, dropout) -> torch.Tensor:
+    """query [B, Hq, S, D], key/value [B, Hkv, S, D] under ``docs`` (over the B * S tokens, or the real tokens of a
+    padded batch) -> [B, S, Hq, D]."""
+    B, Hq, S, D = query.shape
     dt = _attention_dtype(query, key, value)
     if not (query.dtype == key.dtype == value.dtype == dt):
         query, key, value = query.to(dt), key.to(dt), value.to(dt)
-    docs = _documents(module, attention_mask, B, S, query.device, kwargs)
-
     if dropout and module.training:
         global _DROPOUT_WARNED
         if not _DROPOUT_WARNED:
@@ -383,17 +394,15 @@ def moca_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
             warnings.warn(f"moca attention: attention dropout {dropout} in training runs a dense PyTorch path "
                           "(not the fused kernels); set the model's attention dropout to 0 (BERT: "
                           "config.attention_probs_dropout_prob = 0) to use the kernels", stacklevel=2)
-        return _dense_attention(query, key, value, docs, scaling, float(dropout)), None
-
+        return _dense_attention(query, key, value, docs, scaling, float(dropout))
     if docs.padding_index is None:
         q = query.transpose(1, 2).reshape(B * S, Hq, D)
         k = key.transpose(1, 2).reshape(B * S, key.shape[1], D)
         v = value.transpose(1, 2).reshape(B * S, value.shape[1], D)
-        out = mk.masked_attention(q, k, v, docs, scale=scaling)
-        return out.view(B, S, Hq, D), None
+        return mk.masked_attention(q, k, v, docs, scale=scaling).view(B, S, Hq, D)
     # padded batch: drop the padding, attend over the packed rows, put the rows back (padding outputs are 0)
     qp, kp, vp = (pack(t.transpose(1, 2), docs) for t in (query, key, value))
-    return unpack(mk.masked_attention(qp, kp, vp, docs, scale=scaling), docs), None
+    return unpack(mk.masked_attention(qp, kp, vp, docs, scale=scaling), docs)
 
 
 def _dense_attention(query, key, value, docs: mk.AttentionMask, scaling, dropout: float) -> torch.Tensor:
@@ -466,9 +475,14 @@ def _vision_attention_forward(self, hidden_states: torch.Tensor, cu_seqlens: tor
         raise ValueError("moca vision attention: position_embeddings (cos, sin) are required")
     cos, sin = position_embeddings
     q, k = apply_rotary(q, k, cos, sin)                       # [N, H, Dh] each
-    out, _ = moca_attention_forward(self, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                    None, scaling=self.scaling, is_causal=False, cu_seq_lens_q=cu_seqlens,
-                                    cu_seq_lens_k=cu_seqlens, moca_vision_masks=kwargs.get("moca_vision_masks"))
+    pre = kwargs.get("moca_vision_masks")
+    docs = _precomputed(cu_seqlens, pre) if pre else None
+    if docs is None:
+        docs = _docs_from_cu_seqlens(cu_seqlens, False, q.device, name="cu_seqlens")
+    if docs.total_len != N:
+        raise ValueError(f"moca vision attention: cu_seqlens covers {docs.total_len} rows, hidden_states has {N}")
+    out = _attend(self, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], docs,
+                  self.scaling, 0.0)
     return self.proj(out.reshape(N, -1))
 
 
