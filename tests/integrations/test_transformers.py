@@ -104,14 +104,16 @@ def test_moca_attention_keeps_its_public_names():
 # -- item 7 and apply_moca_kernels: packed rows in every convention equal each document alone -------------------
 
 
-def _packed_inputs(convention, S):
+def _packed_inputs(convention, S, rotary=True):
     pos = torch.cat([torch.arange(n) for n in DOCS])[None]
     cu = torch.tensor([0] + torch.tensor(DOCS).cumsum(0).tolist(), dtype=torch.int32)
     if convention == "position_ids":
         return {"position_ids": pos}
     if convention == "cu_seq_lens":    # flash-attention-2 style keywords, as DataCollatorWithFlattening returns them
-        return {"position_ids": pos, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(DOCS),
-                "max_length_k": max(DOCS)}
+        kw = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(DOCS), "max_length_k": max(DOCS)}
+        # rotary models: positions 0..S-1 (no restart), so only the keywords separate the documents (rotary
+        # attention depends on position differences only); BERT's absolute positions must restart
+        return kw if rotary else {"position_ids": pos, **kw}
     if convention == "moca_docs":
         return {"position_ids": pos, "moca_docs": None}
     if convention == "moca_docs_ones_mask":
@@ -136,7 +138,7 @@ def test_packed_row_equals_each_document_alone(arch, causal, use_cache, conventi
     is_causal = causal if causal is not None else arch != "bert"
     S = sum(DOCS)
     ids = torch.randint(1, VOCAB, (1, S), generator=torch.Generator().manual_seed(1))
-    kw = _packed_inputs(convention, S)
+    kw = _packed_inputs(convention, S, rotary=arch != "bert")
     if "moca_docs" in kw:
         kw["moca_docs"] = mk.AttentionMask.from_seqlens(DOCS, causal=is_causal)
     if use_cache is not None:
