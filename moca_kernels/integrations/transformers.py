@@ -180,8 +180,8 @@ def _closure(fn) -> dict:
 
 def _describe_mask_function(mask_function):
     """(causal, packed sequence ids or None) for the mask functions transformers builds for plain causal /
-    bidirectional attention, also wrapped for packed sequences (``remap_positions_for_packed_sequence`` and
-    ``and_masks(..., packed_sequence_mask_function(ids))``); None for anything else."""
+    bidirectional attention, also combined for packed sequences (``and_masks(f, packed_sequence_mask_function(ids))``
+    with f plain or wrapped by ``remap_positions_for_packed_sequence``); None for anything else."""
     from transformers import masking_utils as mu
 
     if mask_function is mu.causal_mask_function:
@@ -198,8 +198,10 @@ def _describe_mask_function(mask_function):
             q, c = getattr(p, "__qualname__", ""), _closure(p)
             if q.startswith("packed_sequence_mask_function.") and "packed_sequence_mask" in c:
                 ids = c["packed_sequence_mask"]
-            elif q.startswith("remap_positions_for_packed_sequence.") and "mask_function" in c:
-                inner = c["mask_function"]
+            else:
+                # some transformers versions remap positions inside the packed rows first, others pass the plain
+                # causal / bidirectional function
+                inner = c.get("mask_function") if q.startswith("remap_positions_for_packed_sequence.") else p
                 if inner is mu.causal_mask_function:
                     base = True
                 elif inner is getattr(mu, "bidirectional_mask_function", None):
