@@ -10,7 +10,8 @@ Importing this module registers ``"moca"`` in transformers' two registries (``im
   overlays, a KV cache with offsets) raises instead of being dropped.
 
 So after ``import moca_kernels.integrations.transformers``, ``AutoModel.from_pretrained(..., attn_implementation=
-"moca")`` works for the supported models, and :func:`apply_moca_kernels` converts a model instance in one call.
+"moca")`` works for the supported models, and :func:`apply_moca_kernels` converts a model instance in one call
+(optionally with the causal-LM loss through ``masked_token_loss``, ``lm_loss=True``).
 
 Packed batches (several documents in one row, each attending only to itself) are accepted in every convention
 transformers uses, in this order of precedence:
@@ -516,6 +517,62 @@ def _patch_vision_attention(module: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
+# The LM-head loss through masked_token_loss (no [N, V] logits), as Liger patches it
+# --------------------------------------------------------------------------------------------------------
+
+
+def _fused_lm_forward(self, *args, labels: Optional[torch.Tensor] = None, shift_labels: Optional[torch.Tensor] = None,
+                      num_items_in_batch=None, ignore_index: int = -100, **kwargs):
+    """Forward of a ``...ForCausalLM`` / ``...ForConditionalGeneration`` after ``apply_moca_kernels(lm_loss=True)``.
+
+    Without ``labels`` / ``shift_labels`` it is the model's own forward (logits). With them it runs the base model
+    (``self.model``) and returns ``loss`` = transformers' causal-LM loss (labels shifted by one, ``ignore_index``
+    rows skipped, mean over counted rows, or sum / ``num_items_in_batch`` when the Trainer passes it) computed by
+    ``moca_kernels.masked_token_loss`` from the final hidden states [B, S, H] and ``lm_head.weight`` [V, H];
+    ``logits`` is None. labels / shift_labels: int [B, S].
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    if labels is None and shift_labels is None:
+        if num_items_in_batch is not None:
+            kwargs["num_items_in_batch"] = num_items_in_batch
+        return type(self).forward(self, *args, **kwargs)
+    kwargs.pop("logits_to_keep", None)
+    out = self.model(*args, **kwargs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if shift_labels is None:
+        if labels.shape != hidden.shape[:-1]:
+            raise ValueError(f"labels must be [B, S] = {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    elif shift_labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"shift_labels must be [B, S] = {tuple(hidden.shape[:-1])}, got {tuple(shift_labels.shape)}")
+    H = hidden.shape[-1]
+    head = self.get_output_embeddings()
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = mk.masked_token_loss(hidden.reshape(-1, H), head.weight, shift_labels.reshape(-1).to(hidden.device),
+                                bias=getattr(head, "bias", None), ignore_index=ignore_index, reduction=reduction)
+    if num_items_in_batch is not None:
+        n = num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+        loss = loss / n
+    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=getattr(out, "hidden_states", None),
+                                  attentions=getattr(out, "attentions", None))
+
+
+def _lm_loss_problem(model: nn.Module) -> Optional[str]:
+    name = type(model).__name__
+    if getattr(model.config, "model_type", None) in _ENCODERS:
+        return f"lm_loss=True: {name} is an encoder (no causal LM head)"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor) or not isinstance(
+            getattr(model, "model", None), nn.Module):
+        return f"lm_loss=True: {name} has no LM head (use a ...ForCausalLM / ...ForConditionalGeneration model)"
+    if getattr(model.config, "final_logit_softcapping", None) or getattr(
+            getattr(model.config, "text_config", None), "final_logit_softcapping", None):
+        return f"lm_loss=True: {name} caps its logits (final_logit_softcapping), which masked_token_loss does not"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------
 # Registration and conversion
 # --------------------------------------------------------------------------------------------------------
 
@@ -609,7 +666,7 @@ def _problems(model: nn.Module, causal: Optional[bool]) -> List[str]:
     return out
 
 
-def apply_moca_kernels(model: nn.Module, causal: Optional[bool] = None) -> nn.Module:
+def apply_moca_kernels(model: nn.Module, causal: Optional[bool] = None, lm_loss: bool = False) -> nn.Module:
     """Run a transformers model's attention through ``moca_kernels.masked_attention``, in place, in one call.
 
     Supported: Qwen2-VL and Qwen2.5-VL (``...ForConditionalGeneration`` / ``...Model``: language model and
@@ -623,6 +680,10 @@ def apply_moca_kernels(model: nn.Module, causal: Optional[bool] = None) -> nn.Mo
             False makes a decoder's language model bidirectional within each document (MoCa embeddings);
             True makes it causal. Stored as the text config's ``is_causal``, which transformers'
             ``create_causal_mask`` reads (``eager`` / ``sdpa`` follow the same flag).
+        lm_loss: also compute the causal-LM loss through ``moca_kernels.masked_token_loss`` when the forward gets
+            ``labels`` (``...ForCausalLM`` / ``...ForConditionalGeneration``; the [B, S, V] logits are never built
+            and the output's ``logits`` is None). Same value and gradients as transformers' loss, including the
+            Trainer's ``num_items_in_batch``. Without labels the forward is unchanged.
 
     Returns:
         ``model`` (converted in place).
@@ -632,6 +693,10 @@ def apply_moca_kernels(model: nn.Module, causal: Optional[bool] = None) -> nn.Mo
     ``ValueError`` naming the module or config and why, and leaves the model as it was.
     """
     problems = _problems(model, causal)
+    if lm_loss and not problems:
+        why = _lm_loss_problem(model)
+        if why:
+            problems.append(why)
     if problems:
         raise ValueError("apply_moca_kernels: cannot convert " + type(model).__name__ + ":\n  - "
                          + "\n  - ".join(problems))
@@ -644,6 +709,10 @@ def apply_moca_kernels(model: nn.Module, causal: Optional[bool] = None) -> nn.Mo
     for m in model.modules():
         if _is_vision_attention(m):
             _patch_vision_attention(m)
+    if lm_loss:
+        import types
+
+        model.forward = types.MethodType(_fused_lm_forward, model)
     return model
 
 

@@ -407,3 +407,47 @@ def test_minilm_real_weights_padded_and_packed_equal_sdpa(minilm_dir):
     pos = torch.cat([torch.arange(n) for n in lens])[None]
     packed = _run(model, input_ids=ids, position_ids=pos)[0]
     _close(packed, theirs[real])
+
+
+# -- optional: the causal-LM loss through masked_token_loss (lm_loss=True), as Liger patches it --------------------
+
+
+def _lm_case(kind):
+    if kind == "qwen2":
+        ref = _build(transformers.Qwen2ForCausalLM, _qwen2())
+        ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(6))
+        return ref, {"input_ids": ids}
+    ref = _vlm(kind, "sdpa")
+    ids, px, thw = _vlm_doc(torch.Generator().manual_seed(6), [(4, 4)])
+    return ref, {"input_ids": ids, "pixel_values": px, "image_grid_thw": thw, "mm_token_type_ids": (ids == 6).int()}
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl"])
+@pytest.mark.parametrize("num_items", [None, 7])
+def test_lm_loss_through_masked_token_loss_equals_transformers(kind, num_items):
+    ref, inputs = _lm_case(kind)
+    model = apply_moca_kernels(copy.deepcopy(ref), lm_loss=True)
+    labels = inputs["input_ids"].clone()
+    labels[:, :2] = -100
+    extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    results = []
+    for m in (model, ref):
+        out = m(**inputs, labels=labels, use_cache=False, **extra)
+        out.loss.backward()
+        results.append((out, {n: p.grad for n, p in m.named_parameters()}))
+    (ours, g_ours), (theirs, g_ref) = results
+    assert ours.logits is None and theirs.logits is not None
+    _close(ours.loss.detach(), theirs.loss.detach(), tol=1e-5)
+    for n, g in g_ref.items():
+        assert (g is None) == (g_ours[n] is None), n
+        if g is not None:
+            _close(g_ours[n], g, tol=1e-4)
+    with torch.no_grad():           # without labels: the model's own forward (logits)
+        _close(model(**inputs).logits, ref(**inputs).logits)
+
+
+def test_lm_loss_refused_for_an_encoder():
+    model = _build(transformers.BertModel, _bert())
+    with pytest.raises(ValueError, match="lm_loss=True: BertModel is an encoder"):
+        apply_moca_kernels(model, lm_loss=True)
+    assert model.config._attn_implementation == "sdpa" and "forward" not in vars(model)
