@@ -56,18 +56,20 @@ __all__ = ["ATTN_NAME", "MocaMask", "moca_mask_interface", "moca_attention_forwa
 # Documents of a packed row, from each convention (cached, so one host sync per forward, not per layer)
 # --------------------------------------------------------------------------------------------------------
 
-_CACHE: List[tuple] = []     # (weakref to the source tensor, causal, AttentionMask); the last few sources
+_CACHE: List[tuple] = []     # (weakref to the source tensor, its version, causal, AttentionMask); last few sources
 _CACHE_SIZE = 8
 
 
 def _cached(source: torch.Tensor, causal: bool, build):
-    """``build()`` once per (source tensor object, causal): every layer of a forward gets the same tensor, so
-    the mask (and the per-tile metadata the kernels cache on it) is built once."""
-    for ref, c, mask in _CACHE:
-        if ref() is source and c == causal:
+    """``build()`` once per (source tensor object and version, causal): every layer of a forward gets the same
+    tensor, so the mask (and the per-tile metadata the kernels cache on it) is built once; a tensor changed in
+    place since is read again."""
+    version = getattr(source, "_version", None)
+    for ref, ver, c, mask in _CACHE:
+        if ref() is source and ver == version and c == causal:
             return mask
     mask = build()
-    _CACHE.insert(0, (weakref.ref(source), causal, mask))
+    _CACHE.insert(0, (weakref.ref(source), version, causal, mask))
     del _CACHE[_CACHE_SIZE:]
     return mask
 

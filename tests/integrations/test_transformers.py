@@ -451,3 +451,16 @@ def test_lm_loss_refused_for_an_encoder():
     with pytest.raises(ValueError, match="lm_loss=True: BertModel is an encoder"):
         apply_moca_kernels(model, lm_loss=True)
     assert model.config._attn_implementation == "sdpa" and "forward" not in vars(model)
+
+
+def test_position_ids_changed_in_place_are_read_again():
+    """The documents are cached per position_ids tensor (one host sync per forward, not per layer); a buffer
+    reused with new contents must not get the old documents."""
+    ref = _build(transformers.Qwen2Model, _qwen2())
+    model = apply_moca_kernels(copy.deepcopy(ref))
+    ids = torch.randint(1, VOCAB, (1, sum(DOCS)), generator=torch.Generator().manual_seed(9))
+    pos = torch.cat([torch.arange(n) for n in DOCS])[None]
+    # use_cache=True: transformers then leaves packing detection to the attention function (position_ids path)
+    _run(model, input_ids=ids, position_ids=pos, use_cache=True)
+    pos.copy_(torch.arange(sum(DOCS))[None])                      # now one document
+    _close(_run(model, input_ids=ids, position_ids=pos, use_cache=True), _run(ref, input_ids=ids))
