@@ -311,7 +311,8 @@ def _documents(module: nn.Module, attention_mask, B: int, S: int, device, kwargs
         if tuple(ids.shape) == (1, S) and B > 1:
             ids = ids.expand(B, S)
         if tuple(ids.shape) != (B, S):
-            raise ValueError(f"moca attention: packed sequence ids {tuple(ids.shape)} do not match the batch [{B}, {S}]")
+            raise ValueError(f"moca attention: packed sequence ids {tuple(ids.shape)} do not match the batch "
+                             f"[{B}, {S}]")
         return _docs_from_sequence_ids(ids, causal, device)
     pos = kwargs.get("position_ids")
     if isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] == S and pos.shape[0] in (1, B) \
