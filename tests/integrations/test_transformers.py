@@ -467,3 +467,32 @@ def test_position_ids_changed_in_place_are_read_again():
     _run(model, input_ids=ids, position_ids=pos, use_cache=True)
     pos.copy_(torch.arange(sum(DOCS))[None])                      # now one document
     _close(_run(model, input_ids=ids, position_ids=pos, use_cache=True), _run(ref, input_ids=ids))
+
+
+# -- transformers' own packing collator ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
+@pytest.mark.parametrize("lm_loss", [False, True], ids=["logits", "lm_loss"])
+def test_data_collator_with_flattening_loss_equals_padded_batch(flash_kwargs, lm_loss):
+    """DataCollatorWithFlattening's batch (one row, restarting position_ids, optionally cu_seq_lens_*) gives the
+    loss transformers computes on the same sequences as a padded batch under sdpa."""
+    from transformers import DataCollatorWithFlattening
+
+    ref = _build(transformers.Qwen2ForCausalLM, _qwen2())
+    model = apply_moca_kernels(copy.deepcopy(ref), lm_loss=lm_loss)
+    gen = torch.Generator().manual_seed(10)
+    seqs = [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in DOCS]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)(
+        [{"input_ids": s, "labels": s} for s in seqs], return_tensors="pt")
+    assert ("cu_seq_lens_q" in batch) == flash_kwargs
+    S = max(DOCS)
+    ids = torch.zeros(len(DOCS), S, dtype=torch.long)
+    am = torch.zeros(len(DOCS), S, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], am[i, :len(s)] = torch.tensor(s), 1
+    labels = ids.masked_fill(am == 0, -100)
+    with torch.no_grad():
+        ours = model(**batch, use_cache=False).loss
+        theirs = ref(input_ids=ids, attention_mask=am, labels=labels, use_cache=False).loss
+    _close(ours, theirs, tol=1e-5)
