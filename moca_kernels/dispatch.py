@@ -167,7 +167,19 @@ def triton_reasons(*tensors: torch.Tensor) -> List[str]:
         why.append("tensors are on the CPU; Triton runs there only under TRITON_INTERPRET=1")
     if "cuda" in devices and triton_interpret():
         why.append("TRITON_INTERPRET=1 is set but tensors are on cuda")
+    why += interpreted_bf16_reasons(*tensors)
     return why
+
+
+def interpreted_bf16_reasons(*tensors: Optional[torch.Tensor]) -> List[str]:
+    """One rule for every op: no interpreted Triton kernel runs on bfloat16 tensors. Under TRITON_INTERPRET=1
+    the interpreter's bfloat16 ``tl.dot`` is wrong (masked_attention gave values near 8e8 where the torch
+    backend gives 3.4), so automatic dispatch takes the torch backend and a forced triton raises."""
+    if triton_interpret() and any(t is not None and t.dtype == torch.bfloat16 and t.device.type == "cpu"
+                                  for t in tensors):
+        return ["bfloat16 under TRITON_INTERPRET=1: the interpreter's bfloat16 tl.dot is wrong (use float32 or "
+                "float16 there, or the torch backend)"]
+    return []
 
 
 def cuda_ext_reasons(*tensors: torch.Tensor) -> List[str]:

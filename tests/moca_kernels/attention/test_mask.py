@@ -90,7 +90,7 @@ def test_blocks_split_across_two_runs_are_rejected():
 @pytest.mark.parametrize("bad,match", [
     (dict(seqlens=[]), "empty"),
     (dict(seqlens=[0, 0]), "no token"),
-    (dict(seqlens=[3, -1]), ">= 0"),
+    (dict(seqlens=[3, -1]), ">= 1"),
     (dict(seqlens=[2.5]), "integers"),
     (dict(seqlens=[4], block_ids=torch.zeros(3, dtype=torch.long)), "shape"),
     (dict(seqlens=[4], block_ids=torch.zeros(4)), "integer tensor"),
