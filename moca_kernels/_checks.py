@@ -93,15 +93,15 @@ def check_int_value(name: str, value, op: str, what: Optional[str] = None) -> in
     raise TypeError(f"{op}: {what}, got {type(value).__name__} {value!r}"[:300])
 
 
-def check_real(name: str, value, op: str) -> float:
-    """``value`` as a finite Python float when it is a real number (int, float, numpy scalar), never a bool, a
-    string or None; TypeError (wrong type) or ValueError (inf / nan) naming ``name`` otherwise."""
+def check_real(name: str, value, op: str, finite: bool = True) -> float:
+    """``value`` as a Python float when it is a real number (int, float, numpy scalar), never a bool, a string or
+    None; TypeError (wrong type) or, with ``finite``, ValueError (inf / nan) naming ``name`` otherwise."""
     if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
         raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__} {value!r}"[:300])
     try:
         v = float(value)
     except OverflowError:  # an int beyond float range
         v = math.inf
-    if not math.isfinite(v):
+    if finite and not math.isfinite(v):
         raise ValueError(f"{op}: {name} must be finite, got {value!r}")
     return v

@@ -9,7 +9,8 @@ inputs raises :class:`BackendUnavailable` listing its reasons, never a silent fa
 ``MOCA_KERNELS_IMPL`` holds either one backend name for every op (``triton``) or a comma-separated list of
 ``op=backend`` pairs (``masked_patch_loss=cuda,info_nce=torch``); ops not named choose automatically.
 
-Triton runs on CPU tensors only under ``TRITON_INTERPRET=1`` (the test suite sets it), never silently.
+Triton runs on CPU tensors only under ``TRITON_INTERPRET=1`` (the test suite sets it), never silently, and
+never on bfloat16 CPU tensors (``interpreted_bf16_reasons``: one rule for every op).
 """
 
 from __future__ import annotations

@@ -192,7 +192,7 @@ def _validate(query, doc, temperature, positive_index, hard_negatives, scope, sy
                  lambda: f"{_NAME}: positive_index out of range {where}")
     if t_tensor:
         t = temperature.detach().reshape(())
-        _require(torch.isfinite(t) & (t > 0), lambda: f"{_NAME}: temperature must be finite and > 0, got "
+        _require(torch.isfinite(t) & (t > 0), lambda: f"{_NAME}: temperature must be > 0 and finite, got "
                  f"{temperature.item() if not torch.compiler.is_compiling() else 'a tensor <= 0 or not finite'}")
     else:
         value = check_real("temperature", temperature, _NAME)

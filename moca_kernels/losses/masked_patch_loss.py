@@ -17,6 +17,7 @@ until a GPU run shows which is fastest (bench/bench_masked_patch_loss.py --quick
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -80,7 +81,7 @@ def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[t
 def _validate(pred, target, mask, norm_pix, eps) -> Tuple[bool, float]:
     """Checks that need no look at the data; returns (norm_pix, eps) as a bool and a float."""
     norm_pix = check_bool("norm_pix", norm_pix, _NAME)
-    eps = check_real("eps", eps, _NAME)
+    eps = check_real("eps", eps, _NAME, finite=False)
     check_float("pred", pred, _NAME)
     check_float("target", target, _NAME)
     check_ndim("pred", pred, 2, _NAME, "[N, P]")
@@ -96,8 +97,8 @@ def _validate(pred, target, mask, norm_pix, eps) -> Tuple[bool, float]:
     check_same_device(_NAME, pred=pred, target=target, mask=mask)
     if norm_pix and pred.shape[1] < 2:
         raise ValueError(f"{_NAME}: norm_pix needs P >= 2 values per row (unbiased variance), got P = {pred.shape[1]}")
-    if not eps >= 0:
-        raise ValueError(f"{_NAME}: eps must be >= 0, got {eps}")
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"{_NAME}: eps must be >= 0 and finite, got {eps}")
     return norm_pix, eps
 
 

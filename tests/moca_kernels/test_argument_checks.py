@@ -170,7 +170,7 @@ def test_masked_patch_loss_eps():
     for bad in ("1e-6", True):
         with pytest.raises(TypeError, match=r"masked_patch_loss: eps must be a real number"):
             mk.masked_patch_loss(pred, target, norm_pix=True, eps=bad)
-    with pytest.raises(ValueError, match=r"masked_patch_loss: eps must be finite"):
+    with pytest.raises(ValueError, match=r"masked_patch_loss: eps must be >= 0 and finite"):
         mk.masked_patch_loss(pred, target, norm_pix=True, eps=math.inf)
     with pytest.raises(TypeError, match=r"masked_patch_loss: norm_pix must be True or False"):
         mk.masked_patch_loss(pred, target, norm_pix="no")
@@ -195,7 +195,7 @@ def test_masked_token_loss_ignore_index_beyond_int64():
     (None, TypeError, "temperature must be a float > 0"), ("0.1", TypeError, "temperature must be a float > 0"),
     (True, TypeError, "temperature must be a float > 0"), (math.inf, ValueError, "temperature must be finite"),
     (math.nan, ValueError, "temperature must be finite"), (1e-300, ValueError, "temperature must be > 0"),
-    (torch.tensor(math.inf), ValueError, "temperature must be finite and > 0"),
+    (torch.tensor(math.inf), ValueError, "temperature must be > 0 and finite"),
 ])
 def test_info_nce_temperature(value, error, match):
     """Was: None a bare TypeError; inf, '0.1' (float('0.1')) and True (1.0) accepted."""
