@@ -270,8 +270,9 @@ def _short(xs: list) -> str:
 def _device_arg(device, op: str) -> Optional[torch.device]:
     if device is None:
         return None
-    if not isinstance(device, (str, torch.device)):
-        raise TypeError(f"{op}: device must be a str or torch.device, got {type(device).__name__} {device!r}")
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
+        raise TypeError(f"{op}: device must be a str, an int or a torch.device, got {type(device).__name__} "
+                        f"{device!r}"[:300])
     try:
         return torch.device(device)
     except (RuntimeError, ValueError) as exc:

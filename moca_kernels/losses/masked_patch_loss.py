@@ -23,8 +23,8 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _alloc, _ext, reference
-from .._checks import (KERNEL_DTYPES, check_bool, check_float, check_ndim, check_nonempty, check_real, check_same_device,
-                       check_tensor)
+from .._checks import (KERNEL_DTYPES, check_bool, check_float, check_ndim, check_nonempty, check_real,
+                       check_same_device, check_tensor)
 from ..dispatch import Backend, Op, cuda_ext_reasons, env_variant, triton_reasons
 
 _NAME = "masked_patch_loss"

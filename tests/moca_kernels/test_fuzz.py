@@ -164,9 +164,11 @@ def test_from_seqlens_arguments(docs, data):
         if len(lens) > 1:
             across = torch.full((T,), -1)
             across[lens[0] - 1:lens[0] + 1] = 2   # one run over the boundary of documents 0 and 1
-        choices = [Bad(torch.zeros(T)), Bad(torch.zeros(T, dtype=torch.bool)), Bad(torch.zeros(T + 1, dtype=torch.long)),
-                   Bad(torch.zeros(1, T, dtype=torch.long)), Bad([-1] * T), Bad("0" * T),
-                   Bad(torch.full((T,), 2 ** 40), "int32")]
+        choices = [Bad(torch.zeros(T)), Bad(torch.zeros(T, dtype=torch.bool)),
+                   Bad(torch.zeros(T + 1, dtype=torch.long)), Bad(torch.zeros(1, T, dtype=torch.long)),
+                   Bad([-1] * T), Bad("0" * T)]
+        if causal:   # block ids are only read (and checked) with causal=True
+            choices.append(Bad(torch.full((T,), 2 ** 40), "int32"))
         if causal and T > 2 and lens[0] == T:
             choices.append(Bad(split, "block id"))
         if causal and across is not None:
@@ -268,7 +270,8 @@ def run_attention_case(case, data, impl, dtype):
     lens, blocks, causal, Hq, Hkv, D = case
     T = sum(lens)
     mask = mk.AttentionMask.from_seqlens(lens, block_ids=blocks, causal=causal)
-    q, k, v = torch.randn(T, Hq, D, dtype=dtype), torch.randn(T, Hkv, D, dtype=dtype), torch.randn(T, Hkv, D, dtype=dtype)
+    q = torch.randn(T, Hq, D, dtype=dtype)
+    k, v = torch.randn(T, Hkv, D, dtype=dtype), torch.randn(T, Hkv, D, dtype=dtype)
     kw = dict(q=q, k=k, v=v, mask=mask, scale=None, return_lse=False, impl=impl, deterministic=False)
     arg = data.draw(st.sampled_from(["q", "k", "v", "mask", "scale", "return_lse", "deterministic", "impl", None]))
     bad = None
@@ -386,12 +389,13 @@ def run_token_loss_case(N, H, V, data, impl):
         negative[-1] = -5 if int(ignore) != -5 else -6
         value = data.draw(st.sampled_from([
             labels.to(torch.int32), labels.to(torch.int16), Bad(labels.float()), Bad(labels.bool()),
-            Bad(out_of_range, "label", "labels"), Bad(negative, "label", "labels"), Bad(labels[:-1] if N > 1 else labels[:0],
-                                                                                      "labels", "hidden"),
+            Bad(out_of_range, "label", "labels"), Bad(negative, "label", "labels"),
+            Bad(labels[:-1] if N > 1 else labels[:0], "labels", "hidden"),
             Bad(labels[None]), Bad(labels.tolist()), Bad(None)]))
     elif arg == "hidden":
         value = data.draw(st.sampled_from([
-            Bad(hidden.long()), Bad(hidden[0]), Bad(hidden[None]), Bad(None), Bad(hidden[:0], "hidden", "labels", "empty"),
+            Bad(hidden.long()), Bad(hidden[0]), Bad(hidden[None]), Bad(None),
+            Bad(hidden[:0], "hidden", "labels", "empty"),
             Bad(torch.randn(N, H + 1), "hidden", "weight", "H"), Bad(hidden.tolist()), hidden.T.contiguous().T]))
     elif arg == "weight":
         value = data.draw(st.sampled_from([
