@@ -9,6 +9,13 @@ from typing import Optional, Sequence
 
 import torch
 
+try:
+    import numpy as _np
+
+    BOOL_TYPES = (bool, _np.bool_)   # numpy bools are no ints (1.5-style truncation) and no strings
+except ImportError:  # numpy is optional for torch
+    BOOL_TYPES = (bool,)
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -76,7 +83,7 @@ def as_int_list(xs: Sequence[int] | torch.Tensor, name: str, op: str) -> list:
 
 def check_bool(name: str, value, op: str) -> bool:
     """``value`` if it is a bool (or a numpy bool), else TypeError naming ``name`` (no truthiness of strings)."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, BOOL_TYPES):
         return bool(value)
     raise TypeError(f"{op}: {name} must be True or False, got {type(value).__name__} {value!r}"[:300])
 
@@ -84,7 +91,7 @@ def check_bool(name: str, value, op: str) -> bool:
 def check_int_value(name: str, value, op: str, what: Optional[str] = None) -> int:
     """``value`` as a Python int when it is an integer (int, numpy integer, 0-d integer tensor), never a bool or
     a float (no silent truncation of 1.5 to 1); TypeError naming ``name`` otherwise."""
-    if not (isinstance(value, bool) or type(value).__name__ == "bool_" or isinstance(value, float)):
+    if not isinstance(value, BOOL_TYPES + (float,)):
         try:
             return operator.index(value)
         except TypeError:
@@ -96,7 +103,7 @@ def check_int_value(name: str, value, op: str, what: Optional[str] = None) -> in
 def check_real(name: str, value, op: str, finite: bool = True) -> float:
     """``value`` as a Python float when it is a real number (int, float, numpy scalar), never a bool, a string or
     None; TypeError (wrong type) or, with ``finite``, ValueError (inf / nan) naming ``name`` otherwise."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
+    if isinstance(value, BOOL_TYPES) or not isinstance(value, numbers.Real):
         raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__} {value!r}"[:300])
     try:
         v = float(value)

@@ -21,6 +21,8 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
 
+from ._checks import BOOL_TYPES
+
 Encoder = Callable[..., torch.Tensor]
 
 
@@ -196,7 +198,7 @@ def _check_chunk_sizes(chunk_sizes):
     """An int >= 1, or a list / tuple of them (returned as a tuple); TypeError / ValueError naming chunk_sizes
     for anything else (None, 1.5 or "4" are not truncated or iterated)."""
     def one(s):
-        if isinstance(s, (bool, float)) or type(s).__name__ == "bool_" or not hasattr(s, "__index__"):
+        if isinstance(s, BOOL_TYPES + (float,)) or not hasattr(s, "__index__"):
             raise TypeError(f"GradCache: chunk_sizes must be an int >= 1 or a list / tuple of them, got "
                             f"{chunk_sizes!r}"[:300])
         s = operator.index(s)

@@ -140,7 +140,7 @@ def bad_seqlens(lens):
     cumulative = [0] + [sum(lens[:i + 1]) for i in range(len(lens))]
     return st.sampled_from([
         Bad(None), Bad(5), Bad("12"), Bad(b"12"), Bad([]), Bad([1.5] + lens[1:]), Bad([float(x) for x in lens]),
-        Bad([True] + lens[1:]), Bad([None]), Bad([[1, 2]]), Bad(lens + [0]), Bad([0] + lens), Bad(cumulative),
+        Bad([True] + lens[1:]), Bad([np.True_] + lens[1:]), Bad([None]), Bad([[1, 2]]), Bad(lens + [0]), Bad([0] + lens), Bad(cumulative),
         Bad([-1] + lens), Bad([2 ** 31]), Bad([2 ** 30, 2 ** 30]), Bad(torch.tensor(lens, dtype=torch.float32)),
         Bad(torch.tensor([True] * len(lens))), Bad(torch.tensor([lens])), Bad(torch.tensor(T)),
         Bad([float("nan")]), Bad([float("inf")]), Bad({"a": 1}), Bad([3 + 0j]),
@@ -620,7 +620,7 @@ def test_grad_cache_arguments(B, Dq, data):
         value = data.draw(st.sampled_from([
             2, (1, 3), [4, 2], np.int64(2), (np.int32(1), 2), Bad(None), Bad(1.5), Bad("4"), Bad(0), Bad(-1), Bad(True),
             Bad([]), Bad([2, 0]), Bad([2, 1.5]), Bad((2, None)), Bad(2.0), Bad(float("inf")), Bad(float("nan")),
-            Bad({2: 3})]))
+            Bad({2: 3}), Bad(np.True_), Bad(np.float32(2.0))]))
     elif arg == "encoders":
         value = data.draw(st.sampled_from([[enc, enc], Bad(None), Bad([]), Bad(3), Bad([enc, 3])]))
     elif arg == "loss_fn":
