@@ -202,7 +202,8 @@ setup(
         "lora": ["peft>=0.10"],   # Stage 2 with lora.enabled: true
         "bench": ["matplotlib"],
         "test": ["pytest", "wheel", "triton>=3.0", "transformers>=5.17", "tokenizers", "safetensors", "pillow", "matplotlib",
-                 "peft>=0.10", "pyarrow"],  # peft, pyarrow: the LoRA and parquet tests run instead of skipping
+                 "peft>=0.10", "pyarrow",  # peft, pyarrow: the LoRA and parquet tests run instead of skipping
+                 "hypothesis"],  # the kernel argument fuzz (tests/moca_kernels/test_fuzz.py)
     },
     entry_points={"console_scripts": ["moca=moca.cli:main"]},
     zip_safe=False,

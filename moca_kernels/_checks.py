@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from typing import Optional, Sequence
 
 import torch
+
+try:
+    import numpy as _np
+
+    BOOL_TYPES = (bool, _np.bool_)   # numpy bools are no ints (1.5-style truncation) and no strings
+except ImportError:  # numpy is optional for torch
+    BOOL_TYPES = (bool,)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -57,15 +67,48 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def as_int_list(xs: Sequence[int] | torch.Tensor, name: str, op: str) -> list:
+    """``xs`` (a sequence of ints or a 1-D integer tensor) as a list of Python ints. Anything else (None, a
+    single int, a string, floats, bools, a float or bool tensor) raises TypeError / ValueError naming ``name``."""
     if isinstance(xs, torch.Tensor):
         if xs.dim() != 1:
             raise ValueError(f"{op}: {name} must be 1-D, got shape {tuple(xs.shape)}")
-        if xs.is_floating_point():
+        if xs.is_floating_point() or xs.is_complex() or xs.dtype == torch.bool:
             raise TypeError(f"{op}: {name} must hold integers, got {xs.dtype}")
         return [int(x) for x in xs.tolist()]
-    out = []
-    for x in xs:
-        if isinstance(x, bool) or not isinstance(x, (int,)) and not (hasattr(x, "__index__")):
-            raise TypeError(f"{op}: {name} must hold integers, got {x!r}")
-        out.append(int(x))
-    return out
+    if isinstance(xs, (str, bytes)) or not hasattr(xs, "__iter__"):
+        raise TypeError(f"{op}: {name} must be a sequence of ints or a 1-D integer tensor, got "
+                        f"{type(xs).__name__} {xs!r}"[:300])
+    return [check_int_value(name, x, op, what=f"{name} must hold integers") for x in xs]
+
+
+def check_bool(name: str, value, op: str) -> bool:
+    """``value`` if it is a bool (or a numpy bool), else TypeError naming ``name`` (no truthiness of strings)."""
+    if isinstance(value, BOOL_TYPES):
+        return bool(value)
+    raise TypeError(f"{op}: {name} must be True or False, got {type(value).__name__} {value!r}"[:300])
+
+
+def check_int_value(name: str, value, op: str, what: Optional[str] = None) -> int:
+    """``value`` as a Python int when it is an integer (int, numpy integer, 0-d integer tensor), never a bool or
+    a float (no silent truncation of 1.5 to 1); TypeError naming ``name`` otherwise."""
+    if not isinstance(value, BOOL_TYPES + (float,)):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    what = what or f"{name} must be an int"
+    raise TypeError(f"{op}: {what}, got {type(value).__name__} {value!r}"[:300])
+
+
+def check_real(name: str, value, op: str, finite: bool = True) -> float:
+    """``value`` as a Python float when it is a real number (int, float, numpy scalar), never a bool, a string or
+    None; TypeError (wrong type) or, with ``finite``, ValueError (inf / nan) naming ``name`` otherwise."""
+    if isinstance(value, BOOL_TYPES) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__} {value!r}"[:300])
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond float range
+        v = math.inf
+    if finite and not math.isfinite(v):
+        raise ValueError(f"{op}: {name} must be finite, got {value!r}")
+    return v

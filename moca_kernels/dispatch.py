@@ -9,7 +9,8 @@ inputs raises :class:`BackendUnavailable` listing its reasons, never a silent fa
 ``MOCA_KERNELS_IMPL`` holds either one backend name for every op (``triton``) or a comma-separated list of
 ``op=backend`` pairs (``masked_patch_loss=cuda,info_nce=torch``); ops not named choose automatically.
 
-Triton runs on CPU tensors only under ``TRITON_INTERPRET=1`` (the test suite sets it), never silently.
+Triton runs on CPU tensors only under ``TRITON_INTERPRET=1`` (the test suite sets it), never silently, and
+never on bfloat16 CPU tensors (``interpreted_bf16_reasons``: one rule for every op).
 """
 
 from __future__ import annotations
@@ -167,7 +168,19 @@ def triton_reasons(*tensors: torch.Tensor) -> List[str]:
         why.append("tensors are on the CPU; Triton runs there only under TRITON_INTERPRET=1")
     if "cuda" in devices and triton_interpret():
         why.append("TRITON_INTERPRET=1 is set but tensors are on cuda")
+    why += interpreted_bf16_reasons(*tensors)
     return why
+
+
+def interpreted_bf16_reasons(*tensors: Optional[torch.Tensor]) -> List[str]:
+    """One rule for every op: no interpreted Triton kernel runs on bfloat16 tensors. Under TRITON_INTERPRET=1
+    the interpreter's bfloat16 ``tl.dot`` is wrong (masked_attention gave values near 8e8 where the torch
+    backend gives 3.4), so automatic dispatch takes the torch backend and a forced triton raises."""
+    if triton_interpret() and any(t is not None and t.dtype == torch.bfloat16 and t.device.type == "cpu"
+                                  for t in tensors):
+        return ["bfloat16 under TRITON_INTERPRET=1: the interpreter's bfloat16 tl.dot is wrong (use float32 or "
+                "float16 there, or the torch backend)"]
+    return []
 
 
 def cuda_ext_reasons(*tensors: torch.Tensor) -> List[str]:

@@ -15,10 +15,13 @@ a second forward. Peak activation memory is that of one chunk.
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Mapping
 from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
+
+from ._checks import BOOL_TYPES
 
 Encoder = Callable[..., torch.Tensor]
 
@@ -35,8 +38,8 @@ class GradCache:
             full embedding matrices, in the order the batches were given (e.g. ``mk.info_nce`` with any of
             its options, ``group=`` included). Tensors it closes over that require grad (a learnable
             temperature) receive their gradient directly.
-        chunk_sizes: rows per chunk: one int for every batch, or one per batch (queries and documents may
-            differ).
+        chunk_sizes: rows per chunk (>= 1): one int for every batch, or a list / tuple with one per batch
+            (queries and documents may differ). None, floats and bools raise TypeError.
         split_fn: ``split_fn(batch, chunk_size) -> list of chunks``. The default splits a tensor, or every
             tensor of a dict / tuple / list, along dim 0 (other values are repeated in every chunk). Give
             your own when rows are not along dim 0 (e.g. Qwen2-VL's flattened ``pixel_values``).
@@ -91,10 +94,15 @@ class GradCache:
             raise TypeError(f"GradCache: encoders must be callable, got {type(encoders).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"GradCache: loss_fn must be callable, got {type(loss_fn).__name__}")
-        sizes = [chunk_sizes] if isinstance(chunk_sizes, int) else list(chunk_sizes)
-        if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
-            raise ValueError(f"GradCache: chunk_sizes must be an int >= 1 or a sequence of them, "
-                             f"got {chunk_sizes!r}")
+        chunk_sizes = _check_chunk_sizes(chunk_sizes)
+        if split_fn is not None and not callable(split_fn):
+            raise TypeError(f"GradCache: split_fn must be callable or None, got {type(split_fn).__name__}")
+        if scaler is not None and not callable(getattr(scaler, "scale", None)):
+            raise TypeError(f"GradCache: scaler must be a torch.amp.GradScaler (with .scale()) or None, got "
+                            f"{type(scaler).__name__}")
+        if isinstance(sync_modules, torch.nn.Module) or not isinstance(sync_modules, (list, tuple)):
+            raise TypeError(f"GradCache: sync_modules must be a list or tuple of DDP modules, got "
+                            f"{type(sync_modules).__name__}")
         self.encoders = encoders
         self.loss_fn = loss_fn
         self.chunk_sizes = chunk_sizes
@@ -253,6 +261,25 @@ def _autocast_region(state) -> contextlib.ExitStack:
     for device, dtype, cache in state:
         stack.enter_context(torch.autocast(device, dtype=dtype, cache_enabled=cache))
     return stack
+
+
+def _check_chunk_sizes(chunk_sizes):
+    """An int >= 1, or a list / tuple of them (returned as a tuple); TypeError / ValueError naming chunk_sizes
+    for anything else (None, 1.5 or "4" are not truncated or iterated)."""
+    def one(s):
+        if isinstance(s, BOOL_TYPES + (float,)) or not hasattr(s, "__index__"):
+            raise TypeError(f"GradCache: chunk_sizes must be an int >= 1 or a list / tuple of them, got "
+                            f"{chunk_sizes!r}"[:300])
+        s = operator.index(s)
+        if s < 1:
+            raise ValueError(f"GradCache: chunk_sizes must be >= 1 (rows per chunk), got {chunk_sizes!r}"[:300])
+        return s
+
+    if isinstance(chunk_sizes, (list, tuple)):
+        if not chunk_sizes:
+            raise ValueError("GradCache: chunk_sizes is empty; give an int >= 1 or one per batch")
+        return tuple(one(s) for s in chunk_sizes)
+    return one(chunk_sizes)
 
 
 def _outside_autocast() -> contextlib.ExitStack:

@@ -42,7 +42,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .._checks import as_int_list
+from .._checks import as_int_list, check_bool
 from . import metadata
 
 _OP = "AttentionMask.from_seqlens"
@@ -100,36 +100,64 @@ class AttentionMask:
 
         Args:
             seqlens: lengths of the packed documents, ints or a 1-D integer tensor (a GPU tensor costs one host
-                sync: the lengths are kept on the host too); each >= 0, sum = T > 0.
+                sync: the lengths are kept on the host too); each >= 1, sum = T <= 2**31 - 1. Cumulative offsets
+                ``[0, 5, 12, 16]`` are refused (a document of length 0): see ``AttentionMask.from_cu_seqlens``.
             block_ids: optional integer tensor [T]; within a document, tokens with the same id >= 0 form a
                 block that attends bidirectionally (only read with ``causal=True``). Each block must be one
-                contiguous run of tokens (give each image its own id).
+                contiguous run of tokens inside one document (give each image its own id).
             causal: False = bidirectional within each document; True = causal within each document, plus blocks.
             device: where the O(T) metadata lives (default: seqlens' device when it is a tensor, else
                 block_ids' device, else CPU).
                 Build masks on the device of q/k/v: a mask on another device is copied once, then cached.
-            check_blocks: verify that blocks are contiguous runs (one host sync when ``causal`` and block_ids
-                are given); pass False only for block ids known to be contiguous.
+            check_blocks: verify that blocks are contiguous runs inside one document (two host syncs when
+                ``causal`` and block_ids are given); pass False only for block ids known to be right.
+
+        Arguments of the wrong type (None, a string, floats for lengths, a non-bool ``causal``) raise TypeError,
+        values out of range ValueError, each naming the argument.
         """
+        causal = check_bool("causal", causal, _OP)
+        check_blocks = check_bool("check_blocks", check_blocks, _OP)
+        device = _device_arg(device, _OP)
         if device is None and isinstance(seqlens, torch.Tensor):
             device = seqlens.device
         lens = as_int_list(seqlens, "seqlens", _OP)
         if not lens:
             raise ValueError(f"{_OP}: seqlens is empty; give at least one document length")
         if any(s < 0 for s in lens):
-            raise ValueError(f"{_OP}: seqlens must be >= 0, got {lens}")
-        total = sum(lens)
-        if total == 0:
+            raise ValueError(f"{_OP}: seqlens must be document lengths >= 1, got {_short(lens)}")
+        if sum(lens) == 0:
             raise ValueError(f"{_OP}: the documents hold no token (sum(seqlens) = 0)")
+        if 0 in lens:
+            why = (f"{_OP}: seqlens[{lens.index(0)}] is 0; every document needs at least one token "
+                   f"(seqlens = {_short(lens)})")
+            if lens[0] == 0 and all(a <= b for a, b in zip(lens, lens[1:])):
+                diffs = [b - a for a, b in zip(lens, lens[1:])]
+                why += (". It starts with 0 and never decreases, so it looks like cumulative offsets (cu_seqlens); "
+                        "seqlens are the document lengths: use AttentionMask.from_cu_seqlens(cu_seqlens), or pass "
+                        f"the differences {_short(diffs)}")
+            raise ValueError(why)
+        return cls._from_lengths(lens, block_ids, causal, device, check_blocks, _OP)
+
+    @classmethod
+    def _from_lengths(cls, lens: list, block_ids: Optional[torch.Tensor], causal: bool,
+                      device: Optional[torch.device], check_blocks: bool, op: str) -> "AttentionMask":
+        """The mask of checked host lengths ``lens`` (documents of length 0 allowed: the empty rows of a padded
+        batch); checks ``block_ids`` and the total length."""
+        total = sum(lens)
+        if total > _MAX_TOKENS:
+            raise ValueError(f"{op}: the documents hold {total} tokens; at most 2**31 - 1 = {_MAX_TOKENS} fit the "
+                             "int32 offsets the kernels use")
         if block_ids is not None:
-            if not isinstance(block_ids, torch.Tensor) or block_ids.is_floating_point() or block_ids.dtype == torch.bool:
-                raise TypeError(f"{_OP}: block_ids must be an integer tensor [T]")
+            if not isinstance(block_ids, torch.Tensor) or block_ids.is_floating_point() or block_ids.is_complex() \
+                    or block_ids.dtype == torch.bool:
+                got = block_ids.dtype if isinstance(block_ids, torch.Tensor) else type(block_ids).__name__
+                raise TypeError(f"{op}: block_ids must be an integer tensor [T], got {got}")
             if block_ids.dim() != 1 or block_ids.numel() != total:
-                raise ValueError(f"{_OP}: block_ids must have shape [{total}] (= sum(seqlens)), got {tuple(block_ids.shape)}")
+                raise ValueError(f"{op}: block_ids must have shape [{total}] (= sum(seqlens)), got {tuple(block_ids.shape)}")
         if causal and block_ids is not None and check_blocks:
-            why = metadata.check_blocks(block_ids, lens)
+            why = metadata.check_blocks(block_ids, lens) or _block_across_documents(block_ids, lens)
             if why:
-                raise ValueError(f"{_OP}: {why}")
+                raise ValueError(f"{op}: {why}")
         return cls(lens, block_ids, causal, device)
 
     @classmethod
@@ -148,12 +176,14 @@ class AttentionMask:
         [T, ...] layout of ``masked_attention`` and back.
         """
         op = "AttentionMask.from_padding_mask"
+        causal = check_bool("causal", causal, op)
+        device = _device_arg(device, op)
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
             raise ValueError(f"{op}: attention_mask must be a [B, S] tensor, got "
                              f"{tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__}")
-        if attention_mask.is_floating_point():
+        if attention_mask.is_floating_point() or attention_mask.is_complex():
             raise TypeError(f"{op}: attention_mask must be bool or integer (1 = real token), got {attention_mask.dtype}")
-        device = torch.device(device) if device is not None else attention_mask.device
+        device = device if device is not None else attention_mask.device
         real = attention_mask.to(device) != 0
         B, S = real.shape
         lens = real.sum(1).tolist()
@@ -165,7 +195,7 @@ class AttentionMask:
             if not isinstance(block_ids, torch.Tensor) or block_ids.shape != (B, S):
                 raise ValueError(f"{op}: block_ids must be a [{B}, {S}] tensor like attention_mask")
             packed_blocks = block_ids.to(device).reshape(-1)[index]
-        mask = cls.from_seqlens(lens, packed_blocks, causal, device)
+        mask = cls._from_lengths(lens, packed_blocks, causal, device, True, op)  # rows of padding only: length 0
         mask.padding_shape = (B, S)
         mask.padding_index = index
         return mask
@@ -376,6 +406,42 @@ def mask_of_xformers_bias(attn_bias, device: torch.device) -> "AttentionMask":
     device = torch.device(device)
     return _MASK_CACHE.get(attn_bias, ("xformers", str(device)),
                            lambda: AttentionMask.from_xformers(attn_bias, device=device))
+
+
+_MAX_TOKENS = 2**31 - 1
+
+
+def _device_arg(device, op: str) -> Optional[torch.device]:
+    if device is None:
+        return None
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
+        raise TypeError(f"{op}: device must be a str, an int or a torch.device, got {type(device).__name__} "
+                        f"{device!r}"[:300])
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"{op}: device {device!r} is not a device ({exc})") from None
+
+
+def _block_across_documents(block_ids: torch.Tensor, lens: list) -> Optional[str]:
+    """A sentence when a block id >= 0 runs on across the boundary between two documents (an image split by
+    the document lengths), else None (one host sync)."""
+    starts, at = [], 0
+    for n in lens[:-1]:
+        at += n
+        if 0 < at < len(block_ids):
+            starts.append(at)
+    if not starts:
+        return None
+    pos = torch.tensor(starts, device=block_ids.device)
+    here, before = block_ids[pos].to(torch.int64), block_ids[pos - 1].to(torch.int64)
+    bad = ((here == before) & (here >= 0)).nonzero()
+    if bad.numel() == 0:
+        return None
+    i = int(bad[0, 0])
+    return (f"block id {int(here[i])} runs across the boundary between two documents (tokens {starts[i] - 1} and "
+            f"{starts[i]}); each block (image) must lie inside one document: check seqlens, and give each image "
+            "its own id")
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

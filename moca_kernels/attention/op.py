@@ -10,18 +10,23 @@ same T reuse the compiled graph.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 
 from .. import reference
-from .._checks import KERNEL_DTYPES, check_float, check_ndim, check_same_device, check_same_dtype
+from .._checks import (KERNEL_DTYPES, check_bool, check_float, check_ndim, check_real, check_same_device,
+                       check_same_dtype)
 from ..dispatch import Backend, Op, triton_reasons
 from .mask import AttentionMask, _xformers_kind, mask_of_xformers_bias
 
 _NAME = "masked_attention"
 MAX_TRITON_HEAD_DIM = 128
+# Largest softmax scale the triton backend takes. Its backward recomputes the softmax from the stored float32
+# log-sum-exp, so gradients carry a relative error of about 1e-7 * max|scale * q . k| (measured: dV off by 3e-3
+# at scale 1e3 and 3e-2 at 1e4 with |q . k| <= 29; NaN or inf once the softmax saturates, e.g. scale 1e8, where
+# the torch backend is exact). Larger scales go to the torch backend; forcing triton raises.
+MAX_TRITON_SCALE = 1e3
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask,
@@ -38,13 +43,14 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: At
         mask: an AttentionMask with total length T (moved to q's device once and cached if elsewhere), or an
             xformers ``BlockDiagonalMask`` / ``BlockDiagonalCausalMask`` (converted by
             ``AttentionMask.from_xformers``, once per bias object).
-        scale: finite positive softmax scale (default D ** -0.5).
-        return_lse: also return the log-sum-exp of the scaled scores, [Hq, T] float32 (float64 for float64
+        scale: finite positive softmax scale (default D ** -0.5), a real number (not a bool or a string). The
+            triton backend takes scale <= MAX_TRITON_SCALE (1e3; see its comment); larger ones run on torch.
+        return_lse: bool; also return the log-sum-exp of the scaled scores, [Hq, T] float32 (float64 for float64
             inputs; differentiable).
-        impl: "triton", "torch" or None (automatic: triton for float32/16-bit CUDA tensors, or CPU tensors
-            under TRITON_INTERPRET=1, with D <= 128; torch otherwise). A forced backend that cannot take the
-            inputs raises BackendUnavailable with its reasons.
-        deterministic: triton backward without atomics (dQ by its own kernel: bitwise reproducible, one more
+        impl: "triton", "torch" or None (automatic: triton for float32/16-bit CUDA tensors, or float32/float16
+            CPU tensors under TRITON_INTERPRET=1, with D <= 128; torch otherwise). A forced backend that cannot
+            take the inputs raises BackendUnavailable with its reasons.
+        deterministic: bool; triton backward without atomics (dQ by its own kernel: bitwise reproducible, one more
             pass over the scores). Otherwise dQ is accumulated with float32 atomics in the dK/dV kernel, or
             computed as in the deterministic mode when that was faster on this GPU (timed once per shape family;
             MOCA_ATTENTION_DQ=atomic|separate forces one).
@@ -54,12 +60,14 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: At
     """
     if _xformers_kind(mask) is not None:   # an xformers block-diagonal bias (AttentionMask.from_xformers)
         mask = mask_of_xformers_bias(mask, q.device if isinstance(q, torch.Tensor) else "cpu")
-    _validate(q, k, v, mask, scale)
-    return _OP(impl, q=q, k=k, v=v, mask=mask.to(q.device), scale=scale, return_lse=bool(return_lse),
-               deterministic=bool(deterministic))
+    scale = _validate(q, k, v, mask, scale)
+    return _OP(impl, q=q, k=k, v=v, mask=mask.to(q.device), scale=scale,
+               return_lse=check_bool("return_lse", return_lse, _NAME),
+               deterministic=check_bool("deterministic", deterministic, _NAME))
 
 
-def _validate(q, k, v, mask, scale) -> None:
+def _validate(q, k, v, mask, scale) -> Optional[float]:
+    """The checks that need no look at the data; returns ``scale`` as a float (or None)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t, _NAME)
         check_ndim(name, t, 3, _NAME, "[T, heads, D]")
@@ -78,9 +86,12 @@ def _validate(q, k, v, mask, scale) -> None:
         raise ValueError(f"{_NAME}: query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]})")
     if mask.total_len != T:
         raise ValueError(f"{_NAME}: the mask covers {mask.total_len} tokens (sum of seqlens) but q has T = {T}")
-    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
-                                  and math.isfinite(scale) and scale > 0):
+    if scale is None:
+        return None
+    value = check_real("scale", scale, _NAME)
+    if not value > 0:
         raise ValueError(f"{_NAME}: scale must be a finite positive number or None, got {scale!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -160,6 +171,9 @@ def _triton_reasons(q, k, v, mask, scale, return_lse, deterministic):
         why.append(f"inputs are {q.dtype}; the triton kernels take float32, float16 and bfloat16")
     if q.shape[2] > MAX_TRITON_HEAD_DIM:
         why.append(f"head dim {q.shape[2]} > {MAX_TRITON_HEAD_DIM} is not supported by the triton kernels")
+    if scale is not None and scale > MAX_TRITON_SCALE:
+        why.append(f"scale {scale:g} > {MAX_TRITON_SCALE:g}: the triton backward loses precision in proportion to "
+                   "|scale * q . k| (the torch backend takes any finite scale)")
     return why
 
 

@@ -14,12 +14,14 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .._checks import KERNEL_DTYPES, check_float, check_int, check_ndim, check_same_device, compute_dtype
-from ..dispatch import Backend, Op, triton_interpret, triton_reasons
+from .._checks import (KERNEL_DTYPES, check_float, check_int, check_ndim, check_real, check_same_device,
+                       compute_dtype)
+from ..dispatch import Backend, Op, triton_reasons
 
 _NAME = "info_nce"
 SCOPES = ("batch", "own")
 LAYOUTS = ("grouped", "columns")
+_MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
 
 
 def info_nce(query: torch.Tensor, doc: torch.Tensor, temperature: Union[float, torch.Tensor] = 0.03,
@@ -54,7 +56,8 @@ def info_nce(query: torch.Tensor, doc: torch.Tensor, temperature: Union[float, t
                 doc = [ d_0 ... d_{P-1} | h_0,0 ... h_{B-1},0 | h_0,1 ... h_{B-1},1 | ... | h_{B-1},k-1 ]
                         P = M - B k rows    every first negative  every second negative
 
-        temperature: float > 0, or a tensor of one element (> 0) that then receives a gradient
+        temperature: a finite real number > 0 (not a bool or a string; at least float32's smallest normal
+            number, 1.2e-38), or a tensor of one element (finite, > 0) that then receives a gradient
             d loss / d t = -(1/t) mean_i ( E_{softmax_i}[s_ij] - s_i,p(i) ).
         positive_index: [B] integer indices into doc (default arange(B), which needs M - B k >= B). Under
             ``hard_negative_scope="own"`` they must point into the first M - B k rows.
@@ -181,7 +184,7 @@ def _validate(query, doc, temperature, positive_index, hard_negatives, scope, sy
     if isinstance(hard_negatives, bool) or not isinstance(hard_negatives, int) or hard_negatives < 0:
         raise ValueError(f"{_NAME}: hard_negatives must be an int >= 0 (hard negatives per query), "
                          f"got {hard_negatives!r}")
-    if scope not in SCOPES:
+    if not isinstance(scope, str) or scope not in SCOPES:
         raise ValueError(f"{_NAME}: hard_negative_scope must be one of {SCOPES}, got {scope!r}")
     if not isinstance(symmetric, bool):
         raise TypeError(f"{_NAME}: symmetric must be a bool, got {type(symmetric).__name__}")
@@ -205,6 +208,9 @@ def _validate(query, doc, temperature, positive_index, hard_negatives, scope, sy
             raise ValueError(f"{_NAME}: doc_ids must have shape [{M}] (one id per doc row), "
                              f"got {tuple(doc_ids.shape)}")
     t_tensor = torch.is_tensor(temperature)
+    if temperature is None or isinstance(temperature, (str, bytes, bool)):
+        raise TypeError(f"{_NAME}: temperature must be a float > 0 or a one-element float tensor, got "
+                        f"{type(temperature).__name__} {temperature!r}")
     if t_tensor and (not temperature.is_floating_point() or temperature.numel() != 1):
         raise ValueError(f"{_NAME}: temperature must be a float or a one-element float tensor, "
                          f"got {temperature.dtype} of shape {tuple(temperature.shape)}")
@@ -218,10 +224,14 @@ def _validate(query, doc, temperature, positive_index, hard_negatives, scope, sy
         _require(((positive_index >= 0) & (positive_index < limit)).all(),
                  lambda: f"{_NAME}: positive_index out of range {where}")
     if t_tensor:
-        _require(temperature.detach().reshape(()) > 0, lambda: f"{_NAME}: temperature must be > 0, got "
-                 f"{temperature.item() if not torch.compiler.is_compiling() else 'a tensor <= 0'}")
-    elif not float(temperature) > 0:
-        raise ValueError(f"{_NAME}: temperature must be > 0, got {temperature}")
+        t = temperature.detach().reshape(())
+        _require(torch.isfinite(t) & (t > 0), lambda: f"{_NAME}: temperature must be > 0 and finite, got "
+                 f"{temperature.item() if not torch.compiler.is_compiling() else 'a tensor <= 0 or not finite'}")
+    else:
+        value = check_real("temperature", temperature, _NAME)
+        if not value >= _MIN_TEMPERATURE:
+            raise ValueError(f"{_NAME}: temperature must be > 0 (and >= {_MIN_TEMPERATURE:.3g}, float32's smallest "
+                             f"normal number, so that it survives the float32 cast), got {temperature!r}")
     if group is not None:
         import torch.distributed as dist
 
@@ -395,8 +405,6 @@ def _triton_backend_reasons(x, y, temperature, target, row_key, col_key, n_dense
     why = triton_reasons(x, y, temperature, target, row_key, col_key)
     if x.dtype not in KERNEL_DTYPES:
         why.append(f"inputs are {x.dtype}; the triton kernels take float32, float16 and bfloat16")
-    if x.dtype == torch.bfloat16 and triton_interpret():
-        why.append("bfloat16 under TRITON_INTERPRET=1: the interpreter's tl.dot is wrong for bfloat16")
     return why
 
 

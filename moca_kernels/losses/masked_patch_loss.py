@@ -17,12 +17,14 @@ until a GPU run shows which is fastest (bench/bench_masked_patch_loss.py --quick
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
 
 from .. import _alloc, _ext, reference
-from .._checks import KERNEL_DTYPES, check_float, check_ndim, check_nonempty, check_same_device, check_tensor
+from .._checks import (KERNEL_DTYPES, check_bool, check_float, check_ndim, check_nonempty, check_real,
+                       check_same_device, check_tensor)
 from ..dispatch import Backend, Op, cuda_ext_reasons, env_variant, triton_reasons
 
 _NAME = "masked_patch_loss"
@@ -56,9 +58,11 @@ def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[t
         mask: bool [N] or None. True = the row is reconstructed and counted; None counts every row. The cuda
             and triton kernels never read rows not counted; on the torch backend a NaN or inf there still
             makes the loss NaN.
-        norm_pix: compare with the per-row normalised target (target - mean) / sqrt(var + eps), var unbiased.
-        eps: added to the variance under ``norm_pix`` (>= 0). With eps > 0 a constant target row normalises to
-            zeros; with eps = 0 it divides 0 by 0 (NaN or inf).
+        norm_pix: bool; compare with the per-row normalised target (target - mean) / sqrt(var + eps), var
+            unbiased.
+        eps: a finite real number >= 0 added to the variance under ``norm_pix`` (None, a bool, a string, inf or
+            NaN raise). With eps > 0 a constant target row normalises to zeros; with eps = 0 it divides 0
+            by 0 (NaN or inf).
         impl: "cuda", "triton", "torch" or None (automatic; see moca_kernels.dispatch). The cuda and triton
             kernel variant comes from the environment variable MOCA_MPL_KERNEL (see :func:`kernel_variant`).
 
@@ -70,11 +74,14 @@ def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[t
     grad is sent to the torch backend). Backward may run once per forward: the fused gradient buffer is
     handed to autograd by the first backward, so a second backward through the same graph raises.
     """
-    _validate(pred, target, mask, norm_pix, eps)
-    return _OP(impl, pred=pred, target=target, mask=mask, norm_pix=bool(norm_pix), eps=float(eps))
+    norm_pix, eps = _validate(pred, target, mask, norm_pix, eps)
+    return _OP(impl, pred=pred, target=target, mask=mask, norm_pix=norm_pix, eps=eps)
 
 
-def _validate(pred, target, mask, norm_pix, eps) -> None:
+def _validate(pred, target, mask, norm_pix, eps) -> Tuple[bool, float]:
+    """Checks that need no look at the data; returns (norm_pix, eps) as a bool and a float."""
+    norm_pix = check_bool("norm_pix", norm_pix, _NAME)
+    eps = check_real("eps", eps, _NAME, finite=False)
     check_float("pred", pred, _NAME)
     check_float("target", target, _NAME)
     check_ndim("pred", pred, 2, _NAME, "[N, P]")
@@ -90,8 +97,9 @@ def _validate(pred, target, mask, norm_pix, eps) -> None:
     check_same_device(_NAME, pred=pred, target=target, mask=mask)
     if norm_pix and pred.shape[1] < 2:
         raise ValueError(f"{_NAME}: norm_pix needs P >= 2 values per row (unbiased variance), got P = {pred.shape[1]}")
-    if not eps >= 0:
-        raise ValueError(f"{_NAME}: eps must be >= 0, got {eps}")
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"{_NAME}: eps must be >= 0 and finite, got {eps}")
+    return norm_pix, eps
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .. import reference
-from .._checks import KERNEL_DTYPES, check_float, check_int, check_ndim, check_same_device
+from .._checks import KERNEL_DTYPES, check_float, check_int, check_int_value, check_ndim, check_same_device
 from ..dispatch import Backend, Op, triton_reasons
 
 _NAME = "masked_token_loss"
@@ -43,7 +43,8 @@ def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
             ``ignore_index``.
             Any other value outside [0, V) raises ValueError; a float or bool tensor raises TypeError.
         bias: [V] float32 / float16 / bfloat16 (need not match hidden's dtype; any stride) or None.
-        ignore_index: label value of rows that are skipped (not counted, zero gradient).
+        ignore_index: int, the label value of rows that are skipped (not counted, zero gradient). None, a bool
+            or a float (1.5 would be truncated) raises TypeError.
         reduction: "mean" over counted rows, "sum", or "none" ([N], 0 at ignored rows).
         impl: "triton", "torch" or None (automatic: triton where it can run, i.e. CUDA tensors, or CPU tensors
             under TRITON_INTERPRET=1; torch otherwise).
@@ -70,11 +71,12 @@ def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     and a shift that is not a bool or int raise TypeError. The triton backend needs one host
     synchronisation per forward and per backward (to count the rows and check the labels).
     """
+    ignore_index = _check_ignore_index(ignore_index)
     hidden, labels, out_shape = _rows(hidden, labels, shift, ignore_index)
     _validate(hidden, weight, labels, bias, reduction)
     if labels.dtype in (torch.uint8, torch.int8, torch.int16):
         labels = labels.long()  # labels != ignore_index in uint8 would wrap -100 to 156 and drop those rows
-    loss = _OP(impl, hidden=hidden, weight=weight, labels=labels, bias=bias, ignore_index=int(ignore_index),
+    loss = _OP(impl, hidden=hidden, weight=weight, labels=labels, bias=bias, ignore_index=ignore_index,
                reduction=reduction)
     if out_shape is not None and reduction == "none":
         shape, s = out_shape
@@ -181,9 +183,17 @@ def _validate(hidden, weight, labels, bias, reduction) -> None:
         check_float("bias", bias, _NAME)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"{_NAME}: bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
-    if reduction not in _REDUCTIONS:
+    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
         raise ValueError(f"{_NAME}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     check_same_device(_NAME, hidden=hidden, weight=weight, labels=labels, bias=bias)
+
+
+def _check_ignore_index(ignore_index) -> int:
+    """ignore_index as an int: an integer (not a bool, not 1.5, which would be truncated) within int64."""
+    value = check_int_value("ignore_index", ignore_index, _NAME)
+    if not -2**63 <= value < 2**63:
+        raise ValueError(f"{_NAME}: ignore_index must fit in int64, got {value}")
+    return value
 
 
 def _check_label_range(counted_labels: torch.Tensor, V: int, ignore_index: int) -> None:

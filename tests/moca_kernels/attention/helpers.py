@@ -27,7 +27,8 @@ def random_lengths(rng: random.Random, total: int, with_empty: bool = True):
 
 def random_blocks(rng: random.Random, lens, image_prob: float = 0.35, max_image: int = 24) -> torch.Tensor:
     """int64 [T]: -1 for text, one id per image; images are contiguous runs inside a document, some start at
-    the document start, some end at its end, ids repeat across documents."""
+    the document start, some end at its end, ids repeat across documents (never on both sides of a document
+    boundary: from_seqlens refuses that as one image split by the document lengths)."""
     T = sum(lens)
     blocks = torch.full((T,), -1, dtype=torch.int64)
     pos = 0
@@ -35,6 +36,8 @@ def random_blocks(rng: random.Random, lens, image_prob: float = 0.35, max_image:
         i, next_id = 0, rng.randint(0, 3)
         while i < L:
             if rng.random() < image_prob:
+                if i == 0 and pos > 0 and next_id == int(blocks[pos - 1]):
+                    next_id += 1
                 n = min(rng.randint(1, max_image), L - i)
                 blocks[pos + i:pos + i + n] = next_id
                 next_id += rng.randint(1, 2)
@@ -47,12 +50,16 @@ def random_blocks(rng: random.Random, lens, image_prob: float = 0.35, max_image:
 
 def random_mask(rng: random.Random, total: int, kind: str, device="cpu", **kw) -> mk.AttentionMask:
     lens = random_lengths(rng, total, kw.pop("with_empty", True))
-    if kind == "documents":
-        return mk.AttentionMask.from_seqlens(lens, device=device)
-    if kind == "causal":
-        return mk.AttentionMask.from_seqlens(lens, causal=True, device=device)
-    blocks = random_blocks(rng, lens, **kw).to(device)
-    return mk.AttentionMask.from_seqlens(lens, block_ids=blocks, causal=True, device=device)
+    blocks = random_blocks(rng, lens, **kw).to(device) if kind == "mixed" else None
+    return build_mask(lens, blocks, kind != "documents", device)
+
+
+def build_mask(lens, blocks, causal: bool, device="cpu") -> mk.AttentionMask:
+    """from_seqlens, or with documents of length 0 (which from_seqlens refuses, but from_padding_mask makes for
+    rows of padding only, so the kernels must take them) the class constructor itself."""
+    if 0 in lens:
+        return mk.AttentionMask(lens, blocks, causal, device)
+    return mk.AttentionMask.from_seqlens(lens, block_ids=blocks, causal=causal, device=device)
 
 
 def naive_attention(q, k, v, mask, scale=None, return_lse=False):

@@ -11,7 +11,7 @@ import moca_kernels as mk
 from moca_kernels import _ext
 from moca_kernels.attention import metadata, pack, unpack
 
-from .helpers import KINDS, random_blocks, random_lengths, random_mask
+from .helpers import KINDS, build_mask, random_blocks, random_lengths, random_mask
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -90,7 +90,7 @@ def test_blocks_split_across_two_runs_are_rejected():
 @pytest.mark.parametrize("bad,match", [
     (dict(seqlens=[]), "empty"),
     (dict(seqlens=[0, 0]), "no token"),
-    (dict(seqlens=[3, -1]), ">= 0"),
+    (dict(seqlens=[3, -1]), ">= 1"),
     (dict(seqlens=[2.5]), "integers"),
     (dict(seqlens=[4], block_ids=torch.zeros(3, dtype=torch.long)), "shape"),
     (dict(seqlens=[4], block_ids=torch.zeros(4)), "integer tensor"),
@@ -176,8 +176,7 @@ def test_cuda_builder_matches_torch_builder():
     for kind, lens, blocks in _gpu_masks():
         if kind == "mixed" and blocks is None:
             blocks = random_blocks(random.Random(len(lens)), lens)
-        mask = mk.AttentionMask.from_seqlens(lens, block_ids=None if kind == "documents" else blocks,
-                                             causal=kind != "documents", device="cuda")
+        mask = build_mask(lens, None if kind == "documents" else blocks, kind != "documents", "cuda")
         T = mask.total_len
         spans_torch = metadata.row_spans(mask.cu_seqlens, mask.block_ids, T, mask.causal, impl="torch")
         spans_cuda = metadata.row_spans(mask.cu_seqlens, mask.block_ids, T, mask.causal, impl="cuda")
