@@ -58,7 +58,8 @@ def venv(tmp_path_factory):
 )
 def test_editable_install_without_extension(tmp_path, venv, env, says):
     src = _copy_tree(tmp_path / "src")
-    run_env = {k: v for k, v in os.environ.items() if not k.startswith("MOCA_KERNELS_")}
+    # PYTHONPATH would put another copy of the package ahead of the installed one
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("MOCA_KERNELS_") and k != "PYTHONPATH"}
     run_env.update(env)
     run_env["PYTHONNOUSERSITE"] = "1"
     # the venv python finds pip in the system site-packages; PATH keeps it reachable with a reduced PATH
