@@ -25,8 +25,8 @@ Why this split: dHidden needs every vocabulary column of a row and dWeight every
 needs the row's lse, known only after the whole vocabulary. Keeping G for all of [n, V] costs n V bytes x 2
 (2.3 GiB at n = 8192); a float32 dWeight accumulator costs 1.16 GiB. Chunking the vocabulary keeps dWeight's
 reduction inside one GEMM and accumulates only dHidden (n H x 4 bytes = 64 MiB at n = 8192) across chunks.
-The G chunk is sized to ``G_CHUNK_BYTES`` (at least MIN_CHUNK_V columns so the accumulator's read-modify-write
-stays a small fraction of each GEMM).
+The G chunk is sized to the tuning setting ``mtl_g_chunk_bytes`` (48 MiB; at least MIN_CHUNK_V columns so the
+accumulator's read-modify-write stays a small fraction of each GEMM).
 
 The two backward GEMMs run on cuBLAS (``torch.mm`` / ``torch.addmm`` with float32 output) for bfloat16 and
 float32 when available, otherwise on the Triton GEMM below (``_gemm_kernel``). float16 always takes the Triton
@@ -34,9 +34,10 @@ GEMM: its G is stored pre-scaled by 2^14 / max|g| (p * 2^14 stays a normal float
 where (p - y) / n_counted unscaled would flush to zero below p ~ 5e-4 at n = 8192) and the GEMM epilogue undoes
 the scale in float32 before rounding.
 
-Kernel variants of the two tile kernels (environment variable ``MOCA_MTL_KERNEL``, read at every call; see
-:func:`kernel_variant`). They compute the same values; v1 stays the default until a GPU run shows which is faster
-(``bench/bench_masked_token_loss.py --quick --profile`` times them side by side):
+Kernel variants of the two tile kernels, parts "fwd" (the log-sum-exp forward) and "grad" (the backward's G
+kernel) of the triton backend's variants in masked_token_loss.py (``impl="triton:v3"``: both kernels,
+``"triton:fwd.v3+grad.v2"``: per kernel). They compute the same values; v1 stays the default until a GPU run
+shows which is faster (``bench/bench_masked_token_loss.py --quick --profile`` times them side by side):
 
 - ``v1``: the kernels above; operand tiles come through pointer loads (cp.async on sm_80+), one G tile per program.
 - ``v2``: the same work per program, operand tiles through tensor descriptors (TMA on sm_90: one bulk copy per
@@ -48,31 +49,27 @@ Kernel variants of the two tile kernels (environment variable ``MOCA_MTL_KERNEL`
   vocabulary split, and the G kernel as persistent programs (one per SM) looping over the chunk's tiles.
 
 The descriptor variants need what the copy engine needs: unit stride along H and 16-byte aligned row strides
-and base addresses of hidden and weight; a call that does not meet it runs v1 (``last_kernels`` says which ran).
+and base addresses of hidden and weight (:func:`descriptor_reasons`; the op refuses a forced variant without
+it, never running another kernel; ``last_kernels`` says which ran).
 """
 
 
 from __future__ import annotations
 
-import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import _alloc
-from ..dispatch import autotune_enabled, env_variant, triton_interpret
+from .. import _alloc, tuning
+from ..tuning import autotune_enabled
+from ..tuning import interpret as triton_interpret
 
-# Backward G chunk budget in bytes, and the smallest chunk (columns) whatever the budget says.
-G_CHUNK_BYTES = 48 * 2**20
+# The smallest backward G chunk (columns) whatever the budget (tuning setting mtl_g_chunk_bytes) says. The
+# chunk width (mtl_vocab_chunk), the GEMM engine (mtl_bwd_gemm, MOCA_MTL_BWD_GEMM) and the descriptor
+# kernels' forced config (mtl_desc_config) are tuning settings too.
 MIN_CHUNK_V = 2048
-# Tests may force a chunk width (columns) to exercise several chunks at tiny V.
-VOCAB_CHUNK: Optional[int] = None
-# Backward GEMMs: "auto" (cuBLAS where it gives float32 accumulation, else Triton) or "triton".
-BWD_GEMM = os.environ.get("MOCA_MTL_BWD_GEMM", "auto")
-# False: take the first config that fits instead of timing every candidate (tests, to save compile time).
-AUTOTUNE = True
 # Last backward's GEMM engine, for benchmarks and tests to report.
 last_bwd_gemm: Optional[str] = None
 
@@ -80,7 +77,7 @@ last_bwd_gemm: Optional[str] = None
 last_kernels: Dict[str, str] = {}
 
 VARIANTS = ("v1", "v2", "v3")
-# What each tile kernel runs when MOCA_MTL_KERNEL does not name a variant for it (flip after a GPU measurement).
+# What each tile kernel runs by default (flip after a GPU measurement).
 DEFAULT_VARIANT = {"fwd": "v1", "grad": "v1"}
 
 _FP16_G_RANGE = 2.0**14  # float16 G is stored as (p - y) * g * 2^14 / max|g|: |G| <= 16384 < 65504
@@ -93,7 +90,7 @@ def _tile_configs():
     if _INTERPRET:  # the interpreter's cost grows with the tile; one small config
         return [triton.Config({"BLOCK_M": 16, "BLOCK_V": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=1, num_stages=1)]
     return [
-        # first = what AUTOTUNE=False takes: 160 KiB of shared memory at most, safe on every sm_80+ part
+        # first = what autotuning off takes: 160 KiB of shared memory at most, safe on every sm_80+ part
         triton.Config({"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_K": 64, "GROUP_M": 16}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_V": 256, "BLOCK_K": 64, "GROUP_M": 16}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_K": 32, "GROUP_M": 16}, num_warps=4, num_stages=4),
@@ -115,7 +112,7 @@ _SMEM_LIMIT = 200 * 1024  # H100 has 227 KiB per block; leave room for the epilo
 
 def _prune(operand_names, n_name):
     """Keep configs whose pipelined operand tiles fit in shared memory for these dtypes (float32 needs
-    BLOCK_K = 32); with AUTOTUNE off keep only the first that fits."""
+    BLOCK_K = 32); with autotuning off keep only the first that fits."""
 
     def prune(configs, named_args, **kwargs):
         esize = max(named_args[a].element_size() for a in operand_names)
@@ -124,7 +121,7 @@ def _prune(operand_names, n_name):
         fit = fit or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] + c.kwargs[n_name]) * c.kwargs["BLOCK_K"])]
         # 128-byte K slices: BLOCK_K = 64 for 16-bit types, 32 for float32 (fewer candidates to compile)
         fit = [c for c in fit if c.kwargs["BLOCK_K"] * esize >= 128] or fit
-        return fit if (AUTOTUNE and autotune_enabled()) else fit[:1]
+        return fit if autotune_enabled() else fit[:1]
 
     return prune
 
@@ -351,21 +348,19 @@ def _set_block_shapes(nargs):
     nargs["w_desc"].block_shape = [nargs["BLOCK_V"], nargs["BLOCK_K"]]
 
 
-# Tests on a GPU: index into the variant's candidates to run that one alone (None: prune and tune as usual).
-FORCE_DESC_CONFIG: Optional[int] = None
-
-
 def _prune_desc(configs, named_args, **kwargs):
     """Candidates whose pipelined operand tiles fit in shared memory and whose K slice is 128 bytes (BLOCK_K 64
-    for 16-bit types, 32 for float32); with AUTOTUNE off the first of them."""
-    if FORCE_DESC_CONFIG is not None:
-        return [configs[FORCE_DESC_CONFIG]]
+    for 16-bit types, 32 for float32); with autotuning off the first of them; tuning setting mtl_desc_config
+    (tests on a GPU): that index of the variant's candidates alone."""
+    forced = tuning.get("mtl_desc_config")
+    if forced is not None:
+        return [configs[forced]]
     esize = named_args["ESIZE"]
     fit = [c for c in configs
            if c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_V"]) * c.kwargs["BLOCK_K"] * esize <= _SMEM_LIMIT
            and c.kwargs["BLOCK_K"] * esize == 128]
     fit = fit or [min(configs, key=lambda c: c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_V"]) * c.kwargs["BLOCK_K"])]
-    return fit if (AUTOTUNE and autotune_enabled()) else fit[:1]
+    return fit if autotune_enabled() else fit[:1]
 
 
 @triton.jit
@@ -453,19 +448,28 @@ _FWD_DESC = {v: _desc_kernel(_lse_fwd_desc_kernel, v) for v in ("v2", "v3")}
 _GRAD_DESC = {v: _desc_kernel(_grad_logits_desc_kernel, v, restore_value=["dbias_ptr"]) for v in ("v2", "v3")}
 
 
+@tuning.on_clear
 def reset_tuning() -> None:
-    """Forget every descriptor kernel's tuned choice (tests that change FORCE_DESC_CONFIG or AUTOTUNE)."""
+    """Forget every descriptor kernel's tuned choice (``tuning.clear()`` calls it)."""
     for kernel in (*_FWD_DESC.values(), *_GRAD_DESC.values()):
         kernel.cache.clear()
 
 
-def kernel_variant(kernel: str) -> str:
-    """The variant ("v1", "v2" or "v3") that ``MOCA_MTL_KERNEL`` selects for ``kernel`` ("fwd": the log-sum-exp
-    forward, "grad": the backward's G kernel), read from the environment at each call.
-
-    Unset or empty: ``DEFAULT_VARIANT[kernel]``. One name applies to both kernels; per kernel, e.g.
-    ``fwd=v3,grad=v2`` (a kernel not named gets its default). Raises ValueError on anything else."""
-    return env_variant("MOCA_MTL_KERNEL", kernel, VARIANTS, DEFAULT_VARIANT, "masked_token_loss")
+def descriptor_reasons(hidden: torch.Tensor, weight: torch.Tensor) -> List[str]:
+    """Why the descriptor kernels (v2, v3) cannot read hidden [N, H] and weight [V, H] through the copy engine:
+    a stride along H other than 1, a row stride or base address not 16-byte aligned. Checked on the caller's
+    tensors: the counted rows of hidden, when compacted, are a copy with rows of H values, so H itself must
+    give 16-byte rows too."""
+    why = []
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        esize = t.element_size()
+        if t.stride(1) != 1:
+            why.append(f"{name} has stride {t.stride(1)} along H; the descriptor kernels need 1")
+        elif (t.stride(0) * esize) % 16 or t.data_ptr() % 16:
+            why.append(f"{name}'s rows or base address are not 16-byte aligned (TMA)")
+    if (hidden.shape[1] * hidden.element_size()) % 16:
+        why.append(f"rows of H = {hidden.shape[1]} values are not a multiple of 16 bytes (TMA)")
+    return why
 
 
 def _descriptor(t: torch.Tensor):
@@ -480,13 +484,17 @@ def _descriptor(t: torch.Tensor):
 
 
 def _descriptors(variant: str, hidden: torch.Tensor, weight: torch.Tensor):
-    """(variant actually run, hidden descriptor, weight descriptor): v1 when a descriptor is not possible."""
+    """(hidden descriptor, weight descriptor) for a descriptor variant, (None, None) for v1. A tensor the copy
+    engine cannot read raises (the op's reasons refuse such inputs before any kernel runs)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"masked_token_loss: unknown kernel variant {variant!r}; expected one of {VARIANTS}")
     if variant == "v1":
-        return "v1", None, None
+        return None, None
     hd, wd = _descriptor(hidden), _descriptor(weight)
     if hd is None or wd is None:
-        return "v1", None, None
-    return variant, hd, wd
+        raise RuntimeError(f"masked_token_loss: kernel variant {variant} cannot read these tensors: "
+                           + "; ".join(descriptor_reasons(hidden, weight)))
+    return hd, wd
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -505,9 +513,9 @@ def split_v() -> int:
 
 
 def lse_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+                labels: torch.Tensor, variant: str = "v1") -> Tuple[torch.Tensor, torch.Tensor]:
     """hidden [n, H] (counted rows) and weight [V, H] of one dtype (float32 / float16 / bfloat16, any strides),
-    bias [V] float (any stride) or None, labels int32 [n] in [0, V).
+    bias [V] float (any stride) or None, labels int32 [n] in [0, V); variant: the forward kernel's.
 
     Returns (lse float32 [n], label logit float32 [n])."""
     bias = bias.contiguous() if bias is not None else None  # the kernels read bias[cols] at unit stride
@@ -521,7 +529,7 @@ def lse_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]) * n_splits,)
 
-    variant, hd, wd = _descriptors(kernel_variant("fwd"), hidden, weight)
+    hd, wd = _descriptors(variant, hidden, weight)
     last_kernels["fwd"] = variant
     if variant == "v1":
         _lse_fwd_kernel[grid](
@@ -549,10 +557,11 @@ def _persistent_programs(device: torch.device) -> int:
 
 
 def vocab_chunk(n: int, V: int, esize: int) -> int:
-    """Columns of G per backward chunk: G_CHUNK_BYTES worth, at least MIN_CHUNK_V, a multiple of 256."""
-    if VOCAB_CHUNK is not None:
-        return max(1, min(VOCAB_CHUNK, V))
-    cv = G_CHUNK_BYTES // max(1, n * esize)
+    """Columns of G per backward chunk: the mtl_g_chunk_bytes budget (48 MiB), at least MIN_CHUNK_V, a multiple of 256."""
+    forced = tuning.get("mtl_vocab_chunk")
+    if forced is not None:
+        return max(1, min(forced, V))
+    cv = tuning.get("mtl_g_chunk_bytes") // max(1, n * esize)
     cv = max(MIN_CHUNK_V, cv // 256 * 256)
     return min(cv, V)
 
@@ -584,7 +593,7 @@ def cublas_fp32_accumulate_ok(dtype: torch.dtype, device: torch.device) -> bool:
 
 def _bwd_engine(dtype: torch.dtype, device: torch.device) -> str:
     """"torch" (cuBLAS) or "triton" for the two backward GEMMs."""
-    if dtype == torch.float16 or device.type != "cuda" or BWD_GEMM == "triton":
+    if dtype == torch.float16 or device.type != "cuda" or tuning.get("mtl_bwd_gemm") == "triton":
         return "triton"   # float16: G is pre-scaled and only the Triton epilogue undoes it in float32
     if dtype == torch.float32:
         return "torch"
@@ -607,13 +616,14 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool, s
 
 
 def backward(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-             labels: torch.Tensor, lse: torch.Tensor, need_hidden: bool, need_weight: bool, need_bias: bool):
+             labels: torch.Tensor, lse: torch.Tensor, need_hidden: bool, need_weight: bool, need_bias: bool,
+             variant: str = "v1"):
     """Gradients of sum_r grad_rows[r] * loss[r] over the counted rows.
 
     hidden [n, H] counted rows and weight [V, H] of one dtype (float32 / float16 / bfloat16, any strides),
     bias [V] float (any stride) or None, labels int32 [n], lse float32 [n], grad_rows float32 [n] (contiguous).
-    Returns (d hidden [n, H] input dtype, d weight [V, H] weight dtype, d bias [V] float32), each None when
-    not asked for.
+    variant: the G kernel's. Returns (d hidden [n, H] input dtype, d weight [V, H] weight dtype, d bias [V]
+    float32), each None when not asked for.
     """
     global last_bwd_gemm
     bias = bias.contiguous() if bias is not None else None  # the kernels read bias[cols] at unit stride
@@ -648,7 +658,7 @@ def backward(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
     cv = vocab_chunk(n, V, hidden.element_size())
     g_buf = _alloc.empty(n * cv, dtype=dtype, device=device)
     precision = _dot_precision(dtype)
-    variant, hd, wd = _descriptors(kernel_variant("grad"), hidden, weight)
+    hd, wd = _descriptors(variant, hidden, weight)
     last_kernels["grad"] = variant
     programs = _persistent_programs(device) if variant == "v3" else None
     first = True
