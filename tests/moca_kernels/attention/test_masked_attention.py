@@ -178,8 +178,8 @@ def test_every_output_element_is_written(deterministic, split, device):
     mask = random_mask(rng, 35, "mixed", device=device)
     T = mask.total_len
     q, k, v = (rand(T, h, 64, device=device).requires_grad_() for h in (4, 2, 2))
-    tiles = use_tiles(*tiles.plan(device, torch.float32, 64), 16, 16, 16, split=split)
-    with _alloc.poisoned(), tiles:
+    forced = use_tiles(*tiles.plan(device, torch.float32, 64), 16, 16, 16, split=split)
+    with _alloc.poisoned(), forced:
         out, lse = mk.masked_attention(q, k, v, mask, return_lse=True, impl="triton", deterministic=deterministic)
         (out.sum() + lse.sum()).backward()
     for name, t in (("out", out), ("lse", lse), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
@@ -271,12 +271,14 @@ def test_custom_ops_pass_opcheck(device):
     tables = mask.tile_metadata(q_tile, k_tile)
     ops = torch.ops.moca_kernels
     torch.library.opcheck(ops.attention_tile_tables.default, (mask.spans, q_tile, k_tile))
-    torch.library.opcheck(ops.masked_attention_fwd.default, (q, k, v, mask.spans, tables, 0.125, q_tile, k_tile, False))
+    for fwd_variant, bwd_variant in (("base", "base"), ("ws", "fused")):
+        torch.library.opcheck(ops.masked_attention_fwd.default, (q, k, v, mask.spans, tables, 0.125, q_tile, k_tile,
+                                                                 False, fwd_variant, bwd_variant))
     out, lse = ops.masked_attention_fwd(q.detach(), k.detach(), v.detach(), mask.spans, tables, 0.125, q_tile, k_tile,
-                                        False)
-    for d_lse, deterministic in ((None, True), (torch.randn_like(lse), False)):
+                                        False, "base", "base")
+    for d_lse, deterministic, bwd_variant in ((None, True, "base"), (torch.randn_like(lse), False, "even")):
         torch.library.opcheck(ops.masked_attention_bwd.default, (torch.randn_like(out), q.detach(), k.detach(), v.detach(),
-                              out, lse, d_lse, mask.spans, tables, 0.125, q_tile, k_tile, deterministic))
+                              out, lse, d_lse, mask.spans, tables, 0.125, q_tile, k_tile, deterministic, bwd_variant))
 
 
 def test_compiled_function_does_not_recompile_when_documents_change(device):
