@@ -2,7 +2,6 @@
 (``backend:variant`` in impl= and MOCA_KERNELS_IMPL); the environment is read in tuning.py and dispatch.py only,
 and the README lists every variable read."""
 
-import os
 import re
 from pathlib import Path
 
