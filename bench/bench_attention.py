@@ -41,7 +41,7 @@ except ImportError:  # run as a script from bench/
     from harness import Case, common_args, run_cases
 
 import moca_kernels as mk
-from moca_kernels import _ext
+from moca_kernels import _ext, tuning
 from moca_kernels.attention import metadata
 
 HEADLINE_DOCS = [4096, 2048, 3072, 1024, 512, 2560, 3072]
@@ -346,8 +346,13 @@ def main(argv=None):
                         help="run only these shapes (default: the headline with --quick, all three without); "
                              "with --quick, no dense-mask SDPA case")
     args = parser.parse_args(argv)
-    if args.quick:   # time the first 2 of the 3 config candidates per kernel (compile time), unless told otherwise
-        os.environ.setdefault("MOCA_ATTENTION_TUNE", "2")
+    # --quick: time the first 2 of the 3 config candidates per kernel (compile time), unless MOCA_ATTENTION_TUNE says
+    quick_tune = args.quick and not os.environ.get("MOCA_ATTENTION_TUNE", "").strip()
+    with tuning.override(**(dict(attention_tune=2) if quick_tune else {})):
+        return _main(args)
+
+
+def _main(args):
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     t_start = time.perf_counter()
@@ -365,13 +370,12 @@ def main(argv=None):
         print("no GPU: a CPU smoke run at a small shape (moca triton runs only under TRITON_INTERPRET=1)")
         small = [d // 64 for d in HEADLINE_DOCS]
         run_shape("smoke", small, 4, 2, 64, ("documents", "mixed"), args, device, torch.float32, False)
-    from moca_kernels.attention import masked_attention_triton as kernels
-
     print("\nconfigs chosen (kernel, head dim, dtype, group, ...): (walked tile, warps, stages)")
-    for key, cfg in kernels._TUNED.items():
-        print(f"  {key[:-1]}: {cfg}")
-    for key, strategy in kernels._DQ_STRATEGY.items():
-        print(f"  dQ of the default backward (head dim, dtype, group, q_tile, k_tile) {key[:-1]}: {strategy}")
+    for key, cfg in tuning.cached("masked_attention").items():
+        if key[1] == "dq_strategy":
+            print(f"  dQ of the default backward (head dim, dtype, group, q_tile, k_tile, variant) {key[2:-1]}: {cfg}")
+        else:
+            print(f"  {key[1:-1]}: {cfg}")
     print(f"\nbench_attention total {time.perf_counter() - t_start:.0f} s")
 
 

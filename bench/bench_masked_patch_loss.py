@@ -3,7 +3,8 @@
 Headline (DESIGN.md section 4): N=262144 rows, P=1176, bf16, half the rows counted, norm_pix, fwd+bwd.
 Floor: read pred and target of the counted rows once, write the whole gradient once.
 
-Kernel variants (MOCA_MPL_KERNEL, see moca_kernels/losses/masked_patch_loss.py) run side by side: "moca cuda v1"
+Kernel variants (backends "cuda:v2", "cuda:v2p", "triton:v2" of moca_kernels/losses/masked_patch_loss.py, passed as
+impl=) run side by side: "moca cuda v1"
 and "moca triton v1" (the original kernels), then "moca cuda v2", "moca cuda v2p", "moca triton v2", and each
 cuda variant split into phases (forward alone; forward writing the gradient, no backward). The v1 cases run
 first, so a failing new variant cannot spoil them. At the end each variant is checked against v1 on a smaller
@@ -45,17 +46,11 @@ def make_setup(fn, N, P, dtype, device, backward=True, requires_grad=None):
 
 
 def moca(impl, variant, norm_pix):
-    """masked_patch_loss on ``impl`` with MOCA_MPL_KERNEL=variant (read by the op at each call)."""
+    """masked_patch_loss on backend ``impl``, kernel variant ``variant`` (impl="cuda:v2p")."""
+    spec = f"{impl}:{variant}"
+
     def run(p, t, m):
-        old = os.environ.get("MOCA_MPL_KERNEL")
-        os.environ["MOCA_MPL_KERNEL"] = variant
-        try:
-            return mk.masked_patch_loss(p, t, m, norm_pix=norm_pix, impl=impl)
-        finally:
-            if old is None:
-                del os.environ["MOCA_MPL_KERNEL"]
-            else:
-                os.environ["MOCA_MPL_KERNEL"] = old
+        return mk.masked_patch_loss(p, t, m, norm_pix=norm_pix, impl=spec)
     return run
 
 

@@ -24,7 +24,6 @@ is filtered; trained models give far peakier softmaxes and CCE's filter skips mo
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 
@@ -37,6 +36,7 @@ except ImportError:  # run as a script from bench/
     from harness import Case, common_args, floor_ms, kernel_breakdown, peer, run_cases, time_fn
 
 import moca_kernels as mk
+from moca_kernels import tuning
 
 IGNORE = -100
 
@@ -51,14 +51,17 @@ def make_inputs(N, H, V, dtype, device, counted=1.0, seed=0):
     return hidden, weight, labels
 
 
-def make_setup(loss_fn, N, H, V, dtype, device, counted=1.0, backward=True, before=None):
-    """loss_fn(hidden, weight, labels) -> scalar loss; the timed call runs forward and backward."""
+def make_setup(loss_fn, N, H, V, dtype, device, counted=1.0, backward=True, settings=None):
+    """loss_fn(hidden, weight, labels) -> scalar loss; the timed call runs forward and backward, both under
+    ``tuning.override(**settings)`` when given."""
     def setup():
-        if before is not None:
-            before()
         hidden, weight, labels = make_inputs(N, H, V, dtype, device, counted)
 
         def run():
+            with tuning.override(**(settings or {})):
+                return step()
+
+        def step():
             if not backward:
                 with torch.no_grad():
                     return loss_fn(hidden, weight, labels)
@@ -82,31 +85,23 @@ def naive(hidden, weight, labels):
     return F.cross_entropy(F.linear(hidden, weight).float(), labels, ignore_index=IGNORE)
 
 
-# Tile-kernel variants (MOCA_MTL_KERNEL, masked_token_loss_triton.kernel_variant); --variants picks which run.
+# Tile-kernel variants (backends "triton:v2", "triton:v3" of masked_token_loss, passed as impl=); --variants picks
+# which run.
 VARIANTS = ("v1", "v2", "v3")
-_USER_VARIANT = os.environ.get("MOCA_MTL_KERNEL")
 
 
-def set_variant(variant):
-    """MOCA_MTL_KERNEL for the next calls: a variant name, or None for what the caller's environment said (the
-    library's default when unset)."""
-    value = variant if variant is not None else _USER_VARIANT
-    if value is None:
-        os.environ.pop("MOCA_MTL_KERNEL", None)
-    else:
-        os.environ["MOCA_MTL_KERNEL"] = value
+def spec(variant):
+    """The impl= string of a tile-kernel variant (None: the default backend)."""
+    return "triton" if variant is None else f"triton:{variant}"
 
 
 def moca(impl="triton", bwd_gemm="auto", variant=None):
+    """(loss fn, tuning settings) of masked_token_loss on ``impl`` with tile-kernel ``variant``."""
+    spelled = spec(variant) if impl == "triton" else impl
+
     def fn(hidden, weight, labels):
-        return mk.masked_token_loss(hidden, weight, labels, ignore_index=IGNORE, impl=impl)
-
-    def before():
-        from moca_kernels.losses import masked_token_loss_triton as kernels
-
-        kernels.BWD_GEMM = bwd_gemm
-        set_variant(variant)
-    return fn, before
+        return mk.masked_token_loss(hidden, weight, labels, ignore_index=IGNORE, impl=spelled)
+    return fn, dict(mtl_bwd_gemm=bwd_gemm)
 
 
 def variant_label(variant):
@@ -150,12 +145,12 @@ def cases_for(N, H, V, dtype, device, counted=1.0, quick=False, variants=("v1",)
     else:
         cases.append(Case("naive torch (logits materialised)", make_setup(naive, N, H, V, dtype, device, counted)))
     for variant in variants:
-        fn, before = moca("triton", "auto", variant)
-        cases.append(Case(variant_label(variant), make_setup(fn, N, H, V, dtype, device, counted, before=before)))
+        fn, settings = moca("triton", "auto", variant)
+        cases.append(Case(variant_label(variant), make_setup(fn, N, H, V, dtype, device, counted, settings=settings)))
     if not quick:
-        fn, before = moca("triton", "triton", None)
+        fn, settings = moca("triton", "triton", None)
         cases.append(Case("moca triton (Triton backward GEMMs)",
-                          make_setup(fn, N, H, V, dtype, device, counted, before=before)))
+                          make_setup(fn, N, H, V, dtype, device, counted, settings=settings)))
     fn, why = liger_case()
     cases.append(Case("Liger fused linear CE", make_setup(fn, N, H, V, dtype, device, counted) if fn else missing(why)))
     for eps, name in (("high", "CCE (default filter_eps='high')"), (None, "CCE (exact, filter_eps=None)")):
@@ -183,10 +178,9 @@ def phases(N, H, V, dtype, device, rep, variant=None):
     """Forward alone and forward + backward of moca triton, each as a fraction of the 738 TFLOP/s ceiling."""
     from moca_kernels.losses import masked_token_loss_triton as kernels
 
-    kernels.BWD_GEMM = "auto"
-    set_variant(variant)
-    fwd = statistics.median(time_fn(make_setup(moca()[0], N, H, V, dtype, device, backward=False)(), rep=rep))
-    both = statistics.median(time_fn(make_setup(moca()[0], N, H, V, dtype, device)(), rep=rep))
+    fn = moca(variant=variant)[0]
+    fwd = statistics.median(time_fn(make_setup(fn, N, H, V, dtype, device, backward=False)(), rep=rep))
+    both = statistics.median(time_fn(make_setup(fn, N, H, V, dtype, device)(), rep=rep))
     unit = 2 * N * H * V
     print(f"  phases of {variant_label(variant)} (kernels run: "
           f"{dict(kernels.last_kernels)}): forward {fwd:.2f} ms ({unit / fwd / 1e9:.0f} TFLOP/s on 2NHV), backward {both - fwd:.2f} ms "
@@ -203,12 +197,10 @@ def chunk_cases(N, H, V, dtype, device, mibs):
 
     cases = []
     for mib in mibs:
-        def before(mib=mib):
-            kernels.BWD_GEMM = "auto"
-            kernels.G_CHUNK_BYTES = int(mib * 2**20)
+        settings = dict(mtl_bwd_gemm="auto", mtl_g_chunk_bytes=int(mib * 2**20))
         cv = max(kernels.MIN_CHUNK_V, int(mib * 2**20) // (N * torch.finfo(dtype).bits // 8) // 256 * 256)
         cases.append(Case(f"moca triton, G chunk {mib:g} MiB ({min(cv, V)} cols)",
-                          make_setup(moca()[0], N, H, V, dtype, device, before=before)))
+                          make_setup(moca()[0], N, H, V, dtype, device, settings=settings)))
     return cases
 
 
@@ -216,16 +208,15 @@ def check(N, H, V, dtype, device, variant=None):
     """moca triton against float32 logits on the headline inputs: the loss and the gradients' relative error."""
     from moca_kernels.losses import masked_token_loss_triton as kernels
 
-    set_variant(variant)
     hidden, weight, labels = make_inputs(N, H, V, dtype, device)
-    loss = mk.masked_token_loss(hidden, weight, labels, impl="triton")
+    loss = mk.masked_token_loss(hidden, weight, labels, impl=spec(variant))
     loss.backward()
     ours = (loss.detach(), hidden.grad, weight.grad)
     hidden.grad = weight.grad = None
     rows = 1024  # float32 logits of all N rows would need N V x 12 bytes; compare on a block of rows
     ref = F.cross_entropy(F.linear(hidden[:rows].float(), weight.float()), labels[:rows], reduction="sum") / N
     ref.backward()
-    mine_rows = mk.masked_token_loss(hidden[:rows], weight, labels[:rows], reduction="sum", impl="triton") / N
+    mine_rows = mk.masked_token_loss(hidden[:rows], weight, labels[:rows], reduction="sum", impl=spec(variant)) / N
 
     def rel(a, b):
         return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
@@ -243,7 +234,7 @@ def main(argv=None):
     parser.add_argument("--chunks", type=float, nargs="+", default=None, metavar="MIB",
                         help="only time moca at the headline shape with these backward G chunk budgets (MiB)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
-                        help="tile-kernel variants (MOCA_MTL_KERNEL) timed side by side at the headline shape "
+                        help="tile-kernel variants (impl='triton:v2' ...) timed side by side at the headline shape "
                              "(default: all; other shapes run the default variant only)")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -258,23 +249,16 @@ def main(argv=None):
     if cuda and not args.quick:
         runs += [(head, 0.4)] + [(n, 1.0) for n in (2048, 4096, 16384, 32768, 65536)]
     if args.chunks:
-        from moca_kernels.losses import masked_token_loss_triton as kernels
-
-        default = kernels.G_CHUNK_BYTES
-        try:
-            run_cases("masked_token_loss fwd+bwd, G chunk sweep", chunk_cases(head, H, V, dtype, device, args.chunks),
-                      shape=dict(N=head, H=H, V=V, dtype=str(dtype)), flops=6 * head * H * V, warmup=2, rep=rep,
-                      out=args.out, tag=f"masked_token_loss_chunks_N{head}")
-        finally:
-            kernels.G_CHUNK_BYTES = default
+        run_cases("masked_token_loss fwd+bwd, G chunk sweep", chunk_cases(head, H, V, dtype, device, args.chunks),
+                  shape=dict(N=head, H=H, V=V, dtype=str(dtype)), flops=6 * head * H * V, warmup=2, rep=rep,
+                  out=args.out, tag=f"masked_token_loss_chunks_N{head}")
         return 0
     if cuda:
         for variant in args.variants:
             check(head, H, V, dtype, device, variant)
     if args.profile:
         for variant in args.variants:
-            set_variant(variant)
-            kernel_breakdown(make_setup(moca()[0], head, H, V, dtype, device)(), calls=3,
+            kernel_breakdown(make_setup(moca(variant=variant)[0], head, H, V, dtype, device)(), calls=3,
                              title=f"{variant_label(variant)} masked_token_loss fwd+bwd N={head}")
     for N, counted in runs:
         n = int(N * counted)

@@ -32,18 +32,18 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from bench.sm90 import jit_of, ptxas_stats  # noqa: E402
-from moca_kernels.attention import masked_attention_triton as K  # noqa: E402
+from moca_kernels.attention import kernels_fwd, tiles  # noqa: E402
 
 
 def compile_fwd(variant: str, cfg, head_dim: int = 128, q_tile: int = 128):
     """Stats of one forward config: variant "base" (cfg = (walk, warps, stages)) or "ws" / "tma"
     (cfg = (block_m, walk, warps, stages))."""
-    bd = K.block_d(head_dim)
+    bd = tiles.block_d(head_dim)
     if variant == "base":
-        kernel, (walk, warps, stages), block_m = K._fwd_kernel, cfg, q_tile
+        kernel, (walk, warps, stages), block_m = kernels_fwd._fwd_kernel, cfg, q_tile
         extra = dict(BLOCK_M=q_tile)
     else:
-        kernel = K._fwd_ws_kernel
+        kernel = kernels_fwd._fwd_ws_kernel
         block_m, walk, warps, stages = cfg
         extra = dict(Q_TILE=q_tile, BLOCK_M=block_m, WS=variant == "ws")
     fn = jit_of(kernel)
@@ -80,14 +80,14 @@ def compile_fwd(variant: str, cfg, head_dim: int = 128, q_tile: int = 128):
 
 def configs(variant: str, first: bool, head_dim: int = 128):
     cuda = torch.device("cuda")
-    bd = K.block_d(head_dim)
+    bd = tiles.block_d(head_dim)
     if variant == "base":
-        cands = K._all_candidates("fwd", torch.bfloat16, bd, cuda)
+        cands = tiles.all_candidates("fwd", torch.bfloat16, bd, cuda)
         if first:
             return cands[:1]
-        extra = [(128, 8, 2), (32, 4, 3), (64, 4, 3)]   # MOCA_ATTENTION_EXTRA's forward configs
+        extra = [(128, 8, 2), (32, 4, 3), (64, 4, 3)]   # attention_extra's forward configs (MOCA_ATTENTION_EXTRA)
         return cands + [c for c in extra if c not in cands]
-    cands = K._fwd_desc_all_candidates(variant, torch.bfloat16, bd, cuda, 128)
+    cands = tiles.fwd_desc_all_candidates(variant, torch.bfloat16, bd, cuda, 128)
     return cands[:1] if first else cands
 
 

@@ -11,8 +11,9 @@
 #                                 # scaling sweep up to B = 262144 (fits one 80 GB card?); attention at the 7B-text
 #                                 # and vision-tower shapes; the G chunk budget sweep
 #
-# Part 1 first: it decides the defaults of MOCA_MPL_KERNEL, MOCA_ATTENTION_FWD and MOCA_ATTENTION_BWD (part 2:
-# MOCA_MTL_KERNEL). Both write under $OUT (logs,
+# Part 1 first: it decides the default kernel variants of masked_patch_loss (cuda:v2 / cuda:v2p / triton:v2) and
+# masked_attention (triton:ws / tma, triton:even / fused); part 2 those of masked_token_loss (triton:v2 / v3). The
+# benchmarks pass each variant as impl= (README, "Kernel variants"). Both write under $OUT (logs,
 # gpu_check.tgz with every JSON/PNG/log) through bench/gpu_check.sh, which this only drives.
 set -uo pipefail
 cd "$(dirname "$0")/.."

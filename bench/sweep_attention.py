@@ -1,8 +1,8 @@
 """Sweep masked_attention's owner tiles and a wider config search at the headline shape, in one GPU call.
 
-Each variant runs in a fresh process (its own tuning cache) under environment overrides of
-moca_kernels/attention/masked_attention_triton.py (MOCA_ATTENTION_TILES="q_tile,k_tile",
-MOCA_ATTENTION_EXTRA=1 for more walked-tile/warps/stages candidates, MOCA_ATTENTION_MIN_DKDV_PROGRAMS). It
+Each variant runs in a fresh process (its own tuning cache) under the tuning environment variables of
+moca_kernels/tuning.py (MOCA_ATTENTION_TILES="q_tile,k_tile", MOCA_ATTENTION_EXTRA=1 for more
+walked-tile/warps/stages candidates, MOCA_ATTENTION_MIN_DKDV_PROGRAMS). It
 prints, per variant: documents forward, documents forward+backward, mixed forward+backward (median ms), the
 error of out/dq/dk/dv against the fp32 reference, and the configs the tuner chose.
 
@@ -31,8 +31,7 @@ def child() -> None:
     import moca_kernels as mk
     from bench.bench_attention import HEADLINE_DOCS, build_mask, inputs
     from bench.harness import time_fn
-    from moca_kernels import reference
-    from moca_kernels.attention import masked_attention_triton as kernels
+    from moca_kernels import reference, tuning
 
     dev, dt = "cuda", torch.bfloat16
     T = sum(HEADLINE_DOCS)
@@ -59,8 +58,9 @@ def child() -> None:
             errs = [((a.float() - b.float()).norm() / b.float().norm()).item()
                     for a, b in zip(mine, [ref.detach()] + [t.grad for t in leaves])]
             out["rel err out/dq/dk/dv"] = [round(e, 5) for e in errs]
-    out["configs"] = {str(key[:-1]): cfg for key, cfg in kernels._TUNED.items()}
-    out["dq route"] = {str(key[:-1]): s for key, s in kernels._DQ_STRATEGY.items()}
+    tuned = tuning.cached("masked_attention")
+    out["configs"] = {str(key[1:-1]): cfg for key, cfg in tuned.items() if key[1] != "dq_strategy"}
+    out["dq route"] = {str(key[2:-1]): s for key, s in tuned.items() if key[1] == "dq_strategy"}
     print("RESULT " + json.dumps(out))
 
 

@@ -1,10 +1,10 @@
 """masked_attention's backward variants side by side with FlexAttention, at the headline shape, in one process.
 
 T = 16384 (documents of bench_attention.HEADLINE_DOCS), Hq = 16, Hkv = 2, D = 128, bf16; masks "documents" and
-"mixed". Variants (MOCA_ATTENTION_BWD, read at call time; see masked_attention_triton.py):
+"mixed". Variants (backends impl="triton", "triton:even", "triton:fused"; see moca_kernels/attention/launch.py):
 
-* base   the default: dK/dV kernel, then dQ by its own kernel (MOCA_ATTENTION_DQ=separate here, which the H100
-         tuner chose; pass --dq auto to let it time atomics too, which compiles two more kernels);
+* base   the default: dK/dV kernel, then dQ by its own kernel (tuning setting attention_dq="separate" here, which
+         the H100 tuner chose; pass --dq auto to let it time atomics too, which compiles two more kernels);
 * even   base + unmasked loads when T is a multiple of the walked tile, the 64-row dK/dV walk tried first;
 * fused  even + dK/dV and dQ programs in one launch (no atomics).
 
@@ -72,22 +72,28 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=["base", "even", "fused"])
     ap.add_argument("--no-flex", action="store_true")
-    ap.add_argument("--tune", default="2", help="MOCA_ATTENTION_TUNE: config candidates timed per kernel")
+    ap.add_argument("--tune", default="2", help="config candidates timed per kernel (tuning setting attention_tune, "
+                    "as MOCA_ATTENTION_TUNE)")
     ap.add_argument("--dq", default="separate", choices=["separate", "atomic", "auto"],
                     help="dQ route of the base / even variants (auto: timed, compiles the atomic kernels too)")
     ap.add_argument("--rep", type=int, default=15)
     ap.add_argument("--no-breakdown", action="store_true")
     args = ap.parse_args(argv)
+    from moca_kernels import tuning
 
+    settings = dict(attention_tune=int(args.tune))
+    if args.dq != "auto":
+        settings["attention_dq"] = args.dq
+    with tuning.override(**settings):
+        return _main(args)
+
+
+def _main(args) -> int:
     import moca_kernels as mk
-    from moca_kernels import reference
-    from moca_kernels.attention import masked_attention_triton as kernels
+    from moca_kernels import reference, tuning
 
     t_start = time.perf_counter()
     cuda = torch.cuda.is_available()
-    os.environ["MOCA_ATTENTION_TUNE"] = str(args.tune)
-    if args.dq != "auto":
-        os.environ["MOCA_ATTENTION_DQ"] = args.dq
     if cuda:
         dev, dt, docs, Hq, Hkv, D = "cuda", torch.bfloat16, HEADLINE_DOCS, 16, 2, 128
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
@@ -107,14 +113,18 @@ def main(argv=None) -> int:
                 q, k, v, do.float())
     warmup = 3
     rows = []
+    def impl(variant):
+        return "triton" if variant == "base" else "triton:" + variant
+
     for variant in args.variants:
-        os.environ["MOCA_ATTENTION_BWD"] = variant
         t0 = time.perf_counter()
         try:
-            mine = grads(lambda a, b, c: mk.masked_attention(a, b, c, masks["documents"]), q, k, v, do)
+            mine = grads(lambda a, b, c: mk.masked_attention(a, b, c, masks["documents"], impl=impl(variant)),
+                         q, k, v, do)
             errs = [rel_err(a, b) for a, b in zip(mine, ref)]
             del mine
-            res = {kind: timings(lambda a, b, c, m=m: mk.masked_attention(a, b, c, m), q, k, v, do, warmup, args.rep)
+            res = {kind: timings(lambda a, b, c, m=m: mk.masked_attention(a, b, c, m, impl=impl(variant)), q, k, v, do,
+                                 warmup, args.rep)
                    for kind, m in masks.items()}
         except Exception as exc:  # a variant that fails to compile or run: report it, go on
             print(f"{variant}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
@@ -150,14 +160,13 @@ def main(argv=None) -> int:
 
     if not args.no_breakdown:
         for variant in [r[0] for r in rows if r[0] != "FlexAttention"]:
-            os.environ["MOCA_ATTENTION_BWD"] = variant
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-            out = mk.masked_attention(*leaves, masks["documents"])
+            out = mk.masked_attention(*leaves, masks["documents"], impl=impl(variant))
             kernel_breakdown(lambda: torch.autograd.grad(out, leaves, do, retain_graph=True), calls=3, top=6,
                              title=f"{variant} backward (documents)")
     print("\nconfigs chosen (kernel, head dim, dtype, group, ...): (walked tile(s), warps, stages)")
-    for key, cfg in kernels._TUNED.items():
-        print(f"  {key[:-1]}: {cfg}")
+    for key, cfg in tuning.cached("masked_attention").items():
+        print(f"  {key[1:-1]}: {cfg}")
     print(f"\nsweep_attention_bwd total {time.perf_counter() - t_start:.0f} s")
     return 0
 

@@ -1,7 +1,7 @@
 """masked_attention's forward variants side by side with FlexAttention, at the headline shape, in one process.
 
 T = 16384 (documents of bench_attention.HEADLINE_DOCS), Hq = 16, Hkv = 2, D = 128, bf16; masks "documents" and
-"mixed". Variants (MOCA_ATTENTION_FWD, read at call time; see masked_attention_triton.py):
+"mixed". Variants (backends impl="triton" and "triton:ws" / "triton:tma"; see moca_kernels/attention/launch.py):
 
 * base  the default: three loops (partial / full / partial key tiles), pointer loads (cp.async), 8 warps;
 * ws    one masked loop over every non-empty key tile, loads through tensor descriptors (TMA), warp-specialized
@@ -11,7 +11,7 @@ T = 16384 (documents of bench_attention.HEADLINE_DOCS), Hq = 16, Hkv = 2, D = 12
 Per variant: out and lse on both masks against float32 attention (reference.masked_attention on float32
 copies; max |ours - ref| / max |ref| for out, max |ours - ref| for lse), then forward time per mask (no grad,
 median of CUDA-event times), the config its tuner chose, and which kernel ran (a variant whose inputs cannot be
-described falls back to base). Then every candidate config of every variant (compiled by then): its out against
+described raises its reasons, reported as a failed row). Then every candidate config of every variant (compiled by then): its out against
 fp32 on both masks, its documents forward time. Last, FlexAttention's forward (torch.compile'd, block mask built
 once outside the timing). --with-bwd adds forward + backward on the documents mask (default backward).
 
@@ -52,20 +52,25 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=["base", "ws", "tma"])
     ap.add_argument("--no-flex", action="store_true")
-    ap.add_argument("--tune", default="", help="MOCA_ATTENTION_TUNE (default: every candidate of each variant)")
+    ap.add_argument("--tune", default="", help="config candidates timed per kernel (tuning setting attention_tune, "
+                    "as MOCA_ATTENTION_TUNE; default: every candidate of each variant)")
     ap.add_argument("--rep", type=int, default=30)
     ap.add_argument("--no-configs", action="store_true", help="skip the per-config table")
     ap.add_argument("--with-bwd", action="store_true", help="also forward + backward on the documents mask")
     args = ap.parse_args(argv)
+    from moca_kernels import tuning
 
+    with tuning.override(**(dict(attention_tune=int(args.tune)) if args.tune else {})):
+        return _main(args)
+
+
+def _main(args) -> int:
     import moca_kernels as mk
-    from moca_kernels import reference
-    from moca_kernels.attention import masked_attention_triton as kernels
+    from moca_kernels import reference, tuning
+    from moca_kernels.attention import tiles
 
     t_start = time.perf_counter()
     cuda = torch.cuda.is_available()
-    if args.tune:
-        os.environ["MOCA_ATTENTION_TUNE"] = str(args.tune)
     if cuda:
         dev, dt, docs, Hq, Hkv, D = "cuda", torch.bfloat16, HEADLINE_DOCS, 16, 2, 128
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
@@ -83,38 +88,39 @@ def main(argv=None) -> int:
     refs = {kind: reference.masked_attention(q.float(), k.float(), v.float(), m, return_lse=True)
             for kind, m in masks.items()}
     device = torch.device(dev)
-    q_tile = kernels.plan(device, dt, D)[0]
+    q_tile = tiles.plan(device, dt, D)[0]
     group = Hq // Hkv
 
     def tuned_key(variant):
-        return ("fwd", D, dt, group, q_tile, device) if variant == "base" else \
-            ("fwd_" + variant, D, dt, group, q_tile, device)
+        return (tiles.OP, "fwd" if variant == "base" else "fwd_" + variant, D, dt, group, q_tile, device)
+
+    def impl(variant):
+        return "triton" if variant == "base" else "triton:" + variant
 
     warmup, rows = 3, []
     for variant in args.variants:
-        os.environ["MOCA_ATTENTION_FWD"] = variant
         t0 = time.perf_counter()
         try:
             errs = []
             with torch.no_grad():
                 for kind, m in masks.items():
-                    out, lse = mk.masked_attention(q, k, v, m, return_lse=True)
+                    out, lse = mk.masked_attention(q, k, v, m, return_lse=True, impl=impl(variant))
                     errs.append((rel_err(out, refs[kind][0]), (lse - refs[kind][1]).abs().max().item()))
-                ran = "base kernel (fallback)" if variant != "base" and tuned_key(variant) not in kernels._TUNED \
-                    else ("_fwd_kernel" if variant == "base" else "_fwd_ws_kernel")
-                times = {kind: median_ms(lambda m=m: mk.masked_attention(q, k, v, m), warmup, args.rep)
+                ran = "_fwd_kernel" if variant == "base" else "_fwd_ws_kernel"
+                times = {kind: median_ms(lambda m=m: mk.masked_attention(q, k, v, m, impl=impl(variant)), warmup,
+                                         args.rep)
                          for kind, m in masks.items()}
             if args.with_bwd:
                 leaves = [t.detach().requires_grad_() for t in (q, k, v)]
 
                 def fwd_bwd():
-                    out = mk.masked_attention(*leaves, masks["documents"])
+                    out = mk.masked_attention(*leaves, masks["documents"], impl=impl(variant))
                     torch.autograd.grad(out, leaves, do)
                 times["docs f+b"] = median_ms(fwd_bwd, warmup, max(5, args.rep // 2))
         except Exception as exc:  # a variant that fails to compile or run: report it, go on
             print(f"{variant}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
             continue
-        rows.append((variant, times, errs, kernels._TUNED.get(tuned_key(variant)), ran, time.perf_counter() - t0))
+        rows.append((variant, times, errs, tuning.CACHE.get(tuned_key(variant)), ran, time.perf_counter() - t0))
         print(f"  {variant} done ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     if not args.no_flex:
@@ -145,26 +151,26 @@ def main(argv=None) -> int:
         print("\nevery candidate: documents forward ms, out rel err vs fp32 (documents / mixed); config: base "
               "(walk, warps, stages), ws / tma (rows per program, walk, warps, stages)")
         for variant in [r[0] for r in rows if r[0] != "FlexAttention"]:
-            os.environ["MOCA_ATTENTION_FWD"] = variant
             key = tuned_key(variant)
-            if key not in kernels._TUNED:
+            if key not in tuning.CACHE:
                 continue
-            chosen = kernels._TUNED[key]
-            cands = (kernels._candidates("fwd", dt, kernels.block_d(D), device) if variant == "base" else
-                     kernels._fwd_desc_candidates(variant, dt, kernels.block_d(D), device, q_tile))
+            chosen = tuning.CACHE[key]
+            cands = (tiles.candidates("fwd", dt, tiles.block_d(D), device) if variant == "base" else
+                     tiles.fwd_desc_candidates(variant, dt, tiles.block_d(D), device, q_tile))
             for cfg in cands:
-                kernels._TUNED[key] = cfg
+                tuning.CACHE[key] = cfg   # the tuner's cache decides the config: pin each candidate in turn
                 try:
                     with torch.no_grad():
-                        err = {kind: rel_err(mk.masked_attention(q, k, v, m), refs[kind][0])
+                        err = {kind: rel_err(mk.masked_attention(q, k, v, m, impl=impl(variant)), refs[kind][0])
                                for kind, m in masks.items()}
-                        ms = median_ms(lambda: mk.masked_attention(q, k, v, masks["documents"]), warmup, args.rep)
+                        ms = median_ms(lambda: mk.masked_attention(q, k, v, masks["documents"], impl=impl(variant)),
+                                       warmup, args.rep)
                     print(f"  {variant:<5} {str(cfg):<18} {ms:8.3f}   out rel err {err['documents']:.1e} / "
                           f"{err['mixed']:.1e}{'   (chosen)' if cfg == chosen else ''}")
                 except Exception as exc:
                     print(f"  {variant:<5} {str(cfg):<18} failed: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:120]}")
-            kernels._TUNED[key] = chosen
+            tuning.CACHE[key] = chosen
     print(f"\nsweep_attention_fwd total {time.perf_counter() - t_start:.0f} s")
     return 0
 

@@ -11,7 +11,7 @@
 // Rows of up to ITERS * 32 * VEC elements stay in registers (one read of each input); longer rows use a
 // looped kernel that re-reads the target for the normalisation statistics.
 //
-// Variants of the register path (argument `variant` of masked_patch_loss_fwd; Python: MOCA_MPL_KERNEL):
+// Variants of the register path (argument `variant` of masked_patch_loss_fwd; Python: impl="cuda:v2" ...):
 //   1 (v1)  mpl_fwd_regs: one warp per row, one row per warp, then exit; ITERS rounded up to 1/2/4/6/8.
 //   2 (v2)  mpl_fwd_persistent: a grid of at most (SMs x resident blocks) blocks whose warps walk rows
 //           w, w + total_warps, ...; exact ITERS; packs stay 16-byte raw words until each value is used;

@@ -6,8 +6,17 @@ means it can). Dispatch takes the first backend with no reasons. A backend can b
 ``impl=`` argument or the ``MOCA_KERNELS_IMPL`` environment variable; a forced backend that cannot take the
 inputs raises :class:`BackendUnavailable` listing its reasons, never a silent fallback.
 
-``MOCA_KERNELS_IMPL`` holds either one backend name for every op (``triton``) or a comma-separated list of
-``op=backend`` pairs (``masked_patch_loss=cuda,info_nce=torch``); ops not named choose automatically.
+Kernel variants. A backend may come in variants (other kernels for the same job, prepared but not yet the
+measured default): each variant is a backend of its own, with its own reasons, spelled ``backend:variant``.
+An op whose backend has several kernels (masked_attention: a forward and a backward kernel) names a variant
+per kernel ("part"), joined by ``+``: ``triton:ws+fused`` is the forward ``ws`` with the backward ``fused``.
+A bare variant name applies to every part that has a variant of that name (masked_token_loss ``triton:v3``:
+both its kernels); ``part.name`` names one part (``triton:fwd.v3+grad.v2``); parts not named keep their
+default. ``triton`` alone is every part's default, the only one that automatic dispatch takes.
+
+``MOCA_KERNELS_IMPL`` holds either one backend name for every op (``triton``, no variant) or a comma-separated
+list of ``op=backend[:variant]`` pairs (``masked_patch_loss=cuda:v2p,masked_attention=triton:ws+fused``); ops
+not named choose automatically.
 
 Triton runs on CPU tensors only under ``TRITON_INTERPRET=1`` (the test suite sets it), never silently, and
 never on bfloat16 CPU tensors (``interpreted_bf16_reasons``: one rule for every op).
@@ -15,14 +24,26 @@ never on bfloat16 CPU tensors (``interpreted_bf16_reasons``: one rule for every 
 
 from __future__ import annotations
 
+import itertools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
+from . import tuning
+
 BACKENDS = ("cuda", "triton", "torch")
 ENV_VAR = "MOCA_KERNELS_IMPL"
+
+# Kernel-variant variables of earlier versions: set, they raise (a silently ignored choice would mislead a
+# benchmark). What to write instead:
+REMOVED_ENV_VARS = {
+    "MOCA_MPL_KERNEL": "MOCA_KERNELS_IMPL=masked_patch_loss=cuda:v2p (or triton:v2)",
+    "MOCA_MTL_KERNEL": "MOCA_KERNELS_IMPL=masked_token_loss=triton:v3 (per kernel: triton:fwd.v3+grad.v2)",
+    "MOCA_ATTENTION_FWD": "MOCA_KERNELS_IMPL=masked_attention=triton:ws",
+    "MOCA_ATTENTION_BWD": "MOCA_KERNELS_IMPL=masked_attention=triton:fused (with a forward variant: triton:ws+fused)",
+}
 
 
 class BackendUnavailable(RuntimeError):
@@ -36,38 +57,143 @@ class Backend:
     """reasons(**inputs) -> why this backend cannot take the inputs ([] = it can)."""
     run: Callable
     """run(**inputs) -> the op's result."""
+    variant: Mapping[str, str] = field(default_factory=dict)
+    """part -> kernel variant this backend runs (empty: no variants)."""
+    auto: bool = True
+    """Whether automatic dispatch may take it (False for variants other than the defaults)."""
+    spelling: str = ""
+    """The canonical ``backend[:variant]`` string (set by the Op)."""
+
+
+def variant_backends(name: str, parts: Mapping[str, Mapping[str, Optional[Callable[..., List[str]]]]],
+                     defaults: Mapping[str, str], reasons: Callable[..., List[str]],
+                     make_run: Callable[[Dict[str, str]], Callable]) -> List[Backend]:
+    """One backend per combination of the parts' variants.
+
+    Args:
+        name: the backend ("triton", "cuda").
+        parts: part -> {variant name: its own reasons(**inputs) or None}, the default first or not.
+        defaults: part -> the default variant (the measured one); that combination is the only automatic one.
+        reasons: reasons(**inputs) shared by every variant (the plain backend's).
+        make_run: variant dict -> run(**inputs).
+    """
+    out = []
+    names = list(parts)
+    for combo in itertools.product(*(list(parts[p]) for p in names)):
+        variant = dict(zip(names, combo))
+        own = [parts[p][v] for p, v in variant.items() if parts[p][v] is not None]
+
+        def why(_own=own, **inputs):
+            w = list(reasons(**inputs))
+            for fn in _own:
+                w += fn(**inputs)
+            return w
+
+        out.append(Backend(name, why, make_run(variant), variant=variant, auto=variant == dict(defaults)))
+    return out
 
 
 class Op:
-    """The backends of one public op, in order of preference."""
+    """The backends of one public op, in order of preference.
 
-    def __init__(self, name: str, backends: Sequence[Backend]):
+    ``global_env``: whether a single backend name in MOCA_KERNELS_IMPL (``triton``) applies to this op even
+    when it has no such backend (then raising); False for internal ops (mask metadata), which follow it only
+    when they have that backend."""
+
+    def __init__(self, name: str, backends: Sequence[Backend], global_env: bool = True):
         self.name = name
         self.backends = list(backends)
-        names = [b.name for b in self.backends]
-        assert all(n in BACKENDS for n in names) and len(set(names)) == len(names), names
+        self.global_env = global_env
+        self.parts: Dict[str, Dict[str, List[str]]] = {}   # backend -> part -> variant names
+        self.defaults: Dict[str, Dict[str, str]] = {}
+        for b in self.backends:
+            assert b.name in BACKENDS, b.name
+            for part, value in b.variant.items():
+                names = self.parts.setdefault(b.name, {}).setdefault(part, [])
+                if value not in names:
+                    names.append(value)
+            if b.auto and b.variant:
+                self.defaults[b.name] = dict(b.variant)
+        for b in self.backends:
+            b.spelling = self._spell(b)
+        spellings = [b.spelling for b in self.backends]
+        assert len(set(spellings)) == len(spellings), spellings
+
+    def _spell(self, b: Backend) -> str:
+        default = self.defaults.get(b.name, {})
+        changed = {p: v for p, v in b.variant.items() if v != default.get(p)}
+        tokens = []
+        for value in dict.fromkeys(changed.values()):
+            offering = {p for p, names in self.parts[b.name].items() if value in names}
+            chosen = {p for p, v in changed.items() if v == value}
+            tokens += [value] if chosen == offering else [f"{p}.{value}" for p in changed if changed[p] == value]
+        return b.name + (":" + "+".join(tokens) if tokens else "")
+
+    def spellings(self) -> List[str]:
+        """Every backend and variant this op has, as impl= takes them."""
+        return [b.spelling for b in self.backends]
 
     def not_supported_reasons(self, **inputs) -> Dict[str, List[str]]:
-        """For every backend, why it cannot take these inputs ([] = it can)."""
-        return {b.name: list(b.reasons(**inputs)) for b in self.backends}
+        """For every backend and variant, why it cannot take these inputs ([] = it can)."""
+        return {b.spelling: list(b.reasons(**inputs)) for b in self.backends}
+
+    def resolve(self, spec: str) -> Backend:
+        """The backend that ``spec`` (``backend[:variant]``, see the module docstring) names; ValueError for a
+        malformed spec or an unknown variant, BackendUnavailable when this op has no such backend."""
+        name, sep, rest = spec.strip().partition(":")
+        name = name.strip()
+        if name not in BACKENDS:
+            raise ValueError(f"{self.name}: impl must be one of {BACKENDS}, optionally with ':variant', or None; "
+                             f"got {spec!r}")
+        mine = [b for b in self.backends if b.name == name]
+        if not mine:
+            raise BackendUnavailable(f"{self.name}: no '{name}' backend (this op has: {', '.join(self.spellings())})")
+        parts = self.parts.get(name, {})
+        if not sep:
+            if not parts:
+                return mine[0]
+            want = dict(self.defaults[name])
+        else:
+            if not parts:
+                raise ValueError(f"{self.name}: backend '{name}' has no kernel variants, got {spec!r}")
+            want, named = dict(self.defaults[name]), {}
+            for token in rest.split("+"):
+                token = token.strip()
+                part, dot, value = token.rpartition(".")
+                targets = [part] if dot else [p for p, names in parts.items() if token in names]
+                value = value if dot else token
+                if dot and (part not in parts or value not in parts[part]):
+                    targets = []
+                if not targets:
+                    choices = "; ".join(f"{p}: {', '.join(n)}" for p, n in parts.items())
+                    raise ValueError(f"{self.name}: unknown kernel variant {token!r} in {spec!r} for backend "
+                                     f"'{name}' (variants per part: {choices})")
+                for p in targets:
+                    if named.get(p, value) != value:
+                        raise ValueError(f"{self.name}: {spec!r} names two variants for the {p} kernel")
+                    named[p] = want[p] = value
+        for b in mine:
+            if dict(b.variant) == want:
+                return b
+        raise BackendUnavailable(f"{self.name}: no backend {spec!r} (this op has: {', '.join(self.spellings())})")
 
     def select(self, impl: Optional[str] = None, **inputs) -> Backend:
-        forced = _forced_backend(self.name, impl)
+        forced = _forced_spec(self, impl)
         if forced is not None:
-            match = [b for b in self.backends if b.name == forced]
-            if not match:
-                have = ", ".join(b.name for b in self.backends)
-                raise BackendUnavailable(f"{self.name}: no '{forced}' backend (this op has: {have})")
-            why = match[0].reasons(**inputs)
+            backend = self.resolve(forced)
+            why = backend.reasons(**inputs)
             if why:
-                raise BackendUnavailable(f"{self.name}: backend '{forced}' cannot take these inputs: " + "; ".join(why))
-            return match[0]
+                raise BackendUnavailable(f"{self.name}: backend '{backend.spelling}' cannot take these inputs: "
+                                         + "; ".join(why))
+            return backend
         all_reasons = {}
         for b in self.backends:
+            if not b.auto:
+                continue
             why = b.reasons(**inputs)
             if not why:
                 return b
-            all_reasons[b.name] = why
+            all_reasons[b.spelling] = why
         detail = " | ".join(f"{n}: " + "; ".join(w) for n, w in all_reasons.items())
         raise BackendUnavailable(f"{self.name}: no backend can take these inputs ({detail})")
 
@@ -75,27 +201,35 @@ class Op:
         return self.select(impl, **inputs).run(**inputs)
 
 
-def _forced_backend(op_name: str, impl: Optional[str]) -> Optional[str]:
+def _forced_spec(op: Op, impl: Optional[str]) -> Optional[str]:
+    for var, instead in REMOVED_ENV_VARS.items():
+        if os.environ.get(var, "").strip():
+            raise ValueError(f"{var} was removed: kernel variants are backends now; use {instead} or impl=")
     if impl is not None:
-        if impl not in BACKENDS:
-            raise ValueError(f"{op_name}: impl must be one of {BACKENDS} or None, got {impl!r}")
+        if not isinstance(impl, str):
+            raise ValueError(f"{op.name}: impl must be a string such as 'triton' or 'triton:v2', or None; "
+                             f"got {impl!r}")
         return impl
     env = os.environ.get(ENV_VAR, "").strip()
     if not env or env == "auto":
         return None
     if "=" not in env:
         if env not in BACKENDS:
-            raise ValueError(f"{ENV_VAR}={env!r}: expected one of {BACKENDS}, 'auto', or 'op=backend,...'")
+            raise ValueError(f"{ENV_VAR}={env!r}: expected one of {BACKENDS}, 'auto', or 'op=backend[:variant],...' "
+                             "(a variant only per op)")
+        if not op.global_env and all(b.name != env for b in op.backends):
+            return None
         return env
     for item in env.split(","):
         if not item.strip():
             continue
-        op, _, name = item.partition("=")
-        name = name.strip()
-        if name not in BACKENDS:
-            raise ValueError(f"{ENV_VAR}: backend {name!r} for {op.strip()!r} is not one of {BACKENDS}")
-        if op.strip() == op_name:
-            return name
+        name, sep, spec = item.partition("=")
+        backend = spec.split(":")[0].strip()
+        if not sep or backend not in BACKENDS:
+            raise ValueError(f"{ENV_VAR}: cannot read {item.strip()!r}: expected op=backend[:variant] with a "
+                             f"backend in {BACKENDS}")
+        if name.strip() == op.name:
+            return spec.strip()
     return None
 
 
@@ -120,39 +254,7 @@ def triton_import_error() -> Optional[str]:
 
 
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def env_variant(var: str, part: str, choices: Sequence[str], defaults: Mapping[str, str], op: str) -> str:
-    """The kernel variant that environment variable ``var`` selects for ``part`` (a backend or one kernel of
-    ``op``), read at every call so benchmarks can switch variants in one process.
-
-    Unset or empty: ``defaults[part]``. One name applies to every part; per part, ``part=name,part=name`` (a
-    part not named keeps its default). Anything else raises ValueError naming ``var``."""
-    raw = os.environ.get(var, "").strip()
-    if not raw:
-        return defaults[part]
-    if "=" not in raw:
-        chosen = raw
-    else:
-        parts = {}
-        for item in raw.split(","):
-            key, sep, value = (x.strip() for x in item.partition("="))
-            if not sep or key not in defaults or value not in choices:
-                example = ",".join(f"{k}={choices[-1]}" for k in defaults)
-                raise ValueError(f"{op}: cannot read {var}={raw!r}: expected one of {list(choices)}, or per part "
-                                 f"({', '.join(defaults)}), e.g. {example!r}")
-            parts[key] = value
-        chosen = parts.get(part, defaults[part])
-    if chosen not in choices:
-        raise ValueError(f"{op}: unknown kernel variant {chosen!r} in {var}={raw!r}; expected one of {list(choices)}")
-    return chosen
-
-
-def autotune_enabled() -> bool:
-    """False under MOCA_KERNELS_AUTOTUNE=0: every kernel takes its first (default) config instead of timing its
-    few candidates on the first call per shape. The test suite sets it on GPUs to keep compile time down."""
-    return os.environ.get("MOCA_KERNELS_AUTOTUNE", "1").strip() != "0"
+    return tuning.interpret()
 
 
 def triton_reasons(*tensors: torch.Tensor) -> List[str]:

@@ -30,7 +30,10 @@ Layout of one tables tensor (int32, flat): ``q_table [nQ, 4] | q_order [nQ] | k_
 with rows ``(span_lo, full_lo, full_hi, span_hi)``. ``spans`` is int32 ``[2, T]`` (row 0 = lo, row 1 = hi).
 
 Two builders give identical results: CUDA C++ (``csrc/attention_meta.cu``, a few small launches, no host
-sync) and plain torch (CPU, or when the extension is not built).
+sync) and plain torch (CPU, or when the extension is not built). They are the backends of two internal ops
+(``attention_row_spans``, ``attention_tile_tables``) dispatched like every op (``moca_kernels.dispatch``):
+``impl=`` or ``MOCA_KERNELS_IMPL=attention_tile_tables=torch`` forces one; a single backend name in
+``MOCA_KERNELS_IMPL`` applies to them only when they have that backend (``torch``, ``cuda``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import _ext
+from ..dispatch import Backend, Op, cuda_ext_reasons
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -58,13 +62,8 @@ def row_spans(cu_seqlens: torch.Tensor, block_ids: Optional[torch.Tensor], total
         causal: see the module docstring.
         impl: "cuda", "torch" or None (cuda when the tensors are on a GPU and the extension is built).
     """
-    impl = impl or ("cuda" if cu_seqlens.is_cuda and _ext.available() else "torch")
-    blocks = block_ids if causal else None
-    if impl == "cuda":
-        return _row_spans_cuda(cu_seqlens, blocks, total_len, causal)
-    if impl != "torch":
-        raise ValueError(f"row_spans: impl must be 'cuda', 'torch' or None, got {impl!r}")
-    return _row_spans_torch(cu_seqlens, blocks, total_len, causal)
+    return _ROW_SPANS(impl, cu_seqlens=cu_seqlens, block_ids=block_ids if causal else None, total_len=total_len,
+                      causal=causal)
 
 
 def _document_index(cu_seqlens: torch.Tensor, total_len: int) -> torch.Tensor:
@@ -115,6 +114,12 @@ def _row_spans_cuda(cu_seqlens, block_ids, total_len, causal):
         spans.data_ptr(), scratch.data_ptr(), _ext.stream_handle(dev))
     _ext.check_launch("attention_row_spans", status)
     return spans
+
+
+_ROW_SPANS = Op("attention_row_spans", [
+    Backend("cuda", lambda cu_seqlens, block_ids, **_: cuda_ext_reasons(cu_seqlens, block_ids), _row_spans_cuda),
+    Backend("torch", lambda **_: [], _row_spans_torch),
+], global_env=False)
 
 
 def check_blocks(block_ids: torch.Tensor, seqlens) -> Optional[str]:
@@ -181,12 +186,7 @@ def tile_tables(spans: torch.Tensor, q_tile: int, k_tile: int, impl: Optional[st
     """
     if q_tile <= 0 or k_tile <= 0:
         raise ValueError(f"tile_tables: tile sizes must be positive, got {q_tile}, {k_tile}")
-    impl = impl or ("cuda" if spans.is_cuda and _ext.available() else "torch")
-    if impl == "cuda":
-        return _tile_tables_cuda(spans, q_tile, k_tile)
-    if impl != "torch":
-        raise ValueError(f"tile_tables: impl must be 'cuda', 'torch' or None, got {impl!r}")
-    return _tile_tables_torch(spans, q_tile, k_tile)
+    return _TILE_TABLES(impl, spans=spans, q_tile=q_tile, k_tile=k_tile)
 
 
 def _order_by_work(table: torch.Tensor) -> torch.Tensor:
@@ -227,6 +227,12 @@ def _tile_tables_cuda(spans, q_tile, k_tile):
                                                  _ext.stream_handle(spans.device))
     _ext.check_launch("attention_tile_tables", status)
     return out
+
+
+_TILE_TABLES = Op("attention_tile_tables", [
+    Backend("cuda", lambda spans, **_: cuda_ext_reasons(spans), _tile_tables_cuda),
+    Backend("torch", lambda **_: [], _tile_tables_torch),
+], global_env=False)
 
 
 # The tables as a custom op, so a compiled function that meets a fresh mask builds them in its graph (the

@@ -1,6 +1,13 @@
 """masked_attention: the public op. Backends: "triton" (FlashAttention-2-style kernels over the mask's per-tile
-tables, ``masked_attention_triton.py``) and "torch" (``reference.masked_attention``, a per-document loop; also
-the only one taking float64).
+tables: ``kernels_fwd.py``, ``kernels_bwd.py``, configurations in ``tiles.py``, launchers in ``launch.py``) and
+"torch" (``reference.masked_attention``, a per-document loop; also the only one taking float64).
+
+The triton backend comes in kernel variants, one per (forward, backward) pair, each a backend of the op
+(``moca_kernels.dispatch``): forward ("fwd") ``base`` | ``ws`` | ``tma``, backward ("bwd") ``base`` | ``even``
+| ``fused`` (``launch.py`` describes them). ``impl="triton"`` is base + base (the measured default, the only
+one automatic dispatch takes); ``impl="triton:ws"`` the ws forward with the base backward;
+``impl="triton:ws+fused"`` both; ``MOCA_KERNELS_IMPL=masked_attention=triton:fused`` the same from the
+environment. The backward variant is fixed when the forward runs (it travels with the autograd graph).
 
 The triton backend is a ``torch.library`` custom op with a fake implementation and registered autograd, so
 ``torch.compile`` keeps it in one graph. Its inputs are the mask's O(T) tensors (``spans`` [2, T] and the
@@ -17,7 +24,7 @@ import torch
 from .. import reference
 from .._checks import (KERNEL_DTYPES, check_bool, check_float, check_ndim, check_real, check_same_device,
                        check_same_dtype)
-from ..dispatch import Backend, Op, triton_reasons
+from ..dispatch import Backend, Op, triton_import_error, triton_reasons, variant_backends
 from .mask import AttentionMask, _xformers_kind, mask_of_xformers_bias
 
 _NAME = "masked_attention"
@@ -48,8 +55,9 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: At
         return_lse: bool; also return the log-sum-exp of the scaled scores, [Hq, T] float32 (float64 for float64
             inputs; differentiable).
         impl: "triton", "torch" or None (automatic: triton for float32/16-bit CUDA tensors, or float32/float16
-            CPU tensors under TRITON_INTERPRET=1, with D <= 128; torch otherwise). A forced backend that cannot
-            take the inputs raises BackendUnavailable with its reasons.
+            CPU tensors under TRITON_INTERPRET=1, with D <= 128; torch otherwise), or a triton kernel variant such
+            as "triton:ws", "triton:fused" or "triton:ws+fused" (module docstring). A forced backend or variant
+            that cannot take the inputs raises BackendUnavailable with its reasons.
         deterministic: bool; triton backward without atomics (dQ by its own kernel: bitwise reproducible, one more
             pass over the scores). Otherwise dQ is accumulated with float32 atomics in the dK/dV kernel, or
             computed as in the deterministic mode when that was faster on this GPU (timed once per shape family;
@@ -101,15 +109,16 @@ def _validate(q, k, v, mask, scale) -> Optional[float]:
 
 @torch.library.custom_op("moca_kernels::masked_attention_fwd", mutates_args=())
 def _fused_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor, tables: torch.Tensor,
-               scale: float, q_tile: int, k_tile: int, deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out [T, Hq, D], lse float32 [Hq, T]). k_tile and deterministic are kept for the backward."""
-    from . import masked_attention_triton as kernels
+               scale: float, q_tile: int, k_tile: int, deterministic: bool, fwd_variant: str, bwd_variant: str
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out [T, Hq, D], lse float32 [Hq, T]). k_tile, deterministic and bwd_variant are kept for the backward."""
+    from . import launch
 
-    return kernels.forward(q, k, v, spans, tables, scale, q_tile)
+    return launch.forward(q, k, v, spans, tables, scale, q_tile, fwd_variant)
 
 
 @_fused_fwd.register_fake
-def _(q, k, v, spans, tables, scale, q_tile, k_tile, deterministic):
+def _(q, k, v, spans, tables, scale, q_tile, k_tile, deterministic, fwd_variant, bwd_variant):
     T, Hq, D = q.shape
     return q.new_empty(T, Hq, D), q.new_empty(Hq, T, dtype=torch.float32)
 
@@ -117,24 +126,26 @@ def _(q, k, v, spans, tables, scale, q_tile, k_tile, deterministic):
 @torch.library.custom_op("moca_kernels::masked_attention_bwd", mutates_args=())
 def _fused_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                lse: torch.Tensor, grad_lse: Optional[torch.Tensor], spans: torch.Tensor, tables: torch.Tensor,
-               scale: float, q_tile: int, k_tile: int, deterministic: bool
+               scale: float, q_tile: int, k_tile: int, deterministic: bool, bwd_variant: str
                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from . import masked_attention_triton as kernels
+    from . import launch
 
-    return kernels.backward(grad_out, q, k, v, out, lse, grad_lse, spans, tables, scale, q_tile, k_tile, deterministic)
+    return launch.backward(grad_out, q, k, v, out, lse, grad_lse, spans, tables, scale, q_tile, k_tile, deterministic,
+                           bwd_variant)
 
 
 @_fused_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, grad_lse, spans, tables, scale, q_tile, k_tile, deterministic):
+def _(grad_out, q, k, v, out, lse, grad_lse, spans, tables, scale, q_tile, k_tile, deterministic, bwd_variant):
     # contiguous, as the kernels return them (empty_like would keep a permuted input's stride order)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, spans, tables, scale, q_tile, k_tile, deterministic = inputs
+    q, k, v, spans, tables, scale, q_tile, k_tile, deterministic, _, bwd_variant = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, spans, tables)
     ctx.scale, ctx.q_tile, ctx.k_tile, ctx.deterministic = scale, q_tile, k_tile, deterministic
+    ctx.bwd_variant = bwd_variant
     ctx.set_materialize_grads(False)
 
 
@@ -143,22 +154,25 @@ def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:   # only lse was used
         grad_out = torch.zeros_like(out)
     dq, dk, dv = _fused_bwd(grad_out, q, k, v, out, lse, grad_lse, spans, tables, ctx.scale, ctx.q_tile,
-                            ctx.k_tile, ctx.deterministic)
-    return dq, dk, dv, None, None, None, None, None, None
+                            ctx.k_tile, ctx.deterministic, ctx.bwd_variant)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("moca_kernels::masked_attention_fwd", _backward, setup_context=_setup_context)
 
 
-def _run_triton(q, k, v, mask, scale, return_lse, deterministic):
-    from . import masked_attention_triton as kernels
+def _run_triton(variant):
+    def run(q, k, v, mask, scale, return_lse, deterministic):
+        from . import tiles
 
-    D = q.shape[2]
-    q_tile, k_tile = kernels.plan(q.device, q.dtype, D)
-    tables = mask.tile_metadata(q_tile, k_tile)
-    scale = float(D ** -0.5 if scale is None else scale)
-    out, lse = _fused_fwd(q, k, v, mask.spans, tables, scale, q_tile, k_tile, deterministic)
-    return (out, lse) if return_lse else out
+        D = q.shape[2]
+        q_tile, k_tile = tiles.plan(q.device, q.dtype, D)
+        tables = mask.tile_metadata(q_tile, k_tile)
+        scale = float(D ** -0.5 if scale is None else scale)
+        out, lse = _fused_fwd(q, k, v, mask.spans, tables, scale, q_tile, k_tile, deterministic, variant["fwd"],
+                              variant["bwd"])
+        return (out, lse) if return_lse else out
+    return run
 
 
 def _run_torch(q, k, v, mask, scale, return_lse, deterministic):
@@ -177,7 +191,17 @@ def _triton_reasons(q, k, v, mask, scale, return_lse, deterministic):
     return why
 
 
+def _descriptor_reasons(q, k, v, mask, **_):
+    if triton_import_error():   # the backend's own reasons say so
+        return []
+    from . import launch
+
+    return launch.descriptor_reasons(q, k, v, mask.spans)
+
+
 _OP = Op(_NAME, [
-    Backend("triton", _triton_reasons, _run_triton),
+    *variant_backends("triton", {"fwd": {"base": None, "ws": _descriptor_reasons, "tma": _descriptor_reasons},
+                                 "bwd": {"base": None, "even": None, "fused": None}},
+                      {"fwd": "base", "bwd": "base"}, _triton_reasons, _run_triton),
     Backend("torch", lambda **_: [], _run_torch),
 ])

@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
-from ..dispatch import autotune_enabled, triton_interpret
+from ..tuning import autotune_enabled
+from ..tuning import interpret as triton_interpret
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

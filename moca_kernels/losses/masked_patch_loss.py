@@ -8,11 +8,13 @@ d loss / d pred = 2 (pred - t) / (n_counted * P) in the same pass; rows not coun
 without being read. Backward then only scales the saved gradient by grad_output, and skips even that when
 grad_output is 1 (a plain ``loss.backward()``), so forward + backward moves each byte once.
 
-Kernel variants (environment variable ``MOCA_MPL_KERNEL``, read at every call; see :func:`kernel_variant`):
-``v1`` (the default) is the original kernel of each backend; ``v2`` is persistent warps over rows with exact
-per-lane pack counts (cuda) or a head + tail row tile in persistent programs (triton); ``v2p`` adds a next-row
-prefetch to the cuda v2 (triton treats it as v2). The variants compute the same values; v1 stays the default
-until a GPU run shows which is fastest (bench/bench_masked_patch_loss.py --quick times them side by side).
+Kernel variants, each a backend of the op (``moca_kernels.dispatch``): ``v1`` (the default, what ``"cuda"`` and
+``"triton"`` run) is the original kernel of each backend; ``"cuda:v2"`` is persistent warps over rows with exact
+per-lane pack counts, ``"cuda:v2p"`` the same with a next-row prefetch; ``"triton:v2"`` a head + tail row tile
+in persistent programs (rows of at most ``masked_patch_loss_triton.MAX_SINGLE_TILE`` values). The variants
+compute the same values; v1 stays the default until a GPU run shows which is fastest
+(bench/bench_masked_patch_loss.py --quick times them side by side). The CUDA launchers are in
+``masked_patch_loss_cuda.py``, the Triton kernels in ``masked_patch_loss_triton.py``.
 """
 
 from __future__ import annotations
@@ -22,28 +24,15 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import _alloc, _ext, reference
+from .. import reference
 from .._checks import (KERNEL_DTYPES, check_bool, check_float, check_ndim, check_nonempty, check_real,
                        check_same_device, check_tensor)
-from ..dispatch import Backend, Op, cuda_ext_reasons, env_variant, triton_reasons
+from ..dispatch import Backend, Op, cuda_ext_reasons, triton_import_error, triton_reasons, variant_backends
 
 _NAME = "masked_patch_loss"
 
-# Kernel variants per backend (MOCA_MPL_KERNEL); cuda's values are the launcher's `variant` argument.
-VARIANTS = {"cuda": {"v1": 1, "v2": 2, "v2p": 3}, "triton": {"v1": "v1", "v2": "v2", "v2p": "v2"}}
-# What each backend runs when MOCA_MPL_KERNEL does not name a variant for it (flip after a GPU measurement).
-DEFAULT_VARIANT = {"cuda": "v1", "triton": "v1"}
-
-
-def kernel_variant(backend: str) -> str:
-    """The kernel variant ("v1", "v2" or "v2p") that ``MOCA_MPL_KERNEL`` selects for ``backend`` ("cuda" or
-    "triton"), read from the environment at each call.
-
-    ``MOCA_MPL_KERNEL`` unset or empty: ``DEFAULT_VARIANT[backend]`` ("v1" for both until measured). One name
-    ("v1", "v2", "v2p") applies to both backends; per backend, e.g. ``cuda=v2p,triton=v2`` (a backend not named
-    gets its default). Raises ValueError on anything else.
-    """
-    return env_variant("MOCA_MPL_KERNEL", backend, sorted(VARIANTS[backend]), DEFAULT_VARIANT, _NAME)
+# Kernel variants per backend; the first is the default (flip after a GPU measurement).
+VARIANTS = {"cuda": ("v1", "v2", "v2p"), "triton": ("v1", "v2")}
 
 
 def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,
@@ -63,8 +52,8 @@ def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[t
         eps: a finite real number >= 0 added to the variance under ``norm_pix`` (None, a bool, a string, inf or
             NaN raise). With eps > 0 a constant target row normalises to zeros; with eps = 0 it divides 0
             by 0 (NaN or inf).
-        impl: "cuda", "triton", "torch" or None (automatic; see moca_kernels.dispatch). The cuda and triton
-            kernel variant comes from the environment variable MOCA_MPL_KERNEL (see :func:`kernel_variant`).
+        impl: "cuda", "triton", "torch" or None (automatic; see moca_kernels.dispatch), or a kernel variant:
+            "cuda:v2", "cuda:v2p", "triton:v2" (module docstring).
 
     Returns:
         float32 scalar: the mean over counted rows and over P of the squared error (float64 on the torch
@@ -109,26 +98,22 @@ def _validate(pred, target, mask, norm_pix, eps) -> Tuple[bool, float]:
 
 @torch.library.custom_op("moca_kernels::masked_patch_loss_fused", mutates_args=())
 def _fused(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor], norm_pix: bool, eps: float,
-           backend: str, write_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+           backend: str, variant: str, write_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns (loss float32 [], grad [N, P] of pred's dtype, or an empty tensor without write_grad)."""
     pred = pred if pred.stride(-1) == 1 else pred.contiguous()
     target = target if target.stride(-1) == 1 else target.contiguous()
     mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else None
     count = mask.sum(dtype=torch.int32).reshape(1) if mask is not None else None
-    variant = kernel_variant(backend)
     if backend == "triton":
         from . import masked_patch_loss_triton as kernels
-
-        row_loss, grad = kernels.forward(pred, target, mask_u8, count, norm_pix, eps, write_grad,
-                                         variant=VARIANTS["triton"][variant])
     else:
-        row_loss, grad = _cuda_forward(pred, target, mask_u8, count, norm_pix, eps, write_grad,
-                                       variant=VARIANTS["cuda"][variant])
+        from . import masked_patch_loss_cuda as kernels
+    row_loss, grad = kernels.forward(pred, target, mask_u8, count, norm_pix, eps, write_grad, variant=variant)
     return row_loss.sum(), grad if grad is not None else pred.new_empty(0)
 
 
 @_fused.register_fake
-def _(pred, target, mask, norm_pix, eps, backend, write_grad):
+def _(pred, target, mask, norm_pix, eps, backend, variant, write_grad):
     return pred.new_empty((), dtype=torch.float32), pred.new_empty(pred.shape if write_grad else (0,))
 
 
@@ -139,15 +124,9 @@ def _scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, mask: Optional[to
     mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else None
     if backend == "triton":
         from . import masked_patch_loss_triton as kernels
-
-        kernels.scale_grad(grad, g, mask_u8)
     else:
-        N, P = grad.shape
-        mod = _ext.module()
-        status = mod.masked_patch_loss_scale_grad(
-            grad.data_ptr(), g.data_ptr(), mask_u8.data_ptr() if mask_u8 is not None else 0, N, P, grad.stride(0),
-            _ext.dtype_code(grad), _ext.stream_handle(grad.device))
-        _ext.check_launch("masked_patch_loss_scale_grad", status)
+        from . import masked_patch_loss_cuda as kernels
+    kernels.scale_grad(grad, g, mask_u8)
 
 
 @_scale_grad.register_fake
@@ -156,7 +135,7 @@ def _(grad, grad_output, mask, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, mask, _, _, backend, write_grad = inputs
+    _, _, mask, _, _, backend, _, write_grad = inputs
     ctx.backend = backend
     ctx.mark_non_differentiable(output[1])
     # Without this, autograd hands backward a zero-filled [N, P] "gradient" of the internal gradient output:
@@ -178,33 +157,22 @@ def _backward(ctx, grad_loss, _grad_of_grad):
     if grad.numel() == 0:
         raise RuntimeError(f"{_NAME}: backward through a forward that ran without grad enabled for pred")
     if grad_loss is None:  # the loss took no part in what is differentiated
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     _scale_grad(grad, grad_loss, mask, ctx.backend)
-    return grad, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("moca_kernels::masked_patch_loss_fused", _backward, setup_context=_setup_context)
 
 
-def _cuda_forward(pred, target, mask_u8, count, norm_pix, eps, write_grad, variant=1):
-    N, P = pred.shape
-    row_loss = _alloc.empty(N, dtype=torch.float32, device=pred.device)
-    grad = _alloc.empty_like(pred) if write_grad else None
-    status = _ext.module().masked_patch_loss_fwd(
-        pred.data_ptr(), target.data_ptr(), mask_u8.data_ptr() if mask_u8 is not None else 0,
-        count.data_ptr() if count is not None else 0, grad.data_ptr() if grad is not None else 0, row_loss.data_ptr(),
-        N, P, pred.stride(0), target.stride(0), grad.stride(0) if grad is not None else 0,
-        _ext.dtype_code(pred), eps, norm_pix, write_grad, _ext.stream_handle(pred.device), variant)
-    _ext.check_launch("masked_patch_loss_fwd", status)
-    return row_loss, grad
-
-
 def _run_fused(backend):
-    def run(pred, target, mask, norm_pix, eps):
-        write_grad = torch.is_grad_enabled() and pred.requires_grad
-        loss, _ = _fused(pred, target, mask, norm_pix, eps, backend, write_grad)
-        return loss
-    return run
+    def make(variant):
+        def run(pred, target, mask, norm_pix, eps):
+            write_grad = torch.is_grad_enabled() and pred.requires_grad
+            loss, _ = _fused(pred, target, mask, norm_pix, eps, backend, variant["fwd"], write_grad)
+            return loss
+        return run
+    return make
 
 
 def _kernel_reasons(pred, target):
@@ -228,8 +196,21 @@ def _triton_reasons(pred, target, mask, norm_pix, eps):
     return triton_reasons(pred, target, mask) + _kernel_reasons(pred, target)
 
 
+def _triton_v2_reasons(pred, **_):
+    if triton_import_error():   # the backend's own reasons say so
+        return []
+    from . import masked_patch_loss_triton as kernels
+
+    if not kernels.v2_fits(pred.shape[1]):
+        return [f"rows of P = {pred.shape[1]} values are longer than the v2 kernel's single tile "
+                f"({kernels.MAX_SINGLE_TILE}); v1 loops over column blocks"]
+    return []
+
+
 _OP = Op(_NAME, [
-    Backend("cuda", _cuda_reasons, _run_fused("cuda")),
-    Backend("triton", _triton_reasons, _run_fused("triton")),
+    *variant_backends("cuda", {"fwd": {v: None for v in VARIANTS["cuda"]}}, {"fwd": "v1"}, _cuda_reasons,
+                      _run_fused("cuda")),
+    *variant_backends("triton", {"fwd": {"v1": None, "v2": _triton_v2_reasons}}, {"fwd": "v1"}, _triton_reasons,
+                      _run_fused("triton")),
     Backend("torch", lambda **_: [], reference.masked_patch_loss),
 ])

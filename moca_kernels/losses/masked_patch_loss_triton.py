@@ -2,13 +2,13 @@
 
 Imported lazily (only when the triton backend runs), so moca_kernels works without triton installed.
 
-Two forward variants (``forward(..., variant=)``, chosen by MOCA_MPL_KERNEL in masked_patch_loss.py):
+Two forward variants (``forward(..., variant=)``: backends "triton" and "triton:v2" of masked_patch_loss.py):
 - "v1": ROWS rows per program, the row held as one tile of next_power_of_2(P) columns (P = 1176 -> 2048,
   43% of the tile masked off); rows longer than MAX_SINGLE_TILE loop over column blocks.
 - "v2": the row held as a head tile of the largest power of two <= P plus a tail tile of
   next_power_of_2(P - head) (1176 -> 1024 + 256 = 1280 lanes, 8% masked off), in a persistent grid of
   about SMs x k programs that loop over row blocks (or one program per row block, per candidate). Rows longer
-  than MAX_SINGLE_TILE take v1's looped path.
+  than MAX_SINGLE_TILE are v1's only (:func:`v2_fits`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _alloc
-from ..dispatch import autotune_enabled, triton_interpret
+from .. import _alloc, tuning
+from ..tuning import interpret as triton_interpret
 
 # Rows up to this many elements are held whole in registers (one read of pred and target).
 MAX_SINGLE_TILE = 8192
@@ -251,10 +251,6 @@ def _sm_count(device: torch.device) -> int:
     return _SMS[device.index]
 
 
-# Tuned choice per (P, dtypes, flags), found on the first call on a GPU by timing the candidates.
-_TUNED = {}
-
-
 def _launch_fwd(cfg, pred, target, mask, count, grad, row_loss, norm_pix, eps, write_grad):
     rows, block, single, warps = cfg
     N, P = pred.shape
@@ -283,41 +279,24 @@ def _launch_fwd_v2(cfg, pred, target, mask, count, grad, row_loss, norm_pix, eps
     )
 
 
-def _pick(key, candidates, launch):
-    """The fastest candidate for ``key`` (timed once with triton.testing.do_bench; the first one when
-    interpreted or when there is one). A candidate that fails to compile or run is skipped; if all fail, the
-    first one's error is raised."""
-    if key not in _TUNED:
-        if triton_interpret() or len(candidates) == 1 or not autotune_enabled():
-            _TUNED[key] = candidates[0]
-        else:
-            from triton.testing import do_bench
-
-            times, errors = [], []
-            for c in candidates:
-                try:
-                    times.append(do_bench(lambda c=c: launch(c), warmup=5, rep=20))
-                except Exception as exc:  # e.g. a pipelined candidate this triton cannot compile
-                    times.append(float("inf"))
-                    errors.append(exc)
-            if len(errors) == len(candidates):
-                raise errors[0]
-            _TUNED[key] = candidates[min(range(len(times)), key=times.__getitem__)]
-    return _TUNED[key]
+def v2_fits(P: int) -> bool:
+    """Whether the v2 kernel takes rows of P values (held whole in registers)."""
+    return triton.next_power_of_2(P) <= MAX_SINGLE_TILE
 
 
 def forward(pred: torch.Tensor, target: torch.Tensor, mask, count, norm_pix: bool, eps: float,
             write_grad: bool, variant: str = "v1"):
     """Returns (row_loss float32 [N], grad [N, P] or None). pred and target are made contiguous.
-    variant: "v1" or "v2" (see the module docstring); v2 on rows longer than MAX_SINGLE_TILE runs v1."""
+    variant: "v1" or "v2" (see the module docstring; v2 only where :func:`v2_fits`)."""
     if variant not in ("v1", "v2"):
         raise ValueError(f"masked_patch_loss triton: unknown kernel variant {variant!r}; expected 'v1' or 'v2'")
+    if variant == "v2" and not v2_fits(pred.shape[1]):
+        raise ValueError(f"masked_patch_loss triton: the v2 kernel takes rows of at most {MAX_SINGLE_TILE} values, "
+                         f"got P = {pred.shape[1]}")
     pred, target = pred.contiguous(), target.contiguous()
     N, P = pred.shape
     row_loss = _alloc.empty(N, dtype=torch.float32, device=pred.device)
     grad = _alloc.empty_like(pred) if write_grad else None
-    if variant == "v2" and triton.next_power_of_2(P) > MAX_SINGLE_TILE:
-        variant = "v1"
     if variant == "v2":
         candidates, launch_fn = _configs_v2(P), _launch_fwd_v2
         if triton_interpret():
@@ -328,9 +307,10 @@ def forward(pred: torch.Tensor, target: torch.Tensor, mask, count, norm_pix: boo
         if triton_interpret():
             rows, block, single, warps = candidates[0]
             candidates = [(min(rows, 4), block, single, warps)]  # the interpreter's cost grows with the tile
-    key = ("fwd", variant, P, pred.dtype, target.dtype, mask is not None, norm_pix, write_grad, pred.device.index)
+    key = ("masked_patch_loss", "fwd", variant, P, pred.dtype, target.dtype, mask is not None, norm_pix, write_grad,
+           pred.device.index)
     launch = lambda cfg: launch_fn(cfg, pred, target, mask, count, grad, row_loss, norm_pix, eps, write_grad)  # noqa: E731
-    launch(_pick(key, candidates, launch))
+    launch(tuning.pick(key, candidates, launch, warmup=5, rep=20))
     return row_loss, grad
 
 

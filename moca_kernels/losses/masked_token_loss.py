@@ -9,6 +9,12 @@ the backward recomputes the logit tiles from the saved log-sum-exp, one vocabula
 
 The fused op is a ``torch.library.custom_op`` (forward and backward each), so ``torch.compile`` traces
 through it; the reduction is plain torch on its per-row output.
+
+Kernel variants of the triton backend, each a backend of the op (``moca_kernels.dispatch``): parts "fwd" (the
+log-sum-exp forward) and "grad" (the backward's G kernel), each ``v1`` (default) | ``v2`` | ``v3``
+(``masked_token_loss_triton`` describes them): ``impl="triton:v3"`` runs v3 for both, ``"triton:fwd.v3+grad.v2"``
+one per kernel, ``"triton:grad.v3"`` the default forward with the v3 G kernel. The backward's variant is fixed
+when the forward runs.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch
 
 from .. import reference
 from .._checks import KERNEL_DTYPES, check_float, check_int, check_int_value, check_ndim, check_same_device
-from ..dispatch import Backend, Op, triton_reasons
+from ..dispatch import Backend, Op, triton_import_error, triton_reasons, variant_backends
 
 _NAME = "masked_token_loss"
 _REDUCTIONS = ("mean", "sum", "none")
@@ -47,7 +53,8 @@ def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
             or a float (1.5 would be truncated) raises TypeError.
         reduction: "mean" over counted rows, "sum", or "none" ([N], 0 at ignored rows).
         impl: "triton", "torch" or None (automatic: triton where it can run, i.e. CUDA tensors, or CPU tensors
-            under TRITON_INTERPRET=1; torch otherwise).
+            under TRITON_INTERPRET=1; torch otherwise), or a triton kernel variant such as "triton:v3" or
+            "triton:fwd.v3+grad.v2" (module docstring).
         shift: next-token prediction on unshifted labels (Cut Cross-Entropy's ``shift``): True or an int s >= 1
             makes hidden[..., t, :] predict labels[..., t + s] along the last label axis (the sequence), so
             the last s positions of each sequence predict nothing; False / 0 (default) predicts labels[..., t].
@@ -221,7 +228,7 @@ def _reduce(row_loss: torch.Tensor, labels: torch.Tensor, ignore_index: int, red
 
 @torch.library.custom_op("moca_kernels::masked_token_loss_fwd", mutates_args=())
 def _fused_fwd(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor],
-               ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+               ignore_index: int, fwd_variant: str, grad_variant: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns (loss per row float32 [N], 0 at ignored rows; lse per row float32 [N], 0 at ignored rows)."""
     from . import masked_token_loss_triton as kernels
 
@@ -237,7 +244,7 @@ def _fused_fwd(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     counted_labels = labels if every_row else labels.index_select(0, keep)
     _check_label_range(counted_labels, V, ignore_index)
     h = hidden if every_row else hidden.index_select(0, keep)
-    lse, target = kernels.lse_forward(h, weight, bias, counted_labels.to(torch.int32).contiguous())
+    lse, target = kernels.lse_forward(h, weight, bias, counted_labels.to(torch.int32).contiguous(), fwd_variant)
     if every_row:
         return lse - target, lse.contiguous()
     row_loss.index_copy_(0, keep, lse - target)
@@ -246,7 +253,7 @@ def _fused_fwd(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
 
 
 @_fused_fwd.register_fake
-def _(hidden, weight, labels, bias, ignore_index):
+def _(hidden, weight, labels, bias, ignore_index, fwd_variant, grad_variant):
     N = hidden.shape[0]
     return hidden.new_empty(N, dtype=torch.float32), hidden.new_empty(N, dtype=torch.float32)
 
@@ -254,7 +261,7 @@ def _(hidden, weight, labels, bias, ignore_index):
 @torch.library.custom_op("moca_kernels::masked_token_loss_bwd", mutates_args=())
 def _fused_bwd(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                bias: Optional[torch.Tensor], lse: torch.Tensor, ignore_index: int, need_hidden: bool,
-               need_weight: bool, need_bias: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               need_weight: bool, need_bias: bool, grad_variant: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (d hidden [N, H], d weight [V, H], d bias [V]); an empty tensor for each one not asked for."""
     from . import masked_token_loss_triton as kernels
 
@@ -275,7 +282,8 @@ def _fused_bwd(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tens
 
     dh_c, dw, db = kernels.backward(
         counted(grad_rows).to(torch.float32).contiguous(), counted(hidden), weight, bias,
-        counted(labels).to(torch.int32).contiguous(), counted(lse).contiguous(), need_hidden, need_weight, need_bias)
+        counted(labels).to(torch.int32).contiguous(), counted(lse).contiguous(), need_hidden, need_weight, need_bias,
+        grad_variant)
     if not need_hidden:
         dh = hidden.new_empty(0)
     elif every_row:
@@ -289,7 +297,7 @@ def _fused_bwd(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tens
 
 
 @_fused_bwd.register_fake
-def _(grad_rows, hidden, weight, labels, bias, lse, ignore_index, need_hidden, need_weight, need_bias):
+def _(grad_rows, hidden, weight, labels, bias, lse, ignore_index, need_hidden, need_weight, need_bias, grad_variant):
     dh = hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0)
     dw = weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)
     db = bias.new_empty(bias.shape) if (need_bias and bias is not None) else hidden.new_empty(0)
@@ -297,8 +305,8 @@ def _(grad_rows, hidden, weight, labels, bias, lse, ignore_index, need_hidden, n
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, labels, bias, ignore_index = inputs
-    ctx.ignore_index = ignore_index
+    hidden, weight, labels, bias, ignore_index, _, grad_variant = inputs
+    ctx.ignore_index, ctx.grad_variant = ignore_index, grad_variant
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(hidden, weight, labels, bias, output[1])
 
@@ -307,17 +315,20 @@ def _backward(ctx, grad_rows, _grad_lse):
     hidden, weight, labels, bias, lse = ctx.saved_tensors
     need_hidden, need_weight, _, need_bias = ctx.needs_input_grad[:4]
     dh, dw, db = _fused_bwd(grad_rows, hidden, weight, labels, bias, lse, ctx.ignore_index,
-                            bool(need_hidden), bool(need_weight), bool(need_bias and bias is not None))
+                            bool(need_hidden), bool(need_weight), bool(need_bias and bias is not None),
+                            ctx.grad_variant)
     return (dh if need_hidden else None, dw if need_weight else None, None,
-            db if (need_bias and bias is not None) else None, None)
+            db if (need_bias and bias is not None) else None, None, None, None)
 
 
 torch.library.register_autograd("moca_kernels::masked_token_loss_fwd", _backward, setup_context=_setup_context)
 
 
-def _run_triton(hidden, weight, labels, bias, ignore_index, reduction):
-    row_loss, _ = _fused_fwd(hidden, weight, labels, bias, ignore_index)
-    return _reduce(row_loss, labels, ignore_index, reduction)
+def _run_triton(variant):
+    def run(hidden, weight, labels, bias, ignore_index, reduction):
+        row_loss, _ = _fused_fwd(hidden, weight, labels, bias, ignore_index, variant["fwd"], variant["grad"])
+        return _reduce(row_loss, labels, ignore_index, reduction)
+    return run
 
 
 def _triton_reasons(hidden, weight, labels, bias, ignore_index, reduction):
@@ -337,7 +348,17 @@ def _run_torch(hidden, weight, labels, bias, ignore_index, reduction):
                                        reduction=reduction)
 
 
+def _descriptor_reasons(hidden, weight, **_):
+    if triton_import_error():   # the backend's own reasons say so
+        return []
+    from . import masked_token_loss_triton as kernels
+
+    return kernels.descriptor_reasons(hidden, weight)
+
+
+_PARTS = {part: {"v1": None, "v2": _descriptor_reasons, "v3": _descriptor_reasons} for part in ("fwd", "grad")}
+
 _OP = Op(_NAME, [
-    Backend("triton", _triton_reasons, _run_triton),
+    *variant_backends("triton", _PARTS, {"fwd": "v1", "grad": "v1"}, _triton_reasons, _run_triton),
     Backend("torch", lambda **_: [], _run_torch),
 ])

@@ -87,18 +87,3 @@ def test_public_api_is_exactly_the_contract():
         ["AttentionMask", "masked_attention", "masked_patch_loss", "masked_token_loss", "info_nce", "GradCache"])
     for name in mk.__all__:
         assert getattr(mk, name) is not None
-
-
-def test_env_variant_reads_one_name_or_per_part_and_names_the_variable_when_wrong(monkeypatch):
-    defaults = {"fwd": "v1", "grad": "v1"}
-    read = lambda part: dispatch.env_variant("MOCA_TEST_KERNEL", part, ("v1", "v2", "v3"), defaults, "toy")  # noqa: E731
-    monkeypatch.delenv("MOCA_TEST_KERNEL", raising=False)
-    assert read("fwd") == "v1"
-    monkeypatch.setenv("MOCA_TEST_KERNEL", " v3 ")
-    assert read("fwd") == "v3" and read("grad") == "v3"
-    monkeypatch.setenv("MOCA_TEST_KERNEL", "grad=v2")
-    assert read("fwd") == "v1" and read("grad") == "v2"
-    for bad in ("v4", "fwd=v9", "bwd=v2", "fwd=", "fwd:v2"):
-        monkeypatch.setenv("MOCA_TEST_KERNEL", bad)
-        with pytest.raises(ValueError, match="toy: .*MOCA_TEST_KERNEL"):
-            read("fwd")

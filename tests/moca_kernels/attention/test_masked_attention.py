@@ -10,7 +10,8 @@ import torch
 import moca_kernels as mk
 from moca_kernels import _alloc, reference
 from moca_kernels.attention import metadata, pack, unpack
-from moca_kernels.attention import masked_attention_triton as kernels
+from moca_kernels import tuning
+from moca_kernels.attention import tiles
 from moca_kernels.attention.op import _OP
 from moca_kernels.dispatch import BackendUnavailable
 from tests.helpers import assert_close_like_torch, rand
@@ -44,14 +45,21 @@ def run_three_ways(mask, q, k, v, scale, deterministic, lse_grad, impl="triton")
     return ours, ref, low
 
 
-def check_against_float64(kind, Hq, Hkv, D, dtype, T, seed, deterministic, device, scale=None, lse_grad=False):
+def use_tiles(q_tile, k_tile, fwd_n, dkdv_m, dq_n, split=1):
+    """Owner tiles, walked tiles and GQA split forced (interpreter tests)."""
+    return tuning.override(attention_test_tiles=dict(q_tile=q_tile, k_tile=k_tile, fwd_n=fwd_n, dkdv_m=dkdv_m,
+                                                     dq_n=dq_n, split=split))
+
+
+def check_against_float64(kind, Hq, Hkv, D, dtype, T, seed, deterministic, device, scale=None, lse_grad=False,
+                          impl="triton"):
     rng = random.Random(seed)
     mask = random_mask(rng, T, kind, device=device)
     torch.manual_seed(seed)
     q = rand(T, Hq, D, dtype=dtype, device=device)
     k = rand(T, Hkv, D, dtype=dtype, device=device)
     v = rand(T, Hkv, D, dtype=dtype, device=device)
-    ours, ref, low = run_three_ways(mask, q, k, v, scale, deterministic, lse_grad)
+    ours, ref, low = run_three_ways(mask, q, k, v, scale, deterministic, lse_grad, impl=impl)
     assert ours[0].dtype == dtype and ours[1].dtype == torch.float32 and ours[1].shape == (Hq, T)
     for name, a, r, b in zip(("out", "lse", "dq", "dk", "dv"), ours, ref, low):
         assert a.dtype == (torch.float32 if name == "lse" else dtype), name
@@ -97,7 +105,7 @@ def test_walked_tiles_and_group_split_variants(tiles, device):
     (7 heads over 3 programs: 3 + 3 + 1)."""
     if device.type == "cuda":
         pytest.skip("tile overrides are an interpreter check")
-    with kernels.use_tiles(**tiles):
+    with use_tiles(**tiles):
         check_against_float64("mixed", 4, 2, 64, torch.float32, 71, seed=5, deterministic=False, device=device)
         check_against_float64("causal", 7, 1, 64, torch.float32, 40, seed=6, deterministic=True, device=device)
 
@@ -177,8 +185,8 @@ def test_every_output_element_is_written(deterministic, split, device):
     mask = random_mask(rng, 35, "mixed", device=device)
     T = mask.total_len
     q, k, v = (rand(T, h, 64, device=device).requires_grad_() for h in (4, 2, 2))
-    tiles = kernels.use_tiles(*kernels.plan(device, torch.float32, 64), 16, 16, 16, split=split)
-    with _alloc.poisoned(), tiles:
+    forced = use_tiles(*tiles.plan(device, torch.float32, 64), 16, 16, 16, split=split)
+    with _alloc.poisoned(), forced:
         out, lse = mk.masked_attention(q, k, v, mask, return_lse=True, impl="triton", deterministic=deterministic)
         (out.sum() + lse.sum()).backward()
     for name, t in (("out", out), ("lse", lse), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
@@ -264,18 +272,20 @@ def test_custom_ops_pass_opcheck(device):
     """Schema, fake implementations (shapes, strides, dtypes) against the real kernels, autograd registration
     and AOT dispatch of the three custom ops."""
     mask = mk.AttentionMask.from_seqlens([10, 7], causal=True, device=device)
-    q_tile, k_tile = kernels.plan(device, torch.float32, 64)
+    q_tile, k_tile = tiles.plan(device, torch.float32, 64)
     q = rand(17, 4, 64, device=device).requires_grad_()
     k, v = (rand(17, 2, 64, device=device).requires_grad_() for _ in range(2))
     tables = mask.tile_metadata(q_tile, k_tile)
     ops = torch.ops.moca_kernels
     torch.library.opcheck(ops.attention_tile_tables.default, (mask.spans, q_tile, k_tile))
-    torch.library.opcheck(ops.masked_attention_fwd.default, (q, k, v, mask.spans, tables, 0.125, q_tile, k_tile, False))
+    for fwd_variant, bwd_variant in (("base", "base"), ("ws", "fused")):
+        torch.library.opcheck(ops.masked_attention_fwd.default, (q, k, v, mask.spans, tables, 0.125, q_tile, k_tile,
+                                                                 False, fwd_variant, bwd_variant))
     out, lse = ops.masked_attention_fwd(q.detach(), k.detach(), v.detach(), mask.spans, tables, 0.125, q_tile, k_tile,
-                                        False)
-    for d_lse, deterministic in ((None, True), (torch.randn_like(lse), False)):
+                                        False, "base", "base")
+    for d_lse, deterministic, bwd_variant in ((None, True, "base"), (torch.randn_like(lse), False, "even")):
         torch.library.opcheck(ops.masked_attention_bwd.default, (torch.randn_like(out), q.detach(), k.detach(), v.detach(),
-                              out, lse, d_lse, mask.spans, tables, 0.125, q_tile, k_tile, deterministic))
+                              out, lse, d_lse, mask.spans, tables, 0.125, q_tile, k_tile, deterministic, bwd_variant))
 
 
 def test_compiled_function_does_not_recompile_when_documents_change(device):
@@ -351,7 +361,8 @@ def test_compiled_layers_share_one_table_build(device):
 @pytest.fixture
 def one_config(monkeypatch):
     """One config per kernel on GPU tests (the benchmark tunes): a handful of compiles instead of dozens."""
-    monkeypatch.setenv("MOCA_ATTENTION_TUNE", "0")
+    with tuning.override(attention_tune=0):
+        yield
 
 
 # Few distinct kernel variants (each costs a compile): bf16 at D = 128 in both backward modes and at D = 80

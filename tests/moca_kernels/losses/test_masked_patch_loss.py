@@ -179,7 +179,7 @@ def test_works_under_torch_compile(device):
     torch.testing.assert_close(p.grad, p2.grad, rtol=1e-4, atol=1e-7)
 
 
-# --- kernel variants (MOCA_MPL_KERNEL) -------------------------------------------------------------------
+# --- kernel variants (backends "cuda:v2", "cuda:v2p", "triton:v2") -------------------------------------------
 # The interpreted v2 runs at most 2 programs, so N above 2 * ROWS (ROWS <= 4 when interpreted) makes each
 # program loop over several row blocks.
 
@@ -189,19 +189,17 @@ def test_works_under_torch_compile(device):
 @pytest.mark.parametrize("P", [2, 3, 37, 64, 147, 1176])
 @pytest.mark.parametrize("mask_kind", ["none", "random"])
 @pytest.mark.parametrize("norm_pix", [False, True])
-def test_triton_v2_matches_float64(dtype, P, mask_kind, norm_pix, device, monkeypatch):
-    monkeypatch.setenv("MOCA_MPL_KERNEL", "v2")
-    check_against_float64("triton", 23, P, dtype, device, mask_kind, norm_pix)
+def test_triton_v2_matches_float64(dtype, P, mask_kind, norm_pix, device):
+    check_against_float64("triton:v2", 23, P, dtype, device, mask_kind, norm_pix)
 
 
 @pytest.mark.parametrize("variant", ["v1", "v2"])
 @pytest.mark.parametrize("N", [1, 5, 21])
-def test_triton_variants_write_every_row_and_zero_the_uncounted(variant, N, device, monkeypatch):
-    monkeypatch.setenv("MOCA_MPL_KERNEL", variant)
+def test_triton_variants_write_every_row_and_zero_the_uncounted(variant, N, device):
     pred, target, mask = make_inputs(N, 37, torch.float32, device, "random")
     p = pred.clone().requires_grad_()
     with _alloc.poisoned():
-        loss = mk.masked_patch_loss(p, target, mask, norm_pix=True, impl="triton")
+        loss = mk.masked_patch_loss(p, target, mask, norm_pix=True, impl="triton:" + variant)
         loss.backward()
     assert torch.isfinite(p.grad).all()
     assert torch.equal(p.grad[~mask], torch.zeros_like(p.grad[~mask]))
@@ -210,13 +208,12 @@ def test_triton_variants_write_every_row_and_zero_the_uncounted(variant, N, devi
 
 
 @pytest.mark.parametrize("mask_kind", ["all_false", "all_true"])
-def test_triton_v2_with_no_row_or_every_row_counted(mask_kind, device, monkeypatch):
-    monkeypatch.setenv("MOCA_MPL_KERNEL", "v2")
+def test_triton_v2_with_no_row_or_every_row_counted(mask_kind, device):
     pred, target, _ = make_inputs(11, 37, torch.float32, device, "none")
     mask = torch.full((11,), mask_kind == "all_true", device=device)
     p = pred.clone().requires_grad_()
     with _alloc.poisoned():
-        loss = mk.masked_patch_loss(p, target, mask, norm_pix=True, impl="triton")
+        loss = mk.masked_patch_loss(p, target, mask, norm_pix=True, impl="triton:v2")
         loss.backward()
     p64 = pred.double().requires_grad_()
     ref = reference.masked_patch_loss(p64, target.double(), mask, norm_pix=True)
@@ -227,23 +224,21 @@ def test_triton_v2_with_no_row_or_every_row_counted(mask_kind, device, monkeypat
         assert loss.item() == 0.0 and torch.equal(p.grad, torch.zeros_like(p.grad))
 
 
-def test_triton_v2_constant_rows_with_norm_pix_give_no_nan(device, monkeypatch):
-    monkeypatch.setenv("MOCA_MPL_KERNEL", "v2")
+def test_triton_v2_constant_rows_with_norm_pix_give_no_nan(device):
     pred = rand(9, 37, device=device).requires_grad_()
     target = torch.full((9, 37), 0.7, device=device)
-    loss = mk.masked_patch_loss(pred, target, norm_pix=True, impl="triton")
+    loss = mk.masked_patch_loss(pred, target, norm_pix=True, impl="triton:v2")
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(pred.grad).all()
     torch.testing.assert_close(loss, pred.detach().pow(2).mean(), rtol=1e-5, atol=1e-6)
 
 
-def test_triton_v2_strided_rows_and_no_grad(device, monkeypatch):
-    monkeypatch.setenv("MOCA_MPL_KERNEL", "v2")
+def test_triton_v2_strided_rows_and_no_grad(device):
     big = rand(13, 64, device=device)
     pred, target = big[:, :37], rand(13, 37, device=device)  # row stride 64
     mask = torch.rand(13, device=device) < 0.5
     with torch.no_grad():
-        ours = mk.masked_patch_loss(pred, target, mask, norm_pix=True, impl="triton")
+        ours = mk.masked_patch_loss(pred, target, mask, norm_pix=True, impl="triton:v2")
     ref = reference.masked_patch_loss(pred.double(), target.double(), mask, norm_pix=True)
     torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-7)
 
@@ -261,31 +256,48 @@ def test_triton_v2_head_and_tail_tiles_cover_the_row():
         assert head + tail < 2 * P  # never wider than twice the row (v1's next_power_of_2 can be 2P - 2)
 
 
-def test_kernel_variant_reads_the_environment_at_each_call(monkeypatch):
-    from moca_kernels.losses.masked_patch_loss import kernel_variant
+def test_variants_are_backends_and_automatic_dispatch_takes_v1():
+    from moca_kernels.losses.masked_patch_loss import _OP
 
-    monkeypatch.delenv("MOCA_MPL_KERNEL", raising=False)
-    assert kernel_variant("cuda") == kernel_variant("triton") == "v1"
-    monkeypatch.setenv("MOCA_MPL_KERNEL", "v2p")
-    assert kernel_variant("cuda") == "v2p" and kernel_variant("triton") == "v2p"
-    monkeypatch.setenv("MOCA_MPL_KERNEL", " cuda=v2p , triton=v2 ")
-    assert kernel_variant("cuda") == "v2p" and kernel_variant("triton") == "v2"
-    monkeypatch.setenv("MOCA_MPL_KERNEL", "triton=v2")
-    assert kernel_variant("cuda") == "v1" and kernel_variant("triton") == "v2"
-    # a backend's default (DEFAULT_VARIANT, flipped once measured) applies where the variable names none
-    from moca_kernels.losses.masked_patch_loss import DEFAULT_VARIANT
-
-    monkeypatch.setitem(DEFAULT_VARIANT, "cuda", "v2")
-    assert kernel_variant("cuda") == "v2" and kernel_variant("triton") == "v2"
-    monkeypatch.delenv("MOCA_MPL_KERNEL")
-    assert kernel_variant("cuda") == "v2" and kernel_variant("triton") == "v1"
+    assert _OP.spellings() == ["cuda", "cuda:v2", "cuda:v2p", "triton", "triton:v2", "torch"]
+    assert [b.spelling for b in _OP.backends if b.auto] == ["cuda", "triton", "torch"]
+    assert _OP.resolve("cuda").variant == {"fwd": "v1"} and _OP.resolve("triton").variant == {"fwd": "v1"}
 
 
-@pytest.mark.parametrize("value", ["v3", "V2", "cuda=v9", "gpu=v2", "cuda="])
-def test_unknown_kernel_variant_raises(value, device, monkeypatch):
-    monkeypatch.setenv("MOCA_MPL_KERNEL", value)
-    with pytest.raises(ValueError, match="MOCA_MPL_KERNEL"):
-        mk.masked_patch_loss(rand(4, 8, device=device), rand(4, 8, device=device), impl="triton")
+def test_variant_from_the_environment(device, monkeypatch):
+    """MOCA_KERNELS_IMPL=masked_patch_loss=triton:v2 runs the v2 kernel (its tuning key appears)."""
+    from moca_kernels import tuning
+
+    monkeypatch.setenv("MOCA_KERNELS_IMPL", "masked_patch_loss=triton:v2")
+    tuning.CACHE.clear()
+    pred, target, mask = make_inputs(9, 37, torch.float32, device, "random")
+    loss = mk.masked_patch_loss(pred, target, mask, norm_pix=True)
+    ref = reference.masked_patch_loss(pred.double(), target.double(), mask, norm_pix=True)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-7)
+    assert [k[2] for k in tuning.cached("masked_patch_loss")] == ["v2"]
+
+
+def test_forced_triton_v2_on_rows_it_cannot_hold_raises_its_reason(device):
+    """Rows longer than v2's single tile: the v2 backend refuses (it ran v1 silently before)."""
+    from moca_kernels.losses import masked_patch_loss_triton as kernels
+
+    P = kernels.MAX_SINGLE_TILE + 7
+    with pytest.raises(BackendUnavailable, match=f"triton:v2.*P = {P}.*single tile"):
+        mk.masked_patch_loss(rand(2, P, device=device), rand(2, P, device=device), impl="triton:v2")
+
+
+@pytest.mark.parametrize("impl,match", [("triton:v3", "unknown kernel variant 'v3'"),
+                                        ("triton:v2p", "unknown kernel variant 'v2p'"),
+                                        ("torch:v2", "backend 'torch' has no kernel variants"), ("cuda:", "unknown kernel variant")])
+def test_unknown_kernel_variant_raises(impl, match, device):
+    with pytest.raises(ValueError, match="masked_patch_loss: " + match):
+        mk.masked_patch_loss(rand(4, 8, device=device), rand(4, 8, device=device), impl=impl)
+
+
+def test_removed_variant_variable_raises(device, monkeypatch):
+    monkeypatch.setenv("MOCA_MPL_KERNEL", "v2")
+    with pytest.raises(ValueError, match="MOCA_MPL_KERNEL was removed.*masked_patch_loss=cuda:v2p"):
+        mk.masked_patch_loss(rand(4, 8, device=device), rand(4, 8, device=device))
 
 
 @pytest.mark.skipif(not _ext.available(), reason="extension not built")
@@ -379,7 +391,7 @@ def test_gpu_every_gradient_element_is_written(impl):
     assert (p.grad[~mask] == 0).all()
 
 
-# Every (backend, MOCA_MPL_KERNEL) pair. The cuda kernels are compiled ahead, so they are checked widely; each
+# Every (backend, variant) pair. The cuda kernels are compiled ahead, so they are checked widely; each
 # triton shape compiles on first use, so triton is checked at a few shapes.
 CUDA_VARIANTS = ["v1", "v2", "v2p"]
 ALL_VARIANTS = [("cuda", v) for v in CUDA_VARIANTS] + [("triton", "v1"), ("triton", "v2")]
@@ -394,22 +406,20 @@ def _need_ext(impl):
 @pytest.mark.parametrize("variant", CUDA_VARIANTS)
 @pytest.mark.parametrize("dtype,P", [(torch.bfloat16, P) for P in (8, 264, 520, 1176, 1536, 1800, 2048, 2056, 37, 1183)]
                          + [(torch.float16, 1176), (torch.float16, 37), (torch.float32, 520), (torch.float32, 1176)])
-def test_gpu_cuda_variants_match_float64(variant, dtype, P, monkeypatch):
+def test_gpu_cuda_variants_match_float64(variant, dtype, P):
     """bf16 P = 8 .. 2048 take 1, 2, 3, 5, 6, 8 (7 rounded up), 8 packs per lane; 2056 has 9 (looped); 37 and
     1183 are not multiples of 8 (looped); fp32 520 / 1176 take 5 / 10 packs (registers / looped). N = 300 is not a
     multiple of 8 rows."""
     _need_ext("cuda")
-    monkeypatch.setenv("MOCA_MPL_KERNEL", variant)
-    check_against_float64("cuda", 300, P, dtype, "cuda", "random", True)
-    check_against_float64("cuda", 33, P, dtype, "cuda", "none", False, grad_scale=0.1)
+    check_against_float64("cuda:" + variant, 300, P, dtype, "cuda", "random", True)
+    check_against_float64("cuda:" + variant, 33, P, dtype, "cuda", "none", False, grad_scale=0.1)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["v1", "v2"])
 @pytest.mark.parametrize("dtype,P", [(torch.bfloat16, 1176), (torch.bfloat16, 37), (torch.float16, 1176)])
-def test_gpu_triton_variants_match_float64(variant, dtype, P, monkeypatch):
-    monkeypatch.setenv("MOCA_MPL_KERNEL", variant)
-    check_against_float64("triton", 300, P, dtype, "cuda", "random", True)
+def test_gpu_triton_variants_match_float64(variant, dtype, P):
+    check_against_float64("triton:" + variant, 300, P, dtype, "cuda", "random", True)
 
 
 @pytest.mark.gpu
@@ -437,9 +447,9 @@ def test_gpu_triton_v2_every_candidate_matches_float64():
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl,variant", ALL_VARIANTS)
 @pytest.mark.parametrize("row_stride", [1184, 1177])  # 16-byte aligned rows (register path) or not (looped)
-def test_gpu_variants_on_strided_rows(impl, variant, row_stride, monkeypatch):
+def test_gpu_variants_on_strided_rows(impl, variant, row_stride):
     _need_ext(impl)
-    monkeypatch.setenv("MOCA_MPL_KERNEL", variant)
+    impl = f"{impl}:{variant}"
     big = rand(301, row_stride, dtype=torch.bfloat16, device="cuda")
     pred = big[:, :1176]
     target = rand(301, 1176, dtype=torch.bfloat16, device="cuda", scale=2.0) + 0.5
@@ -460,12 +470,12 @@ def test_gpu_column_strided_inputs(impl):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl,variant", ALL_VARIANTS)
-def test_gpu_variants_loop_over_rows_many_times(impl, variant, monkeypatch):
+def test_gpu_variants_loop_over_rows_many_times(impl, variant):
     """More rows than (SMs x resident warps) of the persistent cuda grid (<= 32 warps per SM) and the
     persistent triton grid (<= 4 programs of <= 8 rows per SM): each warp / program takes several rows / blocks.
     Every gradient element is written (poisoned buffers), uncounted rows get zeros."""
     _need_ext(impl)
-    monkeypatch.setenv("MOCA_MPL_KERNEL", variant)
+    impl = f"{impl}:{variant}"
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     N = 4 * sms * 32 + 37
     pred, target, mask = make_inputs(N, 1176, torch.bfloat16, "cuda", "random")
@@ -479,9 +489,9 @@ def test_gpu_variants_loop_over_rows_many_times(impl, variant, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl,variant", ALL_VARIANTS)
-def test_gpu_variants_forward_without_grad_matches(impl, variant, monkeypatch):
+def test_gpu_variants_forward_without_grad_matches(impl, variant):
     _need_ext(impl)
-    monkeypatch.setenv("MOCA_MPL_KERNEL", variant)
+    impl = f"{impl}:{variant}"
     pred, target, mask = make_inputs(1001, 1176, torch.bfloat16, "cuda", "random")
     with torch.no_grad():
         ours = mk.masked_patch_loss(pred, target, mask, norm_pix=True, impl=impl)
@@ -492,9 +502,9 @@ def test_gpu_variants_forward_without_grad_matches(impl, variant, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl,variant", ALL_VARIANTS)
-def test_gpu_variants_with_no_row_or_every_row_counted(impl, variant, monkeypatch):
+def test_gpu_variants_with_no_row_or_every_row_counted(impl, variant):
     _need_ext(impl)
-    monkeypatch.setenv("MOCA_MPL_KERNEL", variant)
+    impl = f"{impl}:{variant}"
     pred, target, _ = make_inputs(777, 1176, torch.bfloat16, "cuda", "none")
     for counted in (False, True):
         mask = torch.full((777,), counted, device="cuda")
@@ -510,9 +520,9 @@ def test_gpu_variants_with_no_row_or_every_row_counted(impl, variant, monkeypatc
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl,variant", ALL_VARIANTS)
-def test_gpu_variants_constant_rows_with_norm_pix_give_no_nan(impl, variant, monkeypatch):
+def test_gpu_variants_constant_rows_with_norm_pix_give_no_nan(impl, variant):
     _need_ext(impl)
-    monkeypatch.setenv("MOCA_MPL_KERNEL", variant)
+    impl = f"{impl}:{variant}"
     pred = rand(40, 1176, dtype=torch.bfloat16, device="cuda").requires_grad_()
     target = torch.full((40, 1176), 0.7, dtype=torch.bfloat16, device="cuda")
     loss = mk.masked_patch_loss(pred, target, norm_pix=True, impl=impl)

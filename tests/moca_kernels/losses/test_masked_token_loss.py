@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import moca_kernels as mk
-from moca_kernels import _alloc, reference
+from moca_kernels import _alloc, reference, tuning
 from moca_kernels.dispatch import BackendUnavailable
 from tests.helpers import assert_close_like_torch, rand
 
@@ -22,17 +22,15 @@ IGNORE = -100
 def kernels():
     from moca_kernels.losses import masked_token_loss_triton as k
 
-    saved = (k.VOCAB_CHUNK, k.BWD_GEMM, k.AUTOTUNE)
-    k.AUTOTUNE = False  # one config per kernel: keeps the GPU run's compile time small
-    yield k
-    k.VOCAB_CHUNK, k.BWD_GEMM, k.AUTOTUNE = saved
+    with tuning.override(autotune=False):  # one config per kernel: keeps the GPU run's compile time small
+        yield k
 
 
 @pytest.fixture
 def small_chunks(kernels):
     """Backward in vocabulary chunks of 16 columns, so tiny V still takes several chunks."""
-    kernels.VOCAB_CHUNK = 16
-    return kernels
+    with tuning.override(mtl_vocab_chunk=16):
+        yield kernels
 
 
 def make_inputs(N, H, V, dtype, device, with_bias=False, ignored=0.4, logit_std=1.5):
@@ -327,8 +325,8 @@ def test_mixed_hidden_and_weight_dtypes_are_refused_by_triton_with_the_reason(de
                                                         ("triton", "mean", False), ("triton", "none", True)])
 def test_gpu_bf16_matches_float64(engine, reduction, with_bias, kernels):
     # H = 200 is not a multiple of 64; V = 5000 spans two 4096-column splits; chunks of 2048 columns
-    kernels.BWD_GEMM = engine
-    check_against_float64("triton", 300, 200, 5000, torch.bfloat16, "cuda", reduction, with_bias)
+    with tuning.override(mtl_bwd_gemm=engine):
+        check_against_float64("triton", 300, 200, 5000, torch.bfloat16, "cuda", reduction, with_bias)
 
 
 @pytest.mark.gpu

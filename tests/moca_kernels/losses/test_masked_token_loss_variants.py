@@ -1,9 +1,10 @@
-"""masked_token_loss kernel variants (MOCA_MTL_KERNEL = v2 / v3 / per kernel) against float64.
+"""masked_token_loss kernel variants (backends "triton:v2", "triton:v3", per kernel "triton:fwd.v3+grad.v2")
+against float64; a forced variant that cannot read its inputs raises its reasons.
 
 CPU runs interpret the descriptor kernels (float32 / float16 only); the sm_90 compile check runs every candidate
 through Triton's compiler and ptxas in a subprocess (no GPU needed); GPU tests (bf16, every candidate) are marked
 ``gpu``. Sizes are odd: N, H, V are not multiples of any tile, V spans several forward splits and, with
-VOCAB_CHUNK = 16, several backward chunks.
+chunks of 16 columns (tuning setting mtl_vocab_chunk), several backward chunks.
 """
 
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 import moca_kernels as mk
-from moca_kernels import _alloc, reference
+from moca_kernels import _alloc, reference, tuning
+from moca_kernels.dispatch import BackendUnavailable
 from tests.helpers import compile_for_sm90, rand
 from tests.moca_kernels.losses.test_masked_token_loss import IGNORE, _leaves, check_against_float64, make_inputs
 
@@ -19,17 +21,18 @@ DESC_VARIANTS = ["v2", "v3"]
 
 
 @pytest.fixture
-def kernels(monkeypatch):
+def kernels():
     from moca_kernels.losses import masked_token_loss_triton as k
 
-    saved = (k.VOCAB_CHUNK, k.BWD_GEMM, k.AUTOTUNE, k.FORCE_DESC_CONFIG)
-    k.AUTOTUNE = False
-    k.VOCAB_CHUNK = 16
     k.last_kernels.clear()
-    monkeypatch.delenv("MOCA_MTL_KERNEL", raising=False)
-    yield k
-    k.VOCAB_CHUNK, k.BWD_GEMM, k.AUTOTUNE, k.FORCE_DESC_CONFIG = saved
-    k.reset_tuning()
+    with tuning.override(autotune=False, mtl_vocab_chunk=16):
+        yield k
+    tuning.clear()
+
+
+def whole_chunks():
+    """The chunk width the G budget gives (no forced 16-column chunks)."""
+    return tuning.override(mtl_vocab_chunk=None)
 
 
 # --- interpreted (CPU) or compiled (GPU) against float64 --------------------------------------------------
@@ -38,41 +41,38 @@ def kernels(monkeypatch):
 @pytest.mark.parametrize("variant", DESC_VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("reduction,with_bias", [("mean", True), ("none", False), ("sum", True)])
-def test_variant_matches_float64_at_odd_sizes(variant, dtype, reduction, with_bias, kernels, monkeypatch, device):
-    monkeypatch.setenv("MOCA_MTL_KERNEL", variant)
+def test_variant_matches_float64_at_odd_sizes(variant, dtype, reduction, with_bias, kernels, device):
     # H = 24 is not a multiple of BLOCK_K (the copy zero-fills K past H), V = 37: two splits, three chunks
-    labels, dh = check_against_float64("triton", 13, 24, 37, dtype, device, reduction, with_bias)
+    labels, dh = check_against_float64("triton:" + variant, 13, 24, 37, dtype, device, reduction, with_bias)
     assert kernels.last_kernels == {"fwd": variant, "grad": variant}  # the descriptor kernels ran, not v1
     assert (labels == IGNORE).any()
     assert torch.equal(dh[labels == IGNORE], torch.zeros_like(dh[labels == IGNORE]))
 
 
-def test_persistent_grad_kernel_walks_several_tiles_per_program(kernels, monkeypatch, device):
+def test_persistent_grad_kernel_walks_several_tiles_per_program(kernels, device):
     # one chunk of 37 columns x 40 rows = 3 x 3 tiles of 16; v3 runs 3 programs (one per SM on a GPU), so
     # each program takes several tiles, including partial row and column tiles
-    kernels.VOCAB_CHUNK = None
-    monkeypatch.setenv("MOCA_MTL_KERNEL", "v3")
-    check_against_float64("triton", 40, 24, 37, torch.float32, device, "sum", with_bias=True)
+    with whole_chunks():
+        check_against_float64("triton:v3", 40, 24, 37, torch.float32, device, "sum", with_bias=True)
     assert kernels.last_kernels["grad"] == "v3"
 
 
 def test_per_kernel_choice_mixes_variants(kernels, monkeypatch, device):
-    monkeypatch.setenv("MOCA_MTL_KERNEL", "fwd=v3, grad=v2")
-    check_against_float64("triton", 11, 24, 37, torch.float32, device, "mean", with_bias=True)
+    check_against_float64("triton:fwd.v3+grad.v2", 11, 24, 37, torch.float32, device, "mean", with_bias=True)
     assert kernels.last_kernels == {"fwd": "v3", "grad": "v2"}
-    monkeypatch.setenv("MOCA_MTL_KERNEL", "grad=v3")  # the forward keeps its default
-    check_against_float64("triton", 11, 24, 37, torch.float32, device, "none")
+    monkeypatch.setenv("MOCA_KERNELS_IMPL", "masked_token_loss=triton:grad.v3")  # the forward keeps its default
+    check_against_float64(None, 11, 24, 37, torch.float32, device, "none")
     assert kernels.last_kernels == {"fwd": kernels.DEFAULT_VARIANT["fwd"], "grad": "v3"}
 
 
-def test_large_logits_do_not_overflow_in_the_variants(kernels, monkeypatch, device):
-    monkeypatch.setenv("MOCA_MTL_KERNEL", "v3")
-    check_against_float64("triton", 7, 24, 37, torch.float32, device, "mean", logit_std=60.0)
+def test_large_logits_do_not_overflow_in_the_variants(kernels, device):
+    check_against_float64("triton:v3", 7, 24, 37, torch.float32, device, "mean", logit_std=60.0)
 
 
 @pytest.mark.parametrize("case", ["transposed weight", "unaligned rows"])
-def test_inputs_the_copy_engine_cannot_read_run_v1(case, kernels, monkeypatch, device):
-    monkeypatch.setenv("MOCA_MTL_KERNEL", "v2")
+def test_inputs_the_copy_engine_cannot_read_refuse_the_variant_and_run_v1_by_default(case, kernels, device):
+    """A forced descriptor variant raises its reasons (it ran v1 silently before); the default backend runs
+    v1 on the same inputs, correctly."""
     N, H, V = 10, 24, 37
     if case == "transposed weight":  # weight as the transpose of an [H, V] tensor: stride V along H
         dtype = torch.float32
@@ -85,6 +85,11 @@ def test_inputs_the_copy_engine_cannot_read_run_v1(case, kernels, monkeypatch, d
     labels[::4] = IGNORE
     view = (lambda b: b.t()) if case == "transposed weight" else (lambda b: b)
     h, b = hidden.clone().requires_grad_(), base.clone().requires_grad_()
+    why = "stride 37 along H" if case == "transposed weight" else "not 16-byte aligned"
+    for impl in ("triton:v2", "triton:fwd.v3", "triton:grad.v2"):
+        with pytest.raises(BackendUnavailable, match=f"backend '{impl}' cannot take these inputs: .*{why}"):
+            mk.masked_token_loss(h, view(b), labels, reduction="sum", impl=impl)
+    assert kernels.last_kernels == {}
     loss = mk.masked_token_loss(h, view(b), labels, reduction="sum", impl="triton")
     loss.backward()
     assert kernels.last_kernels == {"fwd": "v1", "grad": "v1"}
@@ -98,12 +103,11 @@ def test_inputs_the_copy_engine_cannot_read_run_v1(case, kernels, monkeypatch, d
 
 
 @pytest.mark.parametrize("variant", DESC_VARIANTS)
-def test_variant_writes_every_output_element(variant, kernels, monkeypatch, device):
-    monkeypatch.setenv("MOCA_MTL_KERNEL", variant)
+def test_variant_writes_every_output_element(variant, kernels, device):
     hidden, weight, bias, labels = make_inputs(13, 24, 37, torch.float32, device, with_bias=True)
     h, w, b = _leaves(hidden, weight, bias)
     with _alloc.poisoned():
-        loss = mk.masked_token_loss(h, w, labels, bias=b, reduction="none", impl="triton")
+        loss = mk.masked_token_loss(h, w, labels, bias=b, reduction="none", impl="triton:" + variant)
         loss.sum().backward()
     assert kernels.last_kernels == {"fwd": variant, "grad": variant}
     assert torch.isfinite(loss).all() and (loss[labels == IGNORE] == 0).all()
@@ -111,19 +115,31 @@ def test_variant_writes_every_output_element(variant, kernels, monkeypatch, devi
         assert torch.isfinite(t.grad).all()
 
 
-@pytest.mark.parametrize("value,match", [("v9", "unknown kernel variant 'v9'"), ("fwd=v2,bwd=v3", "cannot read"),
-                                         ("fwd:v2", "unknown kernel variant"), ("grad=v7", "cannot read")])
-def test_unknown_kernel_variant_raises(value, match, kernels, monkeypatch, device):
-    monkeypatch.setenv("MOCA_MTL_KERNEL", value)
+@pytest.mark.parametrize("impl,match", [("triton:v9", "unknown kernel variant 'v9'"),
+                                        ("triton:fwd.v2+bwd.v3", "unknown kernel variant 'bwd.v3'"),
+                                        ("triton:fwd.v2+fwd.v3", "names two variants for the fwd kernel"),
+                                        ("triton:grad.v7", "unknown kernel variant 'grad.v7'"),
+                                        ("cuda:v2", "no 'cuda' backend")])
+def test_unknown_kernel_variant_raises(impl, match, kernels, device):
     hidden, weight, _, labels = make_inputs(6, 16, 21, torch.float32, device)
-    with pytest.raises(ValueError, match=match):
-        mk.masked_token_loss(hidden, weight, labels, impl="triton")
+    with pytest.raises((ValueError, BackendUnavailable), match="masked_token_loss: .*" + match):
+        mk.masked_token_loss(hidden, weight, labels, impl=impl)
 
 
-def test_unset_variant_is_the_default(kernels, device):
+def test_removed_variant_variable_raises(kernels, device, monkeypatch):
+    monkeypatch.setenv("MOCA_MTL_KERNEL", "v2")
+    hidden, weight, _, labels = make_inputs(6, 16, 21, torch.float32, device)
+    with pytest.raises(ValueError, match="MOCA_MTL_KERNEL was removed"):
+        mk.masked_token_loss(hidden, weight, labels)
+
+
+def test_automatic_dispatch_takes_the_default_variants(kernels, device):
+    from moca_kernels.losses.masked_token_loss import _OP
+
+    assert [b.spelling for b in _OP.backends if b.auto] == ["triton", "torch"]
     hidden, weight, _, labels = make_inputs(6, 16, 21, torch.float32, device)
     mk.masked_token_loss(hidden, weight, labels, impl="triton")
-    assert kernels.last_kernels["fwd"] == kernels.DEFAULT_VARIANT["fwd"]
+    assert kernels.last_kernels["fwd"] == kernels.DEFAULT_VARIANT["fwd"] == "v1"
 
 
 # --- sm_90 compile check (no GPU needed) --------------------------------------------------------------------
@@ -204,7 +220,7 @@ def test_descriptor_kernels_compile_for_sm90_without_spills():
     run with PYTHONPATH pointing at an unpacked triton 3.6 wheel (bench/NOTES.md)."""
     import triton
 
-    result = compile_for_sm90(["-c", SCRIPT], drop_env=("MOCA_MTL_KERNEL",))
+    result = compile_for_sm90(["-c", SCRIPT])
     names = " | ".join(result)
     for want in ("fwd v2 128x128x64 w8", "grad v2 128x256x64", "fwd v3 .*flat", "grad v3 .*flat"):
         assert __import__("re").search(want, names), f"{want!r} not compiled: {names}"
@@ -228,7 +244,7 @@ def _candidates(variant):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant,index", [(v, i) for v in DESC_VARIANTS for i in (0, 1, 2, 3, 4)])
-def test_gpu_every_candidate_bf16_matches_float64(variant, index, kernels, monkeypatch):
+def test_gpu_every_candidate_bf16_matches_float64(variant, index, kernels):
     """Each candidate alone (the autotuner may pick any of them on the GPU): bf16 within twice PyTorch's bf16
     error, H = 200 (not a multiple of 64: K past H zero-filled), V = 5000 (two splits), 3 chunks of 2048."""
     if index >= len(_candidates(variant)):
@@ -236,28 +252,24 @@ def test_gpu_every_candidate_bf16_matches_float64(variant, index, kernels, monke
     cfg = kernels._desc_configs(variant)[index]
     if cfg.kwargs["BLOCK_K"] != 64:
         pytest.skip("the float32 candidate (128-byte K slices in float32)")
-    kernels.VOCAB_CHUNK = 2048
-    kernels.FORCE_DESC_CONFIG = index
-    kernels.reset_tuning()
-    monkeypatch.setenv("MOCA_MTL_KERNEL", variant)
-    check_against_float64("triton", 300, 200, 5000, torch.bfloat16, "cuda", "mean", with_bias=True)
+    tuning.clear()
+    with tuning.override(mtl_vocab_chunk=2048, mtl_desc_config=index):
+        check_against_float64("triton:" + variant, 300, 200, 5000, torch.bfloat16, "cuda", "mean", with_bias=True)
     assert kernels.last_kernels == {"fwd": variant, "grad": variant}
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant,dtype", [("v2", torch.float16), ("v3", torch.float32)])
-def test_gpu_variant_fp16_and_fp32_match_float64(variant, dtype, kernels, monkeypatch):
+def test_gpu_variant_fp16_and_fp32_match_float64(variant, dtype, kernels):
     # float16: G pre-scaled, Triton backward GEMMs; float32: the 64 x 128 x 32 candidate (128-byte K slices)
-    kernels.VOCAB_CHUNK = None
-    monkeypatch.setenv("MOCA_MTL_KERNEL", variant)
-    check_against_float64("triton", 257, 192, 4099, dtype, "cuda", "sum", with_bias=True)
+    with whole_chunks():
+        check_against_float64("triton:" + variant, 257, 192, 4099, dtype, "cuda", "sum", with_bias=True)
     assert kernels.last_kernels == {"fwd": variant, "grad": variant}
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", DESC_VARIANTS)
-def test_gpu_variant_qwen_vocabulary_bf16(variant, kernels, monkeypatch):
-    kernels.VOCAB_CHUNK = None
-    monkeypatch.setenv("MOCA_MTL_KERNEL", variant)
-    check_against_float64("triton", 384, 2048, 151936, torch.bfloat16, "cuda", "mean", ignored=0.6)
+def test_gpu_variant_qwen_vocabulary_bf16(variant, kernels):
+    with whole_chunks():
+        check_against_float64("triton:" + variant, 384, 2048, 151936, torch.bfloat16, "cuda", "mean", ignored=0.6)
     assert kernels.last_kernels == {"fwd": variant, "grad": variant}
