@@ -39,6 +39,7 @@ from .batch import Sample
 from .images import load_image, preprocess_image
 from .loader import RecordSet
 from .processor import BadRecord, MocaProcessor
+from .published import EncodedImage
 from .sampler import TaskBatchSampler
 
 log = logging.getLogger("moca.data")
@@ -52,6 +53,11 @@ SIDE_KEYS = ("query", "positive")
 
 
 def _is_pil(x) -> bool:
+    """A PIL image, or an image kept encoded in memory (:class:`moca.data.published.EncodedImage`)."""
+    from .published import EncodedImage
+
+    if isinstance(x, EncodedImage):
+        return True
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - pillow is a dependency of the model extra
@@ -159,7 +165,13 @@ def build_sample(processor: MocaProcessor, side, where: str, root: Optional[Path
             ids += processor.encode_text(seg["text"], where)
             continue
         img = seg["image"]
-        if not _is_pil(img):
+        if isinstance(img, EncodedImage):
+            try:
+                img = img.decode()
+            except (OSError, ValueError, SyntaxError) as exc:
+                raise BadRecord(where, f"image {img.key} cannot be decoded ({type(exc).__name__}: {exc})"[:300],
+                                "corrupt_image") from exc
+        elif not _is_pil(img):
             p = resolve_image(img, root)
             if not p.is_file():
                 raise BadRecord(where, _missing(p), "missing_image")
