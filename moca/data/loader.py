@@ -32,9 +32,15 @@ class RecordSet:
 
     Args:
         paths: JSONL (``.jsonl`` / ``.json``) or parquet (``.parquet``) files.
+        format: ``moca`` (records as they are) or ``moca_pretrain`` (MoCa's published pre-training rows,
+            ``text`` with ``<|vision_start|><|image_pad|><|vision_end|>`` placeholders and ``images`` as bytes,
+            converted by :func:`moca.data.published.pretrain_record`).
     """
 
-    def __init__(self, paths: Union[str, Path, Sequence[Union[str, Path]]]):
+    def __init__(self, paths: Union[str, Path, Sequence[Union[str, Path]]], format: str = "moca"):
+        if format not in ("moca", "moca_pretrain"):
+            raise ValueError(f"data format must be 'moca' or 'moca_pretrain', got {format!r}")
+        self.format = format
         if isinstance(paths, (str, Path)):
             paths = [paths]
         self.items: List[Tuple[object, Path, int]] = []     # (raw, file, line/row number)
@@ -75,6 +81,14 @@ class RecordSet:
                 raise BadRecord(where, f"is not valid JSON ({exc.msg})", "malformed") from exc
         else:
             rec = raw
+        if self.format == "moca_pretrain" and isinstance(rec, dict):
+            from .published import pretrain_record
+
+            try:
+                rec = pretrain_record(rec, where)
+            except ValueError as exc:
+                raise BadRecord(where, str(exc).removeprefix(f"{where}: ").removeprefix(f"{where} "),
+                                "malformed") from exc
         rid = f"{rec.get('id')} ({where})" if isinstance(rec, dict) and rec.get("id") is not None else where
         return rec, rid, path.parent
 

@@ -31,6 +31,12 @@ class BadRecord(ValueError):
         self.record_id, self.reason = record_id, reason
 
 
+def _is_encoded(x) -> bool:
+    from .published import EncodedImage
+
+    return isinstance(x, EncodedImage)
+
+
 def segments_of(record: dict, record_id: str) -> List[dict]:
     """The record's content as a list of {"text"} / {"image"} segments (validated)."""
     if not isinstance(record, dict):
@@ -54,7 +60,7 @@ def segments_of(record: dict, record_id: str) -> List[dict]:
                             "malformed")
         if "text" in seg and not isinstance(seg["text"], str):
             raise BadRecord(record_id, f"segment {i}: text must be a string", "malformed")
-        if "image" in seg and not isinstance(seg["image"], (str, os.PathLike)):
+        if "image" in seg and not isinstance(seg["image"], (str, os.PathLike)) and not _is_encoded(seg["image"]):
             raise BadRecord(record_id, f"segment {i}: image must be a path", "malformed")
         out.append(seg)
     if not any("text" in s and s["text"].strip() for s in out):
@@ -120,13 +126,16 @@ class MocaProcessor:
             if "text" in seg:
                 ids += self.encode_text(seg["text"], record_id)
                 continue
-            p = Path(seg["image"])
-            if not p.is_absolute() and root is not None:
-                p = root / p
-            if not p.exists():
-                raise BadRecord(record_id, f"image file {p} does not exist", "missing_image")
+            if _is_encoded(seg["image"]):     # an image kept as bytes (published pre-training sets)
+                p = seg["image"].key
+            else:
+                p = Path(seg["image"])
+                if not p.is_absolute() and root is not None:
+                    p = root / p
+                if not p.exists():
+                    raise BadRecord(record_id, f"image file {p} does not exist", "missing_image")
             try:
-                img = load_image(p)
+                img = seg["image"].decode() if _is_encoded(seg["image"]) else load_image(p)
                 px, grid = preprocess_image(img, self.image_spec)
             except (OSError, ValueError, SyntaxError) as exc:
                 raise BadRecord(record_id, f"image {p} cannot be read ({type(exc).__name__}: {exc})"[:300],

@@ -311,6 +311,76 @@ def read_beir(folder: Union[str, Path], language: Optional[Union[str, Sequence[s
                     {qids[i]: qrels[qids[i]] for i in keep}, langs, dropped)
 
 
-__all__ = ["EncodedImage", "image_from_cell", "parquet_files", "read_parquet_rows", "literal_list", "placeholder_side",
+# ------------------------------------------------------------------------------------------------------------
+# Training sets
+# ------------------------------------------------------------------------------------------------------------
+
+PAIR_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
+
+
+def _pair_side(text, img_path, root: Optional[Path], where: str):
+    img = _mmeb_image(img_path, root, where)
+    text = text if isinstance(text, str) else ("" if text is None else str(text))
+    if img is None:     # as the official loader: a placeholder without an image is removed
+        text = text.replace(MMEB_IMAGE_TOKEN, "")
+        if not text.strip():
+            raise ValueError(f"{where}: neither text nor image")
+    return placeholder_side(text, [img] if img else [], MMEB_IMAGE_TOKEN, where)
+
+
+def pair_record(rec: dict, root: Optional[Path], where: str) -> dict:
+    """One MoCa-CL-Pairs / mmE5 / MMEB-train row -> our pair record ``{"query", "positive", "negatives"}``.
+
+    Columns: ``qry`` (text, ``<|image_1|>`` where the image goes), ``qry_image_path``, ``pos_text``,
+    ``pos_image_path``, and optionally ``neg_text`` / ``neg_image_path`` (lists, or lists written as
+    Python-literal strings: parsed with ``ast.literal_eval``). Image paths are relative to ``root`` (the
+    downloaded image folder). A negative with neither text nor image is dropped. Raises ValueError naming
+    ``where``.
+    """
+    missing = [c for c in PAIR_COLUMNS if c not in rec]
+    if missing:
+        raise ValueError(f"{where}: not a pairs record: no {missing[0]!r} (columns: {sorted(rec)})")
+    out = {"query": _pair_side(rec["qry"], rec["qry_image_path"], root, f"{where} query"),
+           "positive": _pair_side(rec["pos_text"], rec["pos_image_path"], root, f"{where} positive")}
+    texts = literal_list(rec.get("neg_text"), f"{where} neg_text")
+    paths = literal_list(rec.get("neg_image_path"), f"{where} neg_image_path")
+    n = max(len(texts), len(paths))
+    texts += [""] * (n - len(texts))
+    paths += [""] * (n - len(paths))
+    negs = []
+    for j, (t, p) in enumerate(zip(texts, paths)):
+        if (t is None or not str(t).replace(MMEB_IMAGE_TOKEN, "").strip()) and not p:
+            continue
+        negs.append(_pair_side(t, p, root, f"{where} negatives[{j}]"))
+    out["negatives"] = negs
+    if rec.get("id") is not None:
+        out["id"] = rec["id"]
+    return out
+
+
+def pretrain_record(rec: dict, where: str) -> dict:
+    """One MoCa pre-training row (``text`` with ``<|vision_start|><|image_pad|><|vision_end|>`` where each image
+    goes, ``images``: a list of encoded images, bytes or ``{"bytes", "path"}``) -> our Stage 1 record
+    ``{"content": [{"text": ...}, {"image": EncodedImage}, ...]}``. Raises ValueError naming ``where``."""
+    if "text" not in rec:
+        raise ValueError(f"{where}: not a pre-training record: no 'text' (columns: {sorted(rec)})")
+    imgs = rec.get("images") or []
+    if not isinstance(imgs, (list, tuple)):
+        imgs = [imgs]
+    images = [image_from_cell(v, f"{where} images[{j}]") for j, v in enumerate(imgs)]
+    text = rec["text"] or ""
+    if text.count(QWEN_IMAGE_PLACEHOLDER) != len(images):
+        raise ValueError(f"{where}: the text has {text.count(QWEN_IMAGE_PLACEHOLDER)} image placeholder(s) but "
+                         f"{len(images)} image(s)")
+    side = placeholder_side(text, images, QWEN_IMAGE_PLACEHOLDER, where)
+    content = side["content"] if isinstance(side, dict) and "content" in side else \
+        [{"text": side}] if isinstance(side, str) else [side]
+    out = {"content": content}
+    if rec.get("id") is not None:
+        out["id"] = rec["id"]
+    return out
+
+
+__all__ = ["pair_record", "pretrain_record", "EncodedImage", "image_from_cell", "parquet_files", "read_parquet_rows", "literal_list", "placeholder_side",
            "mmeb_side", "CandidateRecord", "read_mmeb_task", "BeirTask", "read_beir", "MMEB_IMAGE_TOKEN",
            "QWEN_IMAGE_PLACEHOLDER"]

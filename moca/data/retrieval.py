@@ -208,6 +208,11 @@ class SubsetConfig:
     ``query_instruction`` / ``doc_instruction`` are put before every query / document (positive and negatives)
     of the subset, e.g. ``"Find an image that matches the given caption: "``. A record may carry its own
     ``"instruction"`` (for its query), which wins.
+
+    ``format``: ``moca`` (our pair records, above) or ``pairs`` (MoCa-CL-Pairs / mmE5 / MMEB-train rows:
+    ``qry``, ``qry_image_path``, ``pos_text``, ``pos_image_path``, ``neg_text``, ``neg_image_path``;
+    :func:`moca.data.published.pair_record`), with image paths relative to ``image_root`` (default: the
+    file's folder). Files may be JSONL or parquet.
     """
 
     name: str = ""
@@ -215,10 +220,14 @@ class SubsetConfig:
     weight: float = 1.0
     query_instruction: str = ""
     doc_instruction: str = ""
+    format: str = "moca"
+    image_root: Optional[str] = None
 
     def __post_init__(self):
         if not self.name:
             raise ValueError("a subset needs a name")
+        if self.format not in ("moca", "pairs"):
+            raise ValueError(f"subset {self.name}: format must be 'moca' or 'pairs', got {self.format!r}")
         if not self.files:
             raise ValueError(f"subset {self.name}: no files")
         if not self.weight > 0:
@@ -259,10 +268,11 @@ class PairSubset:
     negatives) raise a BadRecord naming the record, or with ``skip_bad`` are counted by reason and left out.
     """
 
-    def __init__(self, config: SubsetConfig, hard_negatives: int, skip_bad: bool = False):
+    def __init__(self, config: SubsetConfig, hard_negatives: int, skip_bad: bool = False, pad_negatives: bool = True):
         self.config = config
         self.records = RecordSet(config.files)
         self.k = hard_negatives
+        self.pad_negatives = pad_negatives
         self.valid: List[int] = []
         self.skipped: Counter = Counter()
         for i in range(len(self.records)):
@@ -282,10 +292,32 @@ class PairSubset:
     def __len__(self) -> int:
         return len(self.valid)
 
-    def _check(self, i: int) -> None:
+    def _record(self, i: int):
+        """(record in our pair form, record id, image folder) of raw record i (converted from ``format``)."""
         rec, rid, root = self.records.get(i)
         if not isinstance(rec, dict):
             raise BadRecord(rid, f"expected a JSON object, got {type(rec).__name__}", "malformed")
+        if self.config.format == "pairs":
+            from .published import pair_record
+
+            root = Path(self.config.image_root) if self.config.image_root else root
+            try:
+                rec = pair_record(rec, None if root is None else Path(root), rid)
+            except ValueError as exc:
+                raise BadRecord(rid, str(exc).removeprefix(f"{rid}: ").removeprefix(f"{rid} "), "malformed") from exc
+            root = None   # paths are resolved
+        return rec, rid, root
+
+    def _negatives(self, rec: dict) -> list:
+        """The record's first k negatives; fewer than k are padded by repeating the last (the official rule)
+        when ``pad_negatives``."""
+        negs = list(rec.get("negatives", []) or [])
+        if self.pad_negatives and 0 < len(negs) < self.k:
+            negs += [negs[-1]] * (self.k - len(negs))
+        return negs[:self.k]
+
+    def _check(self, i: int) -> None:
+        rec, rid, root = self._record(i)
         for key in SIDE_KEYS:
             if key not in rec:
                 raise BadRecord(rid, f"has no '{key}'", "malformed")
@@ -293,20 +325,22 @@ class PairSubset:
         negs = rec.get("negatives", []) or []
         if not isinstance(negs, list):
             raise BadRecord(rid, "'negatives' must be a list of sides", "malformed")
-        if len(negs) < self.k:
-            raise BadRecord(rid, f"has {len(negs)} hard negatives, the run uses {self.k} per query", "few_negatives")
-        for j, n in enumerate(negs[:self.k]):
+        if len(self._negatives(rec)) < self.k:
+            raise BadRecord(rid, f"has {len(negs)} hard negatives, the run uses {self.k} per query" +
+                            ("" if self.pad_negatives else " (data.pad_negatives: true repeats the last one)"),
+                            "few_negatives")
+        for j, n in enumerate(self._negatives(rec)):
             check_side(n, f"{rid} negatives[{j}]", root)
 
     def samples(self, j: int, processor: MocaProcessor, add_eos: bool = True) -> Tuple[Sample, List[Sample], str]:
         """(query sample, [positive, negatives...] samples, record id) of the j-th valid record."""
-        rec, rid, root = self.records.get(self.valid[j])
+        rec, rid, root = self._record(self.valid[j])
         c = self.config
         q_ins = rec.get("instruction", c.query_instruction)
         q = build_sample(processor, rec["query"], f"{rid} query", root, q_ins, add_eos)
         docs = [build_sample(processor, rec["positive"], f"{rid} positive", root, c.doc_instruction, add_eos)]
         docs += [build_sample(processor, n, f"{rid} negatives[{i}]", root, c.doc_instruction, add_eos)
-                 for i, n in enumerate((rec.get("negatives") or [])[:self.k])]
+                 for i, n in enumerate(self._negatives(rec))]
         return q, docs, rid
 
 
@@ -320,6 +354,8 @@ class PairLoader:
         hard_negatives: k per query (0 = in-batch negatives only).
         seed, rank, world_size, shuffle: see the sampler.
         skip_bad: count and leave out bad records instead of raising.
+        pad_negatives: a record with fewer than ``hard_negatives`` (but at least one) is padded by repeating
+            its last negative, as the official MoCa loader does; False rejects it (``few_negatives``).
         add_eos: end every side with ``<|endoftext|>`` (False for last-token pooling).
 
     The state (``state_dict``) is the sampler's position: a resumed run continues with the same batches.
@@ -327,13 +363,13 @@ class PairLoader:
 
     def __init__(self, subsets: Sequence[SubsetConfig], processor: MocaProcessor, global_batch_size: int,
                  hard_negatives: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                 skip_bad: bool = False, add_eos: bool = True):
+                 skip_bad: bool = False, add_eos: bool = True, pad_negatives: bool = True):
         if not subsets:
             raise ValueError("PairLoader: no subsets")
         names = [s.name for s in subsets]
         if len(set(names)) != len(names):
             raise ValueError(f"PairLoader: subset names must be unique, got {names}")
-        self.subsets = [PairSubset(s, hard_negatives, skip_bad) for s in subsets]
+        self.subsets = [PairSubset(s, hard_negatives, skip_bad, pad_negatives) for s in subsets]
         self.processor, self.k, self.add_eos = processor, hard_negatives, add_eos
         self.sampler = TaskBatchSampler([len(s) for s in self.subsets], [s.weight for s in subsets],
                                         global_batch_size, world_size=world_size, rank=rank, seed=seed,

@@ -81,6 +81,7 @@ class ClDataConfig:
     packed: bool = True
     shuffle: bool = True
     skip_bad: bool = False
+    pad_negatives: bool = True                    # fewer hard negatives than asked: repeat the last (official)
 
     def __post_init__(self):
         self.subsets = [s if isinstance(s, SubsetConfig) else from_dict(SubsetConfig, s, f"data.subsets[{i}]")
@@ -359,7 +360,7 @@ def run_cl(cfg: ClConfig, dist: Optional[DistEnv] = None) -> List[dict]:
     embedder = model.embedder
     loader = PairLoader(subsets, embedder.processor, cfg.data.global_batch_size, cfg.data.hard_negatives,
                         seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size, shuffle=cfg.data.shuffle,
-                        skip_bad=cfg.data.skip_bad, add_eos=embedder.add_eos)
+                        skip_bad=cfg.data.skip_bad, add_eos=embedder.add_eos, pad_negatives=cfg.data.pad_negatives)
 
     def export(final: Path, full_state=None):
         m = model

@@ -77,6 +77,7 @@ class DataConfig:
     shuffle: bool = True
     pad_to_multiple: int = 1
     prefetch: int = 2                            # micro-batches prepared ahead in a background thread (0 = off)
+    format: str = "moca"                         # moca | moca_pretrain (MoCa's published pre-training rows)
 
     def __post_init__(self):
         if self.token_budget < 2:
@@ -87,6 +88,8 @@ class DataConfig:
             raise ValueError(f"data.max_samples must be >= 1 or null, got {self.max_samples}")
         if self.prefetch < 0:
             raise ValueError(f"data.prefetch must be >= 0 (0 = off), got {self.prefetch}")
+        if self.format not in ("moca", "moca_pretrain"):
+            raise ValueError(f"data.format must be 'moca' or 'moca_pretrain', got {self.format!r}")
 
 
 @dataclass
@@ -155,7 +158,7 @@ def run_cpt(cfg: CptConfig, dist: Optional[DistEnv] = None) -> List[dict]:
 
     backbone, proc = build_model_and_processor(cfg.model, cfg.masking.image_corruption)
     model = CptModel(backbone, cfg.loss)
-    records = RecordSet(files)
+    records = RecordSet(files, format=cfg.data.format)
     loader = PackingLoader(records, proc, cfg.data.token_budget, seed=cfg.train.seed, rank=dist.rank,
                            world_size=dist.world_size, skip_bad=cfg.data.skip_bad, shuffle=cfg.data.shuffle,
                            max_samples=cfg.data.max_samples)

@@ -103,3 +103,37 @@ def write_beir(folder: Path, n_docs: int = 8, n_queries: int = 6, seed: int = 0,
     _write_parquet(folder / "queries" / "test-00000-of-00001.parquet", queries)
     _write_parquet(folder / "qrels" / "test-00000-of-00001.parquet", qrels)
     return folder
+
+
+def write_pairs(path: Path, img_root: Path, n: int = 12, literal: bool = True):
+    """MoCa-CL-Pairs / mmE5 / MMEB-train rows (parquet): qry, qry_image_path, pos_text, pos_image_path, neg_text,
+    neg_image_path, the negative lists as Python-literal strings (as released) when ``literal``."""
+    names = list(COLORS)
+    rows = []
+    for i in range(n):
+        c = names[i % len(names)]
+        o = names[(i + 1) % len(names)]
+        rel = f"train/{i}.png"
+        (img_root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (img_root / rel).write_bytes(_png(COLORS[c], seed=300 + i))
+        negs_t, negs_p = [f"a {o} picture"], [""]
+        if i % 2:          # only one negative on odd rows: padded by repeating the last one
+            negs_t.append(f"a {names[(i + 2) % len(names)]} picture")
+            negs_p.append("")
+        rows.append({"qry": "<|image_1|> Represent the given image for classification.\n", "qry_image_path": rel,
+                     "pos_text": f"a {c} picture", "pos_image_path": "",
+                     "neg_text": str(negs_t) if literal else negs_t, "neg_image_path": str(negs_p) if literal else negs_p})
+    return _write_parquet(path, rows)
+
+
+def write_pretrain(path: Path, n: int = 8):
+    """MoCa pre-training rows (parquet): text with <|vision_start|><|image_pad|><|vision_end|> where each image
+    goes, images as a list of encoded bytes."""
+    names = list(COLORS)
+    ph = "<|vision_start|><|image_pad|><|vision_end|>"
+    rows = []
+    for i in range(n):
+        c = names[i % len(names)]
+        rows.append({"text": f"Here is a {c} square. {ph} It is {c}, bright and plain; the next one {ph} differs.",
+                     "images": [_png(COLORS[c], seed=400 + i), _png(COLORS[names[(i + 3) % len(names)]], seed=500 + i)]})
+    return _write_parquet(path, rows)
