@@ -156,3 +156,28 @@ def test_image_bounds_in_eval(tiny):
         spec.min_pixels, spec.max_pixels = old
     with pytest.raises(ValueError, match="min_pixels 9 is above max_pixels 4"):
         EvalConfig(min_pixels=9, max_pixels=4)
+
+
+def test_moca_data_inspect(tmp_path, capsys):
+    from moca.cli import main
+
+    from .published_fixtures import write_pairs, write_pretrain
+
+    mm, img_root = write_mmeb(tmp_path / "mmeb", n_queries=3, n_cands=3)
+    assert main(["data", "inspect", str(mm["ImageNet-1K"]), "--image-root", str(img_root)]) == 0
+    out = capsys.readouterr().out
+    assert "format mmeb, 3 records" in out and "problems: none found" in out and "record 0:" in out
+    assert main(["data", "inspect", str(mm["ImageNet-1K"])]) == 1          # wrong image root: images missing
+    assert "does not exist" in capsys.readouterr().out
+    assert main(["data", "inspect", str(write_beir(tmp_path / "v"))]) == 0
+    assert "format beir, 6 records" in capsys.readouterr().out
+    pairs = write_pairs(tmp_path / "p.parquet", tmp_path / "img", n=3)
+    assert main(["data", "inspect", str(pairs), "--image-root", str(tmp_path / "img")]) == 0
+    assert "format pairs, 3 records" in capsys.readouterr().out
+    assert main(["data", "inspect", str(write_pretrain(tmp_path / "pt.parquet", n=2))]) == 0
+    out = capsys.readouterr().out
+    assert "format moca_pretrain, 2 records" in out and "images: 4" in out
+    (tmp_path / "bad.jsonl").write_text('{"query": "q", "candidates": ["a"], "answer": 0}\n{oops\n')
+    assert main(["data", "inspect", str(tmp_path / "bad.jsonl")]) == 1
+    assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().out
+    assert main(["data", "inspect", str(tmp_path / "nowhere")]) == 2
