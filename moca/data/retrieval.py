@@ -143,7 +143,8 @@ def check_side(side, where: str, root: Optional[Path] = None) -> List[dict]:
 
 
 def build_sample(processor: MocaProcessor, side, where: str, root: Optional[Path] = None,
-                 instruction: Optional[str] = None, add_eos: bool = True) -> Sample:
+                 instruction: Optional[str] = None, add_eos: bool = True,
+                 max_length: Optional[int] = None) -> Sample:
     """One side -> :class:`Sample` (token ids with vision placeholders, pixel rows, grids).
 
     Args:
@@ -153,6 +154,9 @@ def build_sample(processor: MocaProcessor, side, where: str, root: Optional[Path
         root: folder that relative image paths resolve against.
         instruction: text put before the side (None or "" = none).
         add_eos: end with ``<|endoftext|>`` (mean and EOS pooling; last-token pooling takes the last content token).
+        max_length: keep at most this many tokens (the official code truncates at 1280); an image that the
+            limit cuts is dropped whole (its tokens and pixel rows), and so are the images after it. None = no
+            limit.
     """
     segs = side_segments(side, where)
     if instruction:
@@ -188,12 +192,31 @@ def build_sample(processor: MocaProcessor, side, where: str, root: Optional[Path
         grids.append(grid)
         ids += [processor.ids["vision_start"]] + [processor.ids["image_pad"]] * (px.shape[0] // m2) + \
                [processor.ids["vision_end"]]
+    if max_length is not None:
+        ids, rows, grids = _truncate(ids, rows, grids, max_length - int(add_eos), processor.ids["vision_start"], m2)
     if add_eos:
         ids.append(processor.ids["endoftext"])
     if not ids:
         raise BadRecord(where, "gave no tokens", "empty")
     return Sample(torch.tensor(ids, dtype=torch.long), torch.cat(rows) if rows else None,
                   torch.tensor(grids, dtype=torch.long) if grids else None, where)
+
+
+def _truncate(ids: List[int], rows: list, grids: list, limit: int, vision_start: int, m2: int):
+    """Cut ``ids`` to ``limit`` tokens; an image block the cut falls into is removed with its pixel rows."""
+    if limit < 1:
+        raise ValueError(f"max_length must leave room for at least one token, got {limit + 1}")
+    if len(ids) <= limit:
+        return ids, rows, grids
+    starts = [i for i, t in enumerate(ids) if t == vision_start]
+    keep_images = 0
+    for j, st in enumerate(starts):
+        n_tokens = rows[j].shape[0] // m2 + 2
+        if st + n_tokens <= limit:
+            keep_images = j + 1
+        else:
+            return ids[:st], rows[:keep_images], grids[:keep_images]
+    return ids[:limit], rows[:keep_images], grids[:keep_images]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -332,14 +355,16 @@ class PairSubset:
         for j, n in enumerate(self._negatives(rec)):
             check_side(n, f"{rid} negatives[{j}]", root)
 
-    def samples(self, j: int, processor: MocaProcessor, add_eos: bool = True) -> Tuple[Sample, List[Sample], str]:
+    def samples(self, j: int, processor: MocaProcessor, add_eos: bool = True,
+                max_length: Optional[int] = None) -> Tuple[Sample, List[Sample], str]:
         """(query sample, [positive, negatives...] samples, record id) of the j-th valid record."""
         rec, rid, root = self._record(self.valid[j])
         c = self.config
         q_ins = rec.get("instruction", c.query_instruction)
-        q = build_sample(processor, rec["query"], f"{rid} query", root, q_ins, add_eos)
-        docs = [build_sample(processor, rec["positive"], f"{rid} positive", root, c.doc_instruction, add_eos)]
-        docs += [build_sample(processor, n, f"{rid} negatives[{i}]", root, c.doc_instruction, add_eos)
+        q = build_sample(processor, rec["query"], f"{rid} query", root, q_ins, add_eos, max_length)
+        docs = [build_sample(processor, rec["positive"], f"{rid} positive", root, c.doc_instruction, add_eos,
+                             max_length)]
+        docs += [build_sample(processor, n, f"{rid} negatives[{i}]", root, c.doc_instruction, add_eos, max_length)
                  for i, n in enumerate(self._negatives(rec))]
         return q, docs, rid
 
@@ -356,21 +381,24 @@ class PairLoader:
         skip_bad: count and leave out bad records instead of raising.
         pad_negatives: a record with fewer than ``hard_negatives`` (but at least one) is padded by repeating
             its last negative, as the official MoCa loader does; False rejects it (``few_negatives``).
-        add_eos: end every side with ``<|endoftext|>`` (False for last-token pooling).
+        add_eos: end every side with ``<|endoftext|>``.
+        max_length: truncate every side at this many tokens (official: 1280; None = no limit; see
+            :func:`build_sample`).
 
     The state (``state_dict``) is the sampler's position: a resumed run continues with the same batches.
     """
 
     def __init__(self, subsets: Sequence[SubsetConfig], processor: MocaProcessor, global_batch_size: int,
                  hard_negatives: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                 skip_bad: bool = False, add_eos: bool = True, pad_negatives: bool = True):
+                 skip_bad: bool = False, add_eos: bool = True, pad_negatives: bool = True,
+                 max_length: Optional[int] = None):
         if not subsets:
             raise ValueError("PairLoader: no subsets")
         names = [s.name for s in subsets]
         if len(set(names)) != len(names):
             raise ValueError(f"PairLoader: subset names must be unique, got {names}")
         self.subsets = [PairSubset(s, hard_negatives, skip_bad, pad_negatives) for s in subsets]
-        self.processor, self.k, self.add_eos = processor, hard_negatives, add_eos
+        self.processor, self.k, self.add_eos, self.max_length = processor, hard_negatives, add_eos, max_length
         self.sampler = TaskBatchSampler([len(s) for s in self.subsets], [s.weight for s in subsets],
                                         global_batch_size, world_size=world_size, rank=rank, seed=seed,
                                         shuffle=shuffle, names=names)
@@ -389,7 +417,7 @@ class PairLoader:
         sub = self.subsets[draw.subset]
         queries, positives, negatives, ids = [], [], [], []
         for j in draw.indices:
-            q, docs, rid = sub.samples(j, self.processor, self.add_eos)
+            q, docs, rid = sub.samples(j, self.processor, self.add_eos, self.max_length)
             queries.append(q)
             positives.append(docs[0])
             negatives += docs[1:]

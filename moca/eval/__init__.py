@@ -114,12 +114,13 @@ class EvalTask:
 @dataclass
 class EvalModelConfig:
     """``path``: a local checkpoint directory (moca save or plain Qwen2-VL / Qwen2.5-VL); None = the tiny
-    default model, untrained (a baseline). ``pooling`` / ``causal`` None = as saved. ``dtype``: float32, bfloat16
+    default model, untrained (a baseline). ``pooling`` / ``causal`` / ``append_eos`` None = as saved. ``dtype``: float32, bfloat16
     or float16 (None = as saved); ``device``: cpu, cuda or cuda:N (None = cuda when available)."""
 
     path: Optional[str] = None
     pooling: Optional[str] = None
     causal: Optional[bool] = None
+    append_eos: Optional[bool] = None    # end inputs with <|endoftext|> (None = as saved; no for the tiny default)
     dtype: Optional[str] = None
     device: Optional[str] = None
     tiny_seed: int = 0
@@ -140,6 +141,7 @@ class EvalConfig:
     precision_rule: str = "official"    # MMEB precision@1: official (a tie with the gold counts) | strict
     ties: str = "trec"                  # retrieval tie order: trec (trec_eval's) | pessimistic
     run_depth: int = 100                # documents per query in each <task>.run file
+    max_length: Optional[int] = None    # truncate each input at this many tokens (official eval: 1280)
     min_pixels: Optional[int] = None    # image area bounds in eval (None = the model's preprocessor config)
     max_pixels: Optional[int] = None
 
@@ -158,6 +160,8 @@ class EvalConfig:
             raise ValueError(f"precision_rule must be one of {P1_RULES}, got {self.precision_rule!r}")
         if self.ties not in TIE_RULES:
             raise ValueError(f"ties must be one of {TIE_RULES}, got {self.ties!r}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2 or null, got {self.max_length}")
         if self.run_depth < 1:
             raise ValueError(f"run_depth must be >= 1, got {self.run_depth}")
         for key in ("min_pixels", "max_pixels"):
@@ -441,10 +445,12 @@ def load_embedder(mc: EvalModelConfig):
         raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {mc.dtype!r}")
     device = resolve_device(mc.device or ("cuda" if torch.cuda.is_available() else "cpu"), "model.device")
     if mc.path is None:
-        model = MocaEmbedder.tiny(seed=mc.tiny_seed, causal=bool(mc.causal), pooling=mc.pooling or "mean")
+        model = MocaEmbedder.tiny(seed=mc.tiny_seed, causal=bool(mc.causal), pooling=mc.pooling,
+                                  append_eos=bool(mc.append_eos))
         model = model.to(dtype[mc.dtype]) if mc.dtype else model
     else:
-        model = MocaEmbedder.from_pretrained(mc.path, pooling=mc.pooling, causal=mc.causal, dtype=dtype[mc.dtype])
+        model = MocaEmbedder.from_pretrained(mc.path, pooling=mc.pooling, causal=mc.causal, dtype=dtype[mc.dtype],
+                                             append_eos=mc.append_eos)
     return model.to(device)
 
 
@@ -477,6 +483,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     tasks = cfg.tasks or embedded_tasks(cfg.embedded_dir or out.parent / "eval_data", cfg.embedded_seed)
     model = load_embedder(cfg.model)
     set_image_bounds(model, cfg.min_pixels, cfg.max_pixels)
+    model.max_length = cfg.max_length
     results = evaluate(model, tasks, cfg, run_dir=out.parent)
     results["model"] = cfg.model.path or "tiny default (untrained)"
     results["config"] = asdict(cfg)
