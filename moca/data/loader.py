@@ -31,7 +31,8 @@ class RecordSet:
     """Records of one or more local files, kept as raw lines/rows and parsed on access.
 
     Args:
-        paths: JSONL (``.jsonl`` / ``.json``) or parquet (``.parquet``) files.
+        paths: JSONL (``.jsonl`` / ``.json``) or parquet (``.parquet``) files, or folders of them (searched
+            recursively, files in sorted order).
         format: ``moca`` (records as they are) or ``moca_pretrain`` (MoCa's published pre-training rows,
             ``text`` with ``<|vision_start|><|image_pad|><|vision_end|>`` placeholders and ``images`` as bytes,
             converted by :func:`moca.data.published.pretrain_record`).
@@ -43,8 +44,17 @@ class RecordSet:
         self.format = format
         if isinstance(paths, (str, Path)):
             paths = [paths]
+        expanded: List[Path] = []
+        for p in map(Path, paths):     # a folder (a downloaded dataset) stands for its parquet / JSONL files
+            if p.is_dir():
+                found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".parquet", ".jsonl"))
+                if not found:
+                    raise FileNotFoundError(f"data folder {p} holds no .parquet or .jsonl file")
+                expanded += found
+            else:
+                expanded.append(p)
         self.items: List[Tuple[object, Path, int]] = []     # (raw, file, line/row number)
-        for p in map(Path, paths):
+        for p in expanded:
             if not p.exists():
                 raise FileNotFoundError(f"data file {p} does not exist")
             if p.suffix == ".parquet":
@@ -69,6 +79,26 @@ class RecordSet:
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def limit(self, n: Optional[int], seed: Optional[int] = None) -> "RecordSet":
+        """Keep at most ``n`` records: the first n (``seed`` None, as the official Stage 2 caps its subsets) or
+        n drawn at random with ``seed`` (as the official Stage 1 caps its sources), in file order. In place."""
+        if n is not None and n < len(self.items):
+            if n < 1:
+                raise ValueError(f"a record cap must be >= 1, got {n}")
+            if seed is None:
+                self.items = self.items[:n]
+            else:
+                keep = sorted(random.Random(seed).sample(range(len(self.items)), n))
+                self.items = [self.items[i] for i in keep]
+        return self
+
+    def extend(self, other: "RecordSet") -> "RecordSet":
+        """Append another set's records (same format). In place."""
+        if other.format != self.format:
+            raise ValueError(f"cannot merge record sets of formats {self.format!r} and {other.format!r}")
+        self.items += other.items
+        return self
 
     def get(self, i: int) -> Tuple[dict, str, Path]:
         """(record dict, record id, folder for relative image paths). Raises BadRecord for unparsable lines."""

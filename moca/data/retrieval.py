@@ -245,10 +245,13 @@ class SubsetConfig:
     doc_instruction: str = ""
     format: str = "moca"
     image_root: Optional[str] = None
+    max_records: Optional[int] = None     # use the first n records (the official recipe: 50000 per subset)
 
     def __post_init__(self):
         if not self.name:
             raise ValueError("a subset needs a name")
+        if self.max_records is not None and self.max_records < 1:
+            raise ValueError(f"subset {self.name}: max_records must be >= 1 or null, got {self.max_records}")
         if self.format not in ("moca", "pairs"):
             raise ValueError(f"subset {self.name}: format must be 'moca' or 'pairs', got {self.format!r}")
         if not self.files:
@@ -293,7 +296,7 @@ class PairSubset:
 
     def __init__(self, config: SubsetConfig, hard_negatives: int, skip_bad: bool = False, pad_negatives: bool = True):
         self.config = config
-        self.records = RecordSet(config.files)
+        self.records = RecordSet(config.files).limit(config.max_records)
         self.k = hard_negatives
         self.pad_negatives = pad_negatives
         self.valid: List[int] = []

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import torch
 
-from ..config import dump_config
+from ..config import dump_config, from_dict
 from ..data.batch import VisionSpec
 from ..data.loader import PackingLoader, RecordSet
 from ..data.masking import CptCollator, MaskingConfig, ModalityMasker
@@ -63,10 +63,29 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One Stage 1 source: its files and a cap (``max_records`` drawn at random with ``data.source_seed``, as the
+    official recipe caps each of its ten sources at 500,000 samples)."""
+
+    name: str = ""
+    files: List[str] = field(default_factory=list)
+    max_records: Optional[int] = None
+
+    def __post_init__(self):
+        if not self.name or not self.files:
+            raise ValueError(f"a data source needs a name and files, got name={self.name!r}, files={self.files!r}")
+        if self.max_records is not None and self.max_records < 1:
+            raise ValueError(f"source {self.name}: max_records must be >= 1 or null, got {self.max_records}")
+
+
+@dataclass
 class DataConfig:
-    """``train``: JSONL/parquet files; empty = the embedded corpus written to ``embedded_dir``."""
+    """``train``: JSONL/parquet files; ``sources``: named groups of files, each with a cap; both empty = the
+    embedded corpus written to ``embedded_dir``."""
 
     train: List[str] = field(default_factory=list)
+    sources: List[SourceConfig] = field(default_factory=list)
+    source_seed: int = 0
     embedded_dir: Optional[str] = None           # default <output_dir>/embedded_data
     embedded_docs: int = 400
     embedded_seed: int = 0
@@ -80,6 +99,8 @@ class DataConfig:
     format: str = "moca"                         # moca | moca_pretrain (MoCa's published pre-training rows)
 
     def __post_init__(self):
+        self.sources = [x if isinstance(x, SourceConfig) else from_dict(SourceConfig, x, f"data.sources[{i}]")
+                        for i, x in enumerate(self.sources)]
         if self.token_budget < 2:
             raise ValueError(f"data.token_budget must be >= 2, got {self.token_budget}")
         if self.pad_to_multiple < 1:
@@ -99,6 +120,20 @@ class CptConfig:
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/cpt"))
+
+
+def build_records(data: DataConfig, files: List[str]) -> RecordSet:
+    """The Stage 1 records: ``files`` (uncapped), then each source capped at its ``max_records`` (a random draw
+    seeded by ``data.source_seed`` and the source's position)."""
+    sets = [RecordSet(files, format=data.format)] if files else []
+    for i, src in enumerate(data.sources):
+        rs = RecordSet(src.files, format=data.format).limit(src.max_records, seed=data.source_seed + i)
+        log.info("stage 1 source %s: %d records", src.name, len(rs))
+        sets.append(rs)
+    records = sets[0]
+    for rs in sets[1:]:
+        records.extend(rs)
+    return records
 
 
 def build_model_and_processor(mc: ModelConfig, corruption: Optional[str]):
@@ -147,7 +182,7 @@ def run_cpt(cfg: CptConfig, dist: Optional[DistEnv] = None) -> List[dict]:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
     files = list(cfg.data.train)
-    if not files:
+    if not files and not cfg.data.sources:
         from ..data.embedded import write_cpt_corpus
 
         edir = Path(cfg.data.embedded_dir or out / "embedded_data")
@@ -158,7 +193,7 @@ def run_cpt(cfg: CptConfig, dist: Optional[DistEnv] = None) -> List[dict]:
 
     backbone, proc = build_model_and_processor(cfg.model, cfg.masking.image_corruption)
     model = CptModel(backbone, cfg.loss)
-    records = RecordSet(files, format=cfg.data.format)
+    records = build_records(cfg.data, files)
     loader = PackingLoader(records, proc, cfg.data.token_budget, seed=cfg.train.seed, rank=dist.rank,
                            world_size=dist.world_size, skip_bad=cfg.data.skip_bad, shuffle=cfg.data.shuffle,
                            max_samples=cfg.data.max_samples)

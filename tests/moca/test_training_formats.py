@@ -79,3 +79,21 @@ def test_train_both_stages_on_published_schemas_then_evaluate(tmp_path):
     res = evaluate(model, [EvalTask(name="ImageNet-1K", type="mmeb", path=str(mm["ImageNet-1K"]),
                                     image_root=str(img_root))], EvalConfig(show_progress=False))
     assert 0 <= res["tasks"]["ImageNet-1K"]["metrics"]["precision@1"] <= 1
+
+
+def test_record_caps_per_stage1_source_and_stage2_subset(tmp_path):
+    from moca.train.cpt import DataConfig, build_records
+
+    a = write_pretrain(tmp_path / "a.parquet", n=8)
+    b = write_pretrain(tmp_path / "b.parquet", n=6)
+    data = from_dict(DataConfig, {"format": "moca_pretrain", "sources": [
+        {"name": "a", "files": [str(a)], "max_records": 3}, {"name": "b", "files": [str(b)]}]})
+    rs = build_records(data, [])
+    assert len(rs) == 3 + 6
+    again = build_records(data, [])
+    assert [it[2] for it in rs.items] == [it[2] for it in again.items]          # the same seeded draw
+    with pytest.raises(ValueError, match=r"data.sources\[0\]|needs a name and files"):
+        from_dict(DataConfig, {"sources": [{"name": "x"}]})
+    pairs = write_pairs(tmp_path / "p.parquet", tmp_path / "img", n=8)
+    cfg = SubsetConfig(name="p", files=[str(pairs)], format="pairs", image_root=str(tmp_path / "img"), max_records=5)
+    assert len(PairLoader([cfg], MocaProcessor.tiny(56), 4, hard_negatives=1).subsets[0]) == 5
