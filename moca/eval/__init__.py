@@ -426,7 +426,7 @@ def paper_tables(results: dict, model_name: str = "model") -> str:
         names = list(vd["tasks"])
         heads = {results["tasks"][n]["headline"] for n in names}
         header = ["Model"] + names + ["Avg"]
-        parts.append(f"ViDoRe ({'/'.join(sorted(heads))}, %)\n" +
+        parts.append(f"Retrieval, ViDoRe layout ({'/'.join(sorted(heads))}, %)\n" +
                      format_table(header, [[model_name] + [vd["tasks"][n] for n in names] + [vd["average"]["score"]]]))
     return "\n\n".join(parts)
 

@@ -181,3 +181,25 @@ def test_moca_data_inspect(tmp_path, capsys):
     assert main(["data", "inspect", str(tmp_path / "bad.jsonl")]) == 1
     assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().out
     assert main(["data", "inspect", str(tmp_path / "nowhere")]) == 2
+
+
+def test_moca_eval_command_writes_run_files_next_to_results_and_prints_the_paper_tables(tmp_path, capsys):
+    import yaml
+
+    from moca.cli import main
+
+    mm, img_root = write_mmeb(tmp_path / "mmeb", n_queries=3, n_cands=3)
+    vid = write_beir(tmp_path / "vidore", n_docs=4, n_queries=3)
+    cfg = {"tasks": [{"name": "ImageNet-1K", "type": "mmeb", "path": str(mm["ImageNet-1K"]),
+                      "image_root": str(img_root)},
+                     {"name": "vid", "type": "beir", "path": str(vid), "language": ["english"]}],
+           "output": str(tmp_path / "out" / "results.json"), "show_progress": False, "recall_k": [1]}
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["eval", "--config", str(tmp_path / "e.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "MMEB (precision@1, %)" in out and "| vid " in out
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    run = (tmp_path / "out" / "vid.run").read_text().splitlines()
+    assert res["tasks"]["vid"]["run_file"] == str(tmp_path / "out" / "vid.run")
+    assert {line.split()[0] for line in run} == {"1", "2"}                   # english queries only
+    assert res["summary"]["mmeb"]["categories"]["classification"]["n_tasks"] == 1
