@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -25,6 +26,58 @@ from .batch import Sample
 from .processor import BadRecord, MocaProcessor
 
 log = logging.getLogger("moca.data")
+
+
+class _ParquetRows:
+    """Row access into one parquet file, one row group at a time (the last two row groups read are kept)."""
+
+    def __init__(self, path: Path):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as exc:
+            raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow), or convert it to JSONL") from exc
+        self.path = path
+        md = pq.ParquetFile(path).metadata
+        self.num_rows = md.num_rows
+        self.starts = [0]
+        for g in range(md.num_row_groups):
+            self.starts.append(self.starts[-1] + md.row_group(g).num_rows)
+        self._file = None
+        self._cache: Dict[int, list] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self):          # picklable (worker processes): the open file and the cache stay behind
+        return {"path": self.path, "num_rows": self.num_rows, "starts": self.starts}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _file=None, _cache={}, _lock=threading.Lock())
+
+    def row(self, n: int) -> dict:
+        import bisect
+
+        import pyarrow.parquet as pq
+
+        g = bisect.bisect_right(self.starts, n) - 1
+        with self._lock:
+            rows = self._cache.get(g)
+            if rows is None:
+                if self._file is None:
+                    self._file = pq.ParquetFile(self.path)
+                rows = self._file.read_row_group(g).to_pylist()
+                if len(self._cache) >= 2:
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[g] = rows
+        row = dict(rows[n - self.starts[g]])
+        if isinstance(row.get("content"), str):
+            row["content"] = json.loads(row["content"])
+        return row
+
+
+class _LazyRow:
+    __slots__ = ("src", "n")
+
+    def __init__(self, src: _ParquetRows, n: int):
+        self.src, self.n = src, n
 
 
 class RecordSet:
@@ -68,14 +121,10 @@ class RecordSet:
             raise ValueError(f"no records in {', '.join(map(str, paths))}")
 
     def _read_parquet(self, p: Path) -> None:
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as exc:
-            raise ImportError(f"reading {p} needs pyarrow (pip install pyarrow), or convert it to JSONL") from exc
-        for n, row in enumerate(pq.read_table(p).to_pylist(), 1):
-            if isinstance(row.get("content"), str):
-                row = dict(row, content=json.loads(row["content"]))
-            self.items.append((row, p, n))
+        """Index the rows of a parquet file without reading them: a row is read (with its row group) on access,
+        so sets holding image bytes (the published pre-training data) are not loaded into memory."""
+        src = _ParquetRows(p)
+        self.items += [(_LazyRow(src, n), p, n + 1) for n in range(src.num_rows)]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -104,6 +153,11 @@ class RecordSet:
         """(record dict, record id, folder for relative image paths). Raises BadRecord for unparsable lines."""
         raw, path, n = self.items[i]
         where = f"{path.name}:{n}"
+        if isinstance(raw, _LazyRow):
+            try:
+                raw = raw.src.row(raw.n)
+            except json.JSONDecodeError as exc:
+                raise BadRecord(where, f"'content' is not valid JSON ({exc.msg})", "malformed") from exc
         if isinstance(raw, str):
             try:
                 rec = json.loads(raw)

@@ -97,3 +97,24 @@ def test_record_caps_per_stage1_source_and_stage2_subset(tmp_path):
     pairs = write_pairs(tmp_path / "p.parquet", tmp_path / "img", n=8)
     cfg = SubsetConfig(name="p", files=[str(pairs)], format="pairs", image_root=str(tmp_path / "img"), max_records=5)
     assert len(PairLoader([cfg], MocaProcessor.tiny(56), 4, hard_negatives=1).subsets[0]) == 5
+
+
+def test_parquet_rows_are_read_on_access_one_row_group_at_a_time(tmp_path):
+    import pickle
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": f"r{i}", "content": [{"text": f"text {i}"}]} for i in range(10)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet", row_group_size=3)
+    rs = RecordSet([tmp_path / "t.parquet"])
+    assert len(rs) == 10 and not rs.items[0][0].src._cache          # nothing read yet
+    for i in (9, 0, 4, 7, 3):
+        rec, rid, _ = rs.get(i)
+        assert rec == rows[i] and rid == f"r{i} (t.parquet:{i + 1})"
+    assert len(rs.items[0][0].src._cache) <= 2
+    again = pickle.loads(pickle.dumps(rs))
+    assert again.get(5)[0] == rows[5]
+    pq.write_table(pa.Table.from_pylist([{"content": '[{"text": 1'}]), tmp_path / "bad.parquet")
+    with pytest.raises(BadRecord, match=r"bad.parquet:1: 'content' is not valid JSON"):
+        RecordSet([tmp_path / "bad.parquet"]).get(0)
