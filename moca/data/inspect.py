@@ -42,18 +42,38 @@ def _detect_columns(cols) -> str:
     return "unknown"
 
 
-def _rows(path: Path, limit: Optional[int] = None) -> List[Tuple[dict, str]]:
+def _rows(path: Path, limit: Optional[int] = None) -> Tuple[List[Tuple[dict, str]], int]:
+    """The first ``limit`` records (parsed) and the total count (parquet: from the file metadata, nothing else
+    read; JSONL: lines counted)."""
     if path.is_dir() or path.suffix == ".parquet":
-        return read_parquet_rows(path, str(path))[:limit]
-    out = []
+        import pyarrow.parquet as pq
+
+        out, total = [], 0
+        for f in parquet_files(path, str(path)):
+            pf = pq.ParquetFile(f)
+            total += pf.metadata.num_rows
+            n = 0
+            for batch in pf.iter_batches(batch_size=256):
+                if limit is not None and len(out) >= limit:
+                    break
+                for row in batch.to_pylist():
+                    n += 1
+                    if limit is None or len(out) < limit:
+                        out.append((row, f"{f.name}:{n}"))
+        return out, total
+    out, total = [], 0
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append((json.loads(line), f"{path.name}:{n}"))
-                except json.JSONDecodeError as exc:
-                    out.append(({"__error__": f"not valid JSON ({exc.msg})"}, f"{path.name}:{n}"))
-    return out[:limit]
+            if not line.strip():
+                continue
+            total += 1
+            if limit is not None and len(out) >= limit:
+                continue
+            try:
+                out.append((json.loads(line), f"{path.name}:{n}"))
+            except json.JSONDecodeError as exc:
+                out.append(({"__error__": f"not valid JSON ({exc.msg})"}, f"{path.name}:{n}"))
+    return out, total
 
 
 def _short(obj, n: int = 300) -> str:
@@ -62,8 +82,9 @@ def _short(obj, n: int = 300) -> str:
     return s if len(s) <= n else s[:n] + " ..."
 
 
-def inspect(path, n_show: int = 3, image_root: Optional[str] = None) -> dict:
-    """Detect the format and parse every record; returns {format, records, shown, problems, counts}."""
+def inspect(path, n_show: int = 3, image_root: Optional[str] = None, max_records: Optional[int] = 1000) -> dict:
+    """Detect the format and parse the first ``max_records`` records (None = all); returns {format, records
+    (the total), checked, shown, problems, counts}."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
@@ -71,19 +92,21 @@ def inspect(path, n_show: int = 3, image_root: Optional[str] = None) -> dict:
         bt = read_beir(path)
         shown = [{"query-id": q, "query": t, "relevant": bt.qrels[q]} for q, t in
                  zip(bt.query_ids[:n_show], bt.queries[:n_show])]
-        return {"format": "beir", "records": len(bt.query_ids), "shown": shown, "problems": [],
+        return {"format": "beir", "records": len(bt.query_ids), "checked": len(bt.query_ids), "shown": shown,
+                "problems": [],
                 "counts": {"queries (judged)": len(bt.query_ids), "documents": len(bt.doc_ids),
                            "queries without judgments (left out)": bt.dropped_unjudged,
                            "judgments": sum(len(r) for r in bt.qrels.values()), "languages": bt.languages}}
-    rows = _rows(path)
+    rows, total = _rows(path, max_records)
     if not rows:
-        return {"format": "empty", "records": 0, "shown": [], "problems": [f"{path}: no records"], "counts": {}}
+        return {"format": "empty", "records": 0, "checked": 0, "shown": [], "problems": [f"{path}: no records"],
+                "counts": {}}
     fmt = _detect_columns(rows[0][0].keys())
     problems, shown, counts = [], [], Counter()
     root = Path(image_root) if image_root else (path if path.is_dir() else path.parent)
     if fmt == "mmeb":
         try:
-            recs = read_mmeb_task(path, root)
+            recs = read_mmeb_task(path, root, limit=max_records)
             shown = [{"id": r.id, "query": r.query, "candidates": r.candidates[:4], "gold": r.gold} for r in recs[:n_show]]
             counts["candidates per query"] = sorted({len(r.candidates) for r in recs})
             for r in recs:
@@ -124,7 +147,7 @@ def inspect(path, n_show: int = 3, image_root: Optional[str] = None) -> dict:
                 counts["unparsable"] += 1
                 if len(problems) < MAX_PROBLEMS:
                     problems.append(str(exc))
-    return {"format": fmt, "records": len(rows), "shown": shown, "problems": problems, "counts": dict(counts),
+    return {"format": fmt, "records": total, "checked": len(rows), "shown": shown, "problems": problems, "counts": dict(counts),
             "files": [str(f) for f in (parquet_files(path) if path.is_dir() else [path])]}
 
 
@@ -138,11 +161,13 @@ def _image_paths(side) -> List[str]:
 
 def _command(args) -> int:
     try:
-        rep = inspect(args.path, n_show=args.show, image_root=args.image_root)
+        rep = inspect(args.path, n_show=args.show, image_root=args.image_root,
+                      max_records=None if args.check == 0 else args.check)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}")
         return 2
-    print(f"{args.path}: format {rep['format']}, {rep['records']} records")
+    print(f"{args.path}: format {rep['format']}, {rep['records']} records"
+          + (f" ({rep['checked']} checked)" if rep["checked"] < rep["records"] else ""))
     for k, v in rep["counts"].items():
         print(f"  {k}: {v}")
     for i, r in enumerate(rep["shown"]):
@@ -161,6 +186,8 @@ def add_inspect(data_sub) -> None:
                                             "counts, problems)")
     p.add_argument("path", help="a JSONL / parquet file, a parquet folder (MMEB task) or a BEIR folder")
     p.add_argument("--show", type=int, default=3, help="records to print (default 3)")
+    p.add_argument("--check", type=int, default=1000, help="records to parse and check (default 1000; 0 = all); "
+                                                          "the total is counted without reading the rest")
     p.add_argument("--image-root", default=None, help="folder that image paths are relative to (default: the "
                                                       "file's folder)")
     p.set_defaults(func=_command)

@@ -203,3 +203,14 @@ def test_moca_eval_command_writes_run_files_next_to_results_and_prints_the_paper
     assert res["tasks"]["vid"]["run_file"] == str(tmp_path / "out" / "vid.run")
     assert {line.split()[0] for line in run} == {"1", "2"}                   # english queries only
     assert res["summary"]["mmeb"]["categories"]["classification"]["n_tasks"] == 1
+
+
+def test_inspect_checks_only_the_first_records_of_a_large_set(tmp_path, capsys):
+    from moca.cli import main
+
+    from .published_fixtures import write_pretrain
+
+    f = write_pretrain(tmp_path / "pt.parquet", n=5)
+    assert main(["data", "inspect", str(f), "--check", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "format moca_pretrain, 5 records (2 checked)" in out and "images: 4" in out
