@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .batch import Sample
-from .processor import BadRecord, MocaProcessor
+from .processor import BadRecord, MocaProcessor, truncate_sample
 
 log = logging.getLogger("moca.data")
 
@@ -189,16 +189,19 @@ class PackingLoader:
         skip_bad: count and skip bad records instead of raising.
         shuffle: permute records each epoch (else file order).
         max_samples: optional cap on samples per micro-batch.
+        max_length: truncate each sample at this many tokens (the official recipe: 1280; an image cut by the
+            limit is dropped whole); None = no truncation (a sample above the budget is a bad record).
     """
 
     def __init__(self, records: RecordSet, processor: MocaProcessor, token_budget: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, skip_bad: bool = False, shuffle: bool = True,
-                 max_samples: Optional[int] = None):
+                 max_samples: Optional[int] = None, max_length: Optional[int] = None):
         if token_budget < 2:
             raise ValueError(f"token_budget must be >= 2, got {token_budget}")
         self.records, self.processor = records, processor
         self.token_budget, self.seed, self.rank, self.world_size = token_budget, seed, rank, world_size
         self.skip_bad, self.shuffle, self.max_samples = skip_bad, shuffle, max_samples
+        self.max_length = max_length
         self.epoch, self.cursor, self.micro_batches = 0, 0, 0
         self.skipped: Counter = Counter()
         self._order_epoch, self._order = None, None
@@ -249,6 +252,9 @@ class PackingLoader:
             try:
                 rec, rid, root = self.records.get(i)
                 sample = self.processor.process(rec, rid, root)
+                if self.max_length is not None:
+                    sample = truncate_sample(sample, self.max_length, self.processor.ids,
+                                             self.processor.image_spec.merge_size)
                 if len(sample) > self.token_budget:
                     raise BadRecord(rid, f"is {len(sample)} tokens long, more than the token budget "
                                          f"({self.token_budget})", "too_long")

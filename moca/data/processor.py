@@ -31,6 +31,41 @@ class BadRecord(ValueError):
         self.record_id, self.reason = record_id, reason
 
 
+def truncate_tokens(ids: List[int], rows: list, grids: list, limit: int, vision_start: int, m2: int):
+    """Cut token ids to ``limit``; an image block the cut falls into is removed whole with its pixel rows, as are
+    the images after it (no partial image can be encoded). ``rows`` / ``grids``: per image, in order."""
+    if limit < 1:
+        raise ValueError(f"max_length must leave room for at least one token, got {limit + 1}")
+    if len(ids) <= limit:
+        return ids, rows, grids
+    starts = [i for i, t in enumerate(ids) if t == vision_start]
+    keep = 0
+    for j, st in enumerate(starts):
+        if st + rows[j].shape[0] // m2 + 2 <= limit:
+            keep = j + 1
+        else:
+            return ids[:st], rows[:keep], grids[:keep]
+    return ids[:limit], rows[:keep], grids[:keep]
+
+
+def truncate_sample(sample: Sample, max_length: int, ids: dict, merge_size: int = 2) -> Sample:
+    """A processed sample cut to ``max_length`` tokens (its final ``<|endoftext|>`` kept), see
+    :func:`truncate_tokens`. ``ids``: the processor's role -> token id map."""
+    tok = sample.input_ids.tolist()
+    if len(tok) <= max_length:
+        return sample
+    eos = tok[-1] == ids["endoftext"]
+    if eos:
+        tok = tok[:-1]
+    grids = [tuple(g) for g in sample.image_grid_thw.tolist()] if sample.image_grid_thw is not None else []
+    rows = list(sample.pixel_values.split([t * h * w for t, h, w in grids])) if grids else []
+    tok, rows, grids = truncate_tokens(tok, rows, grids, max_length - int(eos), ids["vision_start"], merge_size ** 2)
+    if eos:
+        tok.append(ids["endoftext"])
+    return Sample(torch.tensor(tok, dtype=torch.long), torch.cat(rows) if rows else None,
+                  torch.tensor(grids, dtype=torch.long) if grids else None, sample.record_id)
+
+
 def _is_encoded(x) -> bool:
     from .published import EncodedImage
 

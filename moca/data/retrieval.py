@@ -38,7 +38,7 @@ import torch
 from .batch import Sample
 from .images import load_image, preprocess_image
 from .loader import RecordSet
-from .processor import BadRecord, MocaProcessor
+from .processor import BadRecord, MocaProcessor, truncate_tokens
 from .published import EncodedImage
 from .sampler import TaskBatchSampler
 
@@ -193,30 +193,14 @@ def build_sample(processor: MocaProcessor, side, where: str, root: Optional[Path
         ids += [processor.ids["vision_start"]] + [processor.ids["image_pad"]] * (px.shape[0] // m2) + \
                [processor.ids["vision_end"]]
     if max_length is not None:
-        ids, rows, grids = _truncate(ids, rows, grids, max_length - int(add_eos), processor.ids["vision_start"], m2)
+        ids, rows, grids = truncate_tokens(ids, rows, grids, max_length - int(add_eos), processor.ids["vision_start"],
+                                           m2)
     if add_eos:
         ids.append(processor.ids["endoftext"])
     if not ids:
         raise BadRecord(where, "gave no tokens", "empty")
     return Sample(torch.tensor(ids, dtype=torch.long), torch.cat(rows) if rows else None,
                   torch.tensor(grids, dtype=torch.long) if grids else None, where)
-
-
-def _truncate(ids: List[int], rows: list, grids: list, limit: int, vision_start: int, m2: int):
-    """Cut ``ids`` to ``limit`` tokens; an image block the cut falls into is removed with its pixel rows."""
-    if limit < 1:
-        raise ValueError(f"max_length must leave room for at least one token, got {limit + 1}")
-    if len(ids) <= limit:
-        return ids, rows, grids
-    starts = [i for i, t in enumerate(ids) if t == vision_start]
-    keep_images = 0
-    for j, st in enumerate(starts):
-        n_tokens = rows[j].shape[0] // m2 + 2
-        if st + n_tokens <= limit:
-            keep_images = j + 1
-        else:
-            return ids[:st], rows[:keep_images], grids[:keep_images]
-    return ids[:limit], rows[:keep_images], grids[:keep_images]
 
 
 # ------------------------------------------------------------------------------------------------------------

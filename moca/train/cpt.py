@@ -97,6 +97,7 @@ class DataConfig:
     pad_to_multiple: int = 1
     prefetch: int = 2                            # micro-batches prepared ahead in a background thread (0 = off)
     format: str = "moca"                         # moca | moca_pretrain (MoCa's published pre-training rows)
+    max_length: Optional[int] = None             # truncate each sample at this many tokens (official: 1280)
 
     def __post_init__(self):
         self.sources = [x if isinstance(x, SourceConfig) else from_dict(SourceConfig, x, f"data.sources[{i}]")
@@ -109,6 +110,8 @@ class DataConfig:
             raise ValueError(f"data.max_samples must be >= 1 or null, got {self.max_samples}")
         if self.prefetch < 0:
             raise ValueError(f"data.prefetch must be >= 0 (0 = off), got {self.prefetch}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"data.max_length must be >= 2 or null, got {self.max_length}")
         if self.format not in ("moca", "moca_pretrain"):
             raise ValueError(f"data.format must be 'moca' or 'moca_pretrain', got {self.format!r}")
 
@@ -196,7 +199,7 @@ def run_cpt(cfg: CptConfig, dist: Optional[DistEnv] = None) -> List[dict]:
     records = build_records(cfg.data, files)
     loader = PackingLoader(records, proc, cfg.data.token_budget, seed=cfg.train.seed, rank=dist.rank,
                            world_size=dist.world_size, skip_bad=cfg.data.skip_bad, shuffle=cfg.data.shuffle,
-                           max_samples=cfg.data.max_samples)
+                           max_samples=cfg.data.max_samples, max_length=cfg.data.max_length)
     masker = ModalityMasker(cfg.masking, proc.ids["mask"], proc.never_masked,
                             merge_size=proc.image_spec.merge_size)
     collator = CptCollator(masker, VisionSpec.from_config(backbone.vlm.config), proc.ids["endoftext"],

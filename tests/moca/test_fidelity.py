@@ -113,3 +113,26 @@ def test_truncation_at_max_length_drops_a_cut_image_whole():
     assert cut_img.pixel_values is None and cut_img.image_grid_thw is None
     assert cut_img.input_ids[-1] == proc.ids["endoftext"] and proc.ids["vision_start"] not in cut_img.input_ids
     assert n_text > 3
+
+
+def test_stage1_truncation_keeps_the_final_endoftext_and_whole_images(tmp_path):
+    from PIL import Image
+
+    from moca.data.loader import PackingLoader, RecordSet
+    from moca.data.processor import truncate_sample
+
+    proc = MocaProcessor.tiny(56)
+    Image.new("RGB", (56, 56), (10, 200, 10)).save(tmp_path / "g.png")
+    rec = {"content": [{"text": "one two three four"}, {"image": "g.png"}, {"text": "five six seven eight"}]}
+    full = proc.process(rec, "r", tmp_path)
+    eos = proc.ids["endoftext"]
+    assert full.input_ids[-1] == eos and truncate_sample(full, 10 ** 4, proc.ids) is full
+    n_before = full.input_ids.tolist().index(proc.ids["vision_start"])
+    cut = truncate_sample(full, n_before + 3, proc.ids)            # the cut falls inside the image: it goes
+    assert cut.input_ids.tolist() == full.input_ids.tolist()[:n_before] + [eos] and cut.pixel_values is None
+    keep = truncate_sample(full, full.input_ids.numel() - 2, proc.ids)   # the cut falls in the last text
+    assert keep.input_ids.numel() == full.input_ids.numel() - 2 and keep.input_ids[-1] == eos
+    assert torch.equal(keep.pixel_values, full.pixel_values)
+    (tmp_path / "d.jsonl").write_text(json.dumps(rec) + "\n")
+    loader = PackingLoader(RecordSet([tmp_path / "d.jsonl"]), proc, token_budget=n_before + 1, max_length=n_before + 1)
+    assert [len(s) for s in loader.next_micro_batch()] == [n_before + 1]

@@ -41,6 +41,7 @@ def test_recipe_loads(name, cls_path, tmp_path, monkeypatch):
     if name.startswith("cpt"):
         assert len(cfg.data.sources) == 10 and all(s.max_records == 500000 for s in cfg.data.sources)
         assert cfg.train.lr == 2e-6 and cfg.masking.image_mask_mode == "bernoulli" and not cfg.loss.mae_head_norm
+        assert cfg.data.max_length == 1280 and cfg.data.format == "moca_pretrain"
     elif name.startswith("cl"):
         assert len(cfg.data.subsets) == 30 and all(s.format == "pairs" for s in cfg.data.subsets)
         assert cfg.train.lr == 2e-5 and cfg.loss.temperature == 0.03 and cfg.data.hard_negatives == 2
