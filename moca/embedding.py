@@ -81,8 +81,10 @@ class MocaEmbedder(nn.Module):
     Args:
         backbone: :class:`~moca.modeling.MocaBackbone` (bidirectional, or causal for ablations).
         processor: its :class:`~moca.data.processor.MocaProcessor`.
-        pooling: ``mean`` (default), ``eos`` or ``last``.
+        pooling: ``mean``, ``eos`` or ``last``; None = by attention (mean if bidirectional, last if causal).
         normalize: L2-normalise (default True).
+        append_eos: end every input with ``<|endoftext|>`` (default False, as the official inputs; ``eos``
+            pooling appends it regardless).
     """
 
     def __init__(self, backbone: MocaBackbone, processor: MocaProcessor, pooling: Optional[str] = None,

@@ -12,8 +12,8 @@ A **side** is what one embedding is computed from. Accepted forms (records in JS
     ["Look:", PIL.Image, {"image": "y.png"}, "and"]  interleaved (Python only: str = text, PIL image / Path = image)
 
 An instruction (per subset or per call) becomes a leading text segment. A side becomes
-``[instruction] segments... <|endoftext|>`` (no ``<|endoftext|>`` for last-token pooling), each image expanded
-into ``<|vision_start|> <|image_pad|> x n <|vision_end|>`` exactly as in Stage 1.
+``[instruction] segments... [<|endoftext|>]`` (the end token only when asked: ``append_eos`` / ``eos`` pooling),
+each image expanded into ``<|vision_start|> <|image_pad|> x n <|vision_end|>`` exactly as in Stage 1.
 
 A **pair record** (one JSONL line of a Stage 2 subset)::
 
@@ -153,7 +153,7 @@ def build_sample(processor: MocaProcessor, side, where: str, root: Optional[Path
         where: the item's name in error messages (``texts[3]``, ``file.jsonl:17 positive``).
         root: folder that relative image paths resolve against.
         instruction: text put before the side (None or "" = none).
-        add_eos: end with ``<|endoftext|>`` (mean and EOS pooling; last-token pooling takes the last content token).
+        add_eos: end with ``<|endoftext|>`` (the embedder's ``append_eos`` or ``eos`` pooling).
         max_length: keep at most this many tokens (the official code truncates at 1280); an image that the
             limit cuts is dropped whole (its tokens and pixel rows), and so are the images after it. None = no
             limit.
