@@ -198,12 +198,14 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "model": ["transformers>=5.17", "tokenizers", "safetensors", "pillow", "pyyaml", "tqdm",
-                  "matplotlib"],  # tensorboard optional; matplotlib: moca demo's loss-curve PNG
+                  "matplotlib", "pyarrow"],  # tensorboard optional; matplotlib: moca demo's loss-curve PNG;
+                                             # pyarrow: the published (parquet) data sets
         "lora": ["peft>=0.10"],   # Stage 2 with lora.enabled: true
         "bench": ["matplotlib"],
         "test": ["pytest", "wheel", "triton>=3.0", "transformers>=5.17", "tokenizers", "safetensors", "pillow", "matplotlib",
                  "peft>=0.10", "pyarrow",  # peft, pyarrow: the LoRA and parquet tests run instead of skipping
-                 "hypothesis"],  # the kernel argument fuzz (tests/moca_kernels/test_fuzz.py)
+                 "hypothesis",  # the kernel argument fuzz (tests/moca_kernels/test_fuzz.py)
+                 "pytrec-eval-terrier", "ranx"],  # the metrics are checked against trec_eval and ranx
     },
     entry_points={"console_scripts": ["moca=moca.cli:main"]},
     zip_safe=False,

@@ -115,7 +115,8 @@ def baseline_loss(mlm_fn):
         dec = model.mae_decoder
         out = dec.layer(hidden, attention_mask=mask4, position_embeddings=rope, use_cache=False)
         out = out[0] if isinstance(out, tuple) else out
-        pred = dec.head(dec.norm(out.reshape(-1, H).index_select(0, batch.mae_positions)))
+        picked = out.reshape(-1, H).index_select(0, batch.mae_positions)
+        pred = dec.head(dec.norm(picked) if dec.norm is not None else picked)   # no norm by default (official head)
         mae = F.mse_loss(pred.float(), batch.mae_target.float())
         return mlm + 0.1 * mae
     return loss

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--docs", type=int, default=400, help="number of documents (default 400)")
     emb.add_argument("--seed", type=int, default=0, help="seed (the same seed writes the same files)")
     emb.set_defaults(func=_data_embedded)
+    from .data.inspect import add_inspect
+
+    add_inspect(data_sub)
     for hook in _EXTENSIONS:
         hook(sub, train_sub)
     return parser

@@ -162,6 +162,9 @@ def stage1_config(s: DemoSettings, data: dict, causal: bool, out: Path, progress
     return from_dict(CptConfig, {
         "model": _model_section(s, causal),
         "data": {"train": [data["cpt"]], "token_budget": s.stage1_token_budget},
+        # the settings the README's demo table was measured with (the library defaults follow the official
+        # code: Bernoulli image masking, no norm in the MAE head)
+        "masking": {"image_mask_mode": "exact"}, "loss": {"mae_head_norm": True},
         "train": _train_section(s, out, s.stage1_steps, s.stage1_lr, 0.1, progress)})
 
 
@@ -170,7 +173,9 @@ def stage2_config(s: DemoSettings, data: dict, causal: bool, out: Path, start: O
     from .train.contrastive import ClConfig
 
     return from_dict(ClConfig, {
-        "model": _model_section(s, causal, start),
+        # the demo keeps the settings its README table was measured with (mean pooling for both attentions,
+        # <|endoftext|> appended); the library's defaults follow the official code (moca/configs/*_paper.yaml)
+        "model": dict(_model_section(s, causal, start), pooling="mean", append_eos=True),
         "data": {"subsets": data["subsets"], "global_batch_size": s.batch_size, "hard_negatives": s.hard_negatives},
         "loss": {"temperature": s.temperature},
         "grad_cache": {"enabled": s.grad_cache, "query_chunk_size": max(s.batch_size // 2, 1),
@@ -188,7 +193,7 @@ def initial_embedder(s: DemoSettings, causal: bool):
 
     mc = from_dict(ClModelConfig, _model_section(s, causal))
     bb, proc = build_model_and_processor(mc, None)
-    return MocaEmbedder(bb, proc)
+    return MocaEmbedder(bb, proc, pooling="mean", append_eos=True)    # as in stage2_config
 
 
 def _evaluate(embedder, data: dict, s: DemoSettings, device, progress: bool = False) -> dict:

@@ -10,8 +10,10 @@
     scores = q @ d.T                                                               # cosine similarities
 
 A sample's embedding pools the final hidden states of the bidirectional language model over the sample's own
-tokens (instruction, text, image tokens and the final ``<|endoftext|>``): ``mean`` (MoCa's default), ``eos``
-(the ``<|endoftext|>`` token) or ``last`` (the last content token; no ``<|endoftext|>`` is appended). Batches
+tokens (instruction, text and image tokens): ``mean`` (MoCa's default for bidirectional models), ``last`` (the
+last token; the default for a causal model, as the official code pools causal models) or ``eos`` (an appended
+``<|endoftext|>``). As in the official inputs, no ``<|endoftext|>`` is appended unless ``append_eos=True`` (or
+``eos`` pooling); a pooling left unset follows the attention (mean if bidirectional, last if causal). Batches
 are packed into one row, one attention document per sample, through ``moca_kernels.masked_attention``: no
 padding is computed, and the result equals the padded batch (``packed=False``) up to rounding.
 """
@@ -33,6 +35,11 @@ from .data.retrieval import _is_pil, build_sample
 from .modeling import MOCA_CONFIG, MocaBackbone
 
 POOLINGS = ("mean", "eos", "last")
+
+
+def default_pooling(causal: bool) -> str:
+    """The official pooling for an attention: ``last`` for a causal model, ``mean`` for a bidirectional one."""
+    return "last" if causal else "mean"
 
 
 def pool_hidden(hidden: torch.Tensor, sample_index: torch.Tensor, n_samples: int, pooling: str = "mean",
@@ -74,40 +81,47 @@ class MocaEmbedder(nn.Module):
     Args:
         backbone: :class:`~moca.modeling.MocaBackbone` (bidirectional, or causal for ablations).
         processor: its :class:`~moca.data.processor.MocaProcessor`.
-        pooling: ``mean`` (default), ``eos`` or ``last``.
+        pooling: ``mean``, ``eos`` or ``last``; None = by attention (mean if bidirectional, last if causal).
         normalize: L2-normalise (default True).
+        append_eos: end every input with ``<|endoftext|>`` (default False, as the official inputs; ``eos``
+            pooling appends it regardless).
     """
 
-    def __init__(self, backbone: MocaBackbone, processor: MocaProcessor, pooling: str = "mean",
-                 normalize: bool = True):
+    def __init__(self, backbone: MocaBackbone, processor: MocaProcessor, pooling: Optional[str] = None,
+                 normalize: bool = True, append_eos: bool = False):
         super().__init__()
+        pooling = pooling or default_pooling(backbone.causal)
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.backbone = backbone
         self.processor = processor
         self.pooling = pooling
         self.normalize = normalize
+        self.append_eos = bool(append_eos)
+        self.max_length: Optional[int] = None     # truncate inputs at this many tokens (official eval: 1280)
         self.spec = VisionSpec.from_config(backbone.vlm.config)
         self.prompts: dict = {}   # name -> instruction: encode(prompt_name=...), MTEB (sentence-transformers' way)
 
     # -- construction -----------------------------------------------------------------------------------
 
     @classmethod
-    def tiny(cls, seed: int = 0, causal: bool = False, pooling: str = "mean", image_size: int = 112,
-             **sizes) -> "MocaEmbedder":
+    def tiny(cls, seed: int = 0, causal: bool = False, pooling: Optional[str] = None, image_size: int = 112,
+             append_eos: bool = False, **sizes) -> "MocaEmbedder":
         """The tiny default model (random init from ``seed``) with the shipped tokenizer (tests, the demo)."""
         proc = MocaProcessor.tiny(image_size=image_size)
         bb = MocaBackbone.tiny(proc.vocab_size, proc.ids, causal=causal, seed=seed, **sizes)
-        return cls(bb, proc, pooling=pooling)
+        return cls(bb, proc, pooling=pooling, append_eos=append_eos)
 
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], pooling: Optional[str] = None,
                         causal: Optional[bool] = None, dtype: Optional[torch.dtype] = None,
-                        device: Optional[Union[str, torch.device]] = None) -> "MocaEmbedder":
+                        device: Optional[Union[str, torch.device]] = None,
+                        append_eos: Optional[bool] = None) -> "MocaEmbedder":
         """Load a local checkpoint directory: a moca save (Stage 1 or 2) or a plain Qwen2-VL / Qwen2.5-VL one.
 
-        ``pooling`` / ``causal`` default to what the checkpoint was saved with (mean, bidirectional for a
-        plain checkpoint). Never touches the network.
+        ``pooling`` / ``causal`` / ``append_eos`` default to what the checkpoint was saved with (for a plain or
+        released checkpoint: bidirectional, pooling by attention, no ``<|endoftext|>``; a moca save from before
+        ``append_eos`` existed was trained with it, so it keeps it). Never touches the network.
         """
         if pooling is not None and pooling not in POOLINGS:   # before any weights load
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -121,7 +135,10 @@ class MocaEmbedder(nn.Module):
         rows = bb.language_model.embed_tokens.weight.shape[0]
         if proc.ids["mask"] >= rows:   # a plain checkpoint: the added <|mask|> token needs a row (never used here)
             bb.vlm.resize_token_embeddings(proc.vocab_size)
-        model = cls(bb, proc, pooling=pooling or emb.get("pooling", "mean"), normalize=emb.get("normalize", True))
+        if append_eos is None:
+            append_eos = emb.get("append_eos", bool(emb))
+        model = cls(bb, proc, pooling=pooling or emb.get("pooling"), normalize=emb.get("normalize", True),
+                    append_eos=append_eos)
         model.name_or_path = str(path)
         if device is not None:
             model.to(device)
@@ -129,7 +146,8 @@ class MocaEmbedder(nn.Module):
 
     def save_pretrained(self, path: Union[str, os.PathLike], extra_meta: Optional[dict] = None) -> None:
         """Save weights, tokenizer, image settings and the pooling, loadable by :meth:`from_pretrained`."""
-        meta = {"embedding": {"pooling": self.pooling, "normalize": self.normalize}, **(extra_meta or {})}
+        meta = {"embedding": {"pooling": self.pooling, "normalize": self.normalize, "append_eos": self.append_eos},
+                **(extra_meta or {})}
         self.backbone.save_pretrained(path, extra_meta=meta)
         self.processor.save_pretrained(path)
 
@@ -146,13 +164,15 @@ class MocaEmbedder(nn.Module):
 
     @property
     def add_eos(self) -> bool:
-        return self.pooling != "last"
+        """Whether each input ends with ``<|endoftext|>`` (``append_eos``, or ``eos`` pooling, which pools it)."""
+        return self.append_eos or self.pooling == "eos"
 
     # -- the differentiable path (training) ---------------------------------------------------------------
 
     def sample(self, side, where: str, instruction: Optional[str] = None, root: Optional[Path] = None) -> Sample:
         """One input (text, image or interleaved list; see :mod:`moca.data.retrieval`) -> :class:`Sample`."""
-        return build_sample(self.processor, side, where, root=root, instruction=instruction, add_eos=self.add_eos)
+        return build_sample(self.processor, side, where, root=root, instruction=instruction, add_eos=self.add_eos,
+                            max_length=getattr(self, "max_length", None))
 
     def collate(self, samples: Sequence[Sample], packed: bool = True) -> Batch:
         """Samples -> one packed row (``packed=True``) or right-padded rows, on the CPU."""

@@ -296,11 +296,12 @@ class MocaBackbone(nn.Module):
 
 class MaeDecoder(nn.Module):
     """MoCa's MAE decoder: one bidirectional decoder layer of the LM's shape (initialised from its middle
-    layer), a final RMSNorm (from the LM's final norm), and ``Linear(hidden -> 4 * 1176)`` applied only at the
-    masked image tokens.
+    layer) and ``Linear(hidden -> 4 * 1176)`` applied only at the masked image tokens, as the official code
+    (its decoder layer's output goes straight to the projection). ``norm=True`` adds an RMSNorm (a copy of the
+    LM's final norm) before the projection (``loss.mae_head_norm``; this project's earlier head).
     """
 
-    def __init__(self, backbone: MocaBackbone, out_dim: int = 4 * PIXEL_ROW):
+    def __init__(self, backbone: MocaBackbone, out_dim: int = 4 * PIXEL_ROW, norm: bool = False):
         super().__init__()
         layers = backbone.language_model.layers
         self.source_layer = len(layers) // 2
@@ -308,7 +309,7 @@ class MaeDecoder(nn.Module):
         for m in self.layer.modules():   # share the LM's config, so switching attention switches the decoder too
             if getattr(m, "config", None) is not None:
                 m.config = backbone.language_model.config
-        self.norm = copy.deepcopy(backbone.language_model.norm)
+        self.norm = copy.deepcopy(backbone.language_model.norm) if norm else None
         self.head = nn.Linear(backbone.hidden_size, out_dim)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
@@ -335,5 +336,7 @@ class MaeDecoder(nn.Module):
         out = self.layer(hidden, attention_mask=mask, position_ids=None, position_embeddings=position_embeddings,
                          use_cache=False, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
-        picked = self.norm(out.reshape(B * S, H).index_select(0, positions))
+        picked = out.reshape(B * S, H).index_select(0, positions)
+        if self.norm is not None:
+            picked = self.norm(picked)
         return self.head(picked)

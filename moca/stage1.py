@@ -24,6 +24,7 @@ class LossConfig:
     mlm_weight: float = 1.0
     mae_weight: float = 0.1
     norm_pix: bool = False
+    mae_head_norm: bool = False         # an RMSNorm before the MAE projection (the official head has none)
     impl: Optional[str] = None          # force a moca_kernels backend for both losses (None = automatic)
 
     def __post_init__(self):
@@ -55,8 +56,9 @@ class CptModel(nn.Module):
                  mae_decoder: Optional[MaeDecoder] = None):
         super().__init__()
         self.backbone = backbone
-        self.mae_decoder = mae_decoder if mae_decoder is not None else MaeDecoder(backbone)
         self.loss_config = loss or LossConfig()
+        self.mae_decoder = mae_decoder if mae_decoder is not None else \
+            MaeDecoder(backbone, norm=self.loss_config.mae_head_norm)
 
     def forward(self, batch) -> Dict[str, torch.Tensor]:
         """Losses of one collated Stage 1 batch.

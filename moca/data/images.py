@@ -8,11 +8,13 @@ checkpoint share one code path and no image library beyond Pillow is needed. A c
 Reading the images that data records name goes through two functions here, for every reader of record files
 (Stage 1 and 2 loaders, evaluation, format readers): :func:`resolve_image_path` (a record's path, confined to its
 data folder unless allowed) and :func:`open_image` / :func:`check_image` (a pixel bound checked from the header
-before decoding, Qwen's shape rule, every failure an :class:`ImageError` naming the file with a reason).
+before decoding, Qwen's shape rule, every failure an :class:`ImageError` naming the file with a reason);
+:func:`open_image_bytes` applies the same checks to images kept as bytes (published parquet sets).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -193,9 +195,8 @@ def resolve_image_path(path, root=None, allow_outside: bool = False) -> Path:
 
 
 def _open(path, max_pixels: Optional[int]):
-    """Image.open (header only) with moca's pixel bound in place of Pillow's; ImageError for every failure."""
-    from PIL import Image, UnidentifiedImageError
-
+    """Image.open of a file (header only) with moca's pixel bound in place of Pillow's; ImageError for every
+    failure (also for a path that is not a regular file)."""
     p = Path(path)
     try:
         exists, is_dir, is_file = p.exists(), p.is_dir(), p.is_file()
@@ -207,13 +208,22 @@ def _open(path, max_pixels: Optional[int]):
         raise ImageError(f"image {p} is a directory, not an image file", "missing_image")
     if not is_file:                                 # a pipe or a device would block or never end
         raise ImageError(f"image {p} is not a regular file", "not_an_image")
+    return _open_pil(p, p, max_pixels)
+
+
+def _open_pil(source, name, max_pixels: Optional[int]):
+    """Image.open of ``source`` (a path or a file object of encoded bytes; ``name`` in messages), header only,
+    with moca's pixel bound in place of Pillow's; ImageError for every failure."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = name
     pil_limit = Image.MAX_IMAGE_PIXELS
     if pil_limit is not None and (max_pixels is None or 2 * pil_limit < max_pixels):
         Image.MAX_IMAGE_PIXELS = None if max_pixels is None else max_pixels   # ours is the bound that applies
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(p)
+            im = Image.open(source)
     except Image.DecompressionBombError as exc:      # above twice Pillow's own bound, which is above ours
         raise ImageError(f"image {p} has more than {2 * Image.MAX_IMAGE_PIXELS} pixels, more than max_image_pixels "
                          f"({max_pixels}); it was not decoded", "image_too_large") from exc
@@ -255,6 +265,16 @@ def check_image(path, spec: Optional[ImageSpec] = None, max_pixels: Optional[int
             check_image_size(im.width, im.height, spec, f"image {path}")
 
 
+def check_image_bytes(data, name: str, spec: Optional[ImageSpec] = None,
+                      max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+    """:func:`check_image` for an image given as encoded bytes (``name`` in messages): header only."""
+    if not isinstance(data, (bytes, bytearray, memoryview)) or not len(data):
+        raise ImageError(f"image {name}: its bytes are empty or not bytes ({type(data).__name__})", "not_an_image")
+    with _open_pil(io.BytesIO(bytes(data)), name, max_pixels) as im:
+        if spec is not None:
+            check_image_size(im.width, im.height, spec, f"image {name}")
+
+
 def open_image(path, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, spec: Optional[ImageSpec] = None):
     """Open and fully decode an image as RGB; the one place moca reads image files.
 
@@ -263,14 +283,29 @@ def open_image(path, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, spec:
     ``spec``, the shape suits Qwen's resize rule. Raises :class:`ImageError` naming the file and the cause
     (also for a truncated or corrupt file found while decoding).
     """
-    with _open(path, max_pixels) as im:
+    return _decode(_open(path, max_pixels), path, spec)
+
+
+def open_image_bytes(data, name: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+                     spec: Optional[ImageSpec] = None):
+    """:func:`open_image` for an image given as its encoded bytes (a parquet cell of a published set):
+    the same checks before decoding (a known format, width x height <= ``max_pixels``, with ``spec`` Qwen's
+    shape rule) and the same :class:`ImageError` reasons, naming the image by ``name`` (``file.parquet:row``)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)) or not len(data):
+        raise ImageError(f"image {name}: its bytes are empty or not bytes ({type(data).__name__})", "not_an_image")
+    return _decode(_open_pil(io.BytesIO(bytes(data)), name, max_pixels), name, spec)
+
+
+def _decode(im, name, spec: Optional[ImageSpec]):
+    """Shape check (with ``spec``), then full decode as RGB of an image opened by :func:`_open_pil`."""
+    with im:
         if spec is not None:
-            check_image_size(im.width, im.height, spec, f"image {path}")
+            check_image_size(im.width, im.height, spec, f"image {name}")
         try:
             im.load()
             return im.convert("RGB")
         except (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError) as exc:
-            raise ImageError(f"image {path} cannot be decoded ({type(exc).__name__}: {exc})"[:300],
+            raise ImageError(f"image {name} cannot be decoded ({type(exc).__name__}: {exc})"[:300],
                              "corrupt_image") from exc
 
 

@@ -22,13 +22,14 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .batch import Sample
 from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageRoot
-from .processor import BadRecord, MocaProcessor
+from .processor import BadRecord, MocaProcessor, truncate_sample
 
 log = logging.getLogger("moca.data")
 
@@ -85,19 +86,77 @@ def read_lines(path: Path) -> Iterator[Tuple[int, bytes]]:
                 yield n, line
 
 
+class _ParquetRows:
+    """Row access into one parquet file, one row group at a time (the last two row groups read are kept)."""
+
+    def __init__(self, path: Path):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as exc:
+            raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow), or convert it to JSONL") from exc
+        self.path = path
+        md = pq.ParquetFile(path).metadata
+        self.num_rows = md.num_rows
+        self.starts = [0]
+        for g in range(md.num_row_groups):
+            self.starts.append(self.starts[-1] + md.row_group(g).num_rows)
+        self._file = None
+        self._cache: Dict[int, list] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self):          # picklable (worker processes): the open file and the cache stay behind
+        return {"path": self.path, "num_rows": self.num_rows, "starts": self.starts}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _file=None, _cache={}, _lock=threading.Lock())
+
+    def row(self, n: int) -> dict:
+        import bisect
+
+        import pyarrow.parquet as pq
+
+        g = bisect.bisect_right(self.starts, n) - 1
+        with self._lock:
+            rows = self._cache.get(g)
+            if rows is None:
+                if self._file is None:
+                    self._file = pq.ParquetFile(self.path)
+                rows = self._file.read_row_group(g).to_pylist()
+                if len(self._cache) >= 2:
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[g] = rows
+        return dict(rows[n - self.starts[g]])
+
+
+class _LazyRow:
+    __slots__ = ("src", "n")
+
+    def __init__(self, src: _ParquetRows, n: int):
+        self.src, self.n = src, n
+
+
 class RecordSet:
     """Records of one or more local files, kept as raw lines/rows and parsed on access.
 
     Args:
-        paths: JSONL (``.jsonl`` / ``.json``) or parquet (``.parquet``) files.
+        paths: JSONL (``.jsonl`` / ``.json``) or parquet (``.parquet``) files, or folders of them (searched
+            recursively, files in sorted order).
+        format: ``moca`` (records as they are) or ``moca_pretrain`` (MoCa's published pre-training rows,
+            ``text`` with ``<|vision_start|><|image_pad|><|vision_end|>`` placeholders and ``images`` as bytes,
+            converted by :func:`moca.data.published.pretrain_record`; a row it cannot convert is a bad record).
         image_root: folder that relative image paths resolve against (default: each file's own folder).
         allow_outside_paths: allow image paths that resolve outside that folder (``../``, absolute paths
             elsewhere, symlinks out); by default they make the record bad.
-        max_image_pixels: bound on an image's width x height, from its header (None = no bound).
+        max_image_pixels: bound on an image's width x height, from its header (None = no bound); it applies to
+            images given as bytes too.
     """
 
-    def __init__(self, paths: Union[str, Path, Sequence[Union[str, Path]]], image_root: Optional[Union[str, Path]] = None,
-                 allow_outside_paths: bool = False, max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
+    def __init__(self, paths: Union[str, Path, Sequence[Union[str, Path]]], format: str = "moca",
+                 image_root: Optional[Union[str, Path]] = None, allow_outside_paths: bool = False,
+                 max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
+        if format not in ("moca", "moca_pretrain"):
+            raise ValueError(f"data format must be 'moca' or 'moca_pretrain', got {format!r}")
+        self.format = format
         if isinstance(paths, (str, Path)):
             paths = [paths]
         if image_root is not None and not Path(image_root).is_dir():
@@ -105,8 +164,17 @@ class RecordSet:
         self.image_root, self.allow_outside_paths = image_root, allow_outside_paths
         self.max_image_pixels = max_image_pixels
         self._roots: Dict[Path, ImageRoot] = {}
+        expanded: List[Path] = []
+        for p in map(Path, paths):     # a folder (a downloaded dataset) stands for its parquet / JSONL files
+            if p.is_dir():
+                found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".parquet", ".jsonl"))
+                if not found:
+                    raise FileNotFoundError(f"data folder {p} holds no .parquet or .jsonl file")
+                expanded += found
+            else:
+                expanded.append(p)
         self.items: List[Tuple[object, Path, int]] = []     # (raw, file, line/row number)
-        for p in map(Path, paths):
+        for p in expanded:
             if not p.exists():
                 raise FileNotFoundError(f"data file {p} does not exist")
             if p.suffix == ".parquet":
@@ -117,15 +185,42 @@ class RecordSet:
             raise ValueError(f"no records in {', '.join(map(str, paths))}")
 
     def _read_parquet(self, p: Path) -> None:
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as exc:
-            raise ImportError(f"reading {p} needs pyarrow (pip install pyarrow), or convert it to JSONL") from exc
-        for n, row in enumerate(pq.read_table(p).to_pylist(), 1):
-            self.items.append((row, p, n))
+        """Index the rows of a parquet file without reading them: a row is read (with its row group) on access,
+        so sets holding image bytes (the published pre-training data) are not loaded into memory."""
+        src = _ParquetRows(p)
+        self.items += [(_LazyRow(src, n), p, n + 1) for n in range(src.num_rows)]
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def limit(self, n: Optional[int], seed: Optional[int] = None) -> "RecordSet":
+        """Keep at most ``n`` records: the first n (``seed`` None, as the official Stage 2 caps its subsets) or
+        n drawn at random with ``seed`` (as the official Stage 1 caps its sources), in file order. In place."""
+        if n is not None and n < len(self.items):
+            if n < 1:
+                raise ValueError(f"a record cap must be >= 1, got {n}")
+            if seed is None:
+                self.items = self.items[:n]
+            else:
+                keep = sorted(random.Random(seed).sample(range(len(self.items)), n))
+                self.items = [self.items[i] for i in keep]
+        return self
+
+    def extend(self, other: "RecordSet") -> "RecordSet":
+        """Append another set's records (same format). In place. The image roots of ``other``'s files come
+        along as ``other`` set them (its ``image_root``, ``allow_outside_paths`` and ``max_image_pixels``), so
+        merging sets never loosens or moves the confinement of either."""
+        if other.format != self.format:
+            raise ValueError(f"cannot merge record sets of formats {self.format!r} and {other.format!r}")
+        mine = set(p for _, p, _ in self.items)
+        for path in dict.fromkeys(p for _, p, _ in other.items):
+            root = other.root_of(path)
+            if path in mine and self.root_of(path) != root:
+                raise ValueError(f"cannot merge record sets reading {path} with different image settings "
+                                 f"({self.root_of(path)} and {root})")
+            self._roots[path] = root
+        self.items += other.items
+        return self
 
     def root_of(self, path: Path) -> ImageRoot:
         """The :class:`~moca.data.images.ImageRoot` of records from data file ``path``."""
@@ -135,18 +230,33 @@ class RecordSet:
         return self._roots[path]
 
     def get(self, i: int) -> Tuple[dict, str, ImageRoot]:
-        """(record, record id, :class:`~moca.data.images.ImageRoot` for its image paths). Raises BadRecord for
-        a line that is not UTF-8 or not JSON, or a record nested too deeply."""
+        """(record, record id, :class:`~moca.data.images.ImageRoot` for its image paths and bytes). Raises
+        BadRecord for a line that is not UTF-8 or not JSON, a record nested too deeply, a parquet ``content``
+        that is not valid JSON, or a ``moca_pretrain`` row that cannot be converted."""
         raw, path, n = self.items[i]
         where = f"{path.name}:{n}"
+        if isinstance(raw, _LazyRow):
+            raw = raw.src.row(raw.n)
         if isinstance(raw, (str, bytes)):
             rec = parse_record_line(raw, where)
         else:
             rec = raw
             if isinstance(rec.get("content"), str):      # parquet: the segment list as a JSON string
-                rec = dict(rec, content=parse_record_line(rec["content"], f"{where} content"))
+                try:
+                    rec = dict(rec, content=parse_record_line(rec["content"], where))
+                except BadRecord as exc:
+                    raise BadRecord(where, "'content' " + str(exc).removeprefix(f"record {where}: "),
+                                    exc.reason) from exc
             elif _too_deep(rec):
                 raise BadRecord(where, f"is nested more than {MAX_NESTING} levels deep", "malformed")
+        if self.format == "moca_pretrain" and isinstance(rec, dict):
+            from .published import pretrain_record
+
+            try:
+                rec = pretrain_record(rec, where)
+            except ValueError as exc:
+                raise BadRecord(where, str(exc).removeprefix(f"{where}: ").removeprefix(f"{where} "),
+                                "malformed") from exc
         rid = f"{rec.get('id')} ({where})" if isinstance(rec, dict) and rec.get("id") is not None else where
         return rec, rid, self.root_of(path)
 
@@ -168,16 +278,19 @@ class PackingLoader:
         skip_bad: count and skip bad records instead of raising.
         shuffle: permute records each epoch (else file order).
         max_samples: optional cap on samples per micro-batch.
+        max_length: truncate each sample at this many tokens (the official recipe: 1280; an image cut by the
+            limit is dropped whole); None = no truncation (a sample above the budget is a bad record).
     """
 
     def __init__(self, records: RecordSet, processor: MocaProcessor, token_budget: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, skip_bad: bool = False, shuffle: bool = True,
-                 max_samples: Optional[int] = None):
+                 max_samples: Optional[int] = None, max_length: Optional[int] = None):
         if token_budget < 2:
             raise ValueError(f"token_budget must be >= 2, got {token_budget}")
         self.records, self.processor = records, processor
         self.token_budget, self.seed, self.rank, self.world_size = token_budget, seed, rank, world_size
         self.skip_bad, self.shuffle, self.max_samples = skip_bad, shuffle, max_samples
+        self.max_length = max_length
         self.epoch, self.cursor, self.micro_batches = 0, 0, 0
         self.skipped: Counter = Counter()     # reason -> distinct bad records met (each counted once)
         self.bad: Dict[int, str] = {}         # record index -> reason, for the records found bad so far
@@ -236,6 +349,9 @@ class PackingLoader:
             try:
                 rec, rid, root = self.records.get(i)
                 sample = self.processor.process(rec, rid, root)
+                if self.max_length is not None:
+                    sample = truncate_sample(sample, self.max_length, self.processor.ids,
+                                             self.processor.image_spec.merge_size)
                 if len(sample) > self.token_budget:
                     raise BadRecord(rid, f"is {len(sample)} tokens long, more than the token budget "
                                          f"({self.token_budget})", "too_long")

@@ -2,8 +2,10 @@
 
 Text: every eligible token (not special, not a vision token) is replaced by ``<|mask|>`` with probability
 ``text_ratio`` (0.4), no 80/10/10 split; its label is the original token at the same position.
-Images: the unit is one merged LLM image token (``merge_size ** 2`` = 4 patch rows); in each image
-``round(image_ratio * n_units)`` units (0.5) are chosen uniformly without replacement. How the chosen units
+Images: the unit is one merged LLM image token (``merge_size ** 2`` = 4 patch rows); each unit is masked
+independently with probability ``image_ratio`` (0.5; ``image_mask_mode: bernoulli``, the official rule), or
+(``image_mask_mode: exact``) in each image exactly ``round(image_ratio * n_units)`` units are chosen uniformly
+without replacement. How the chosen units
 reach the vision tower (noise / a learned mask token / dropped) is applied by :func:`moca.data.batch.collate`;
 the MAE targets are always the original rows.
 
@@ -31,12 +33,15 @@ class MaskingConfig:
     text_ratio: float = 0.4
     image_ratio: float = 0.5
     image_corruption: str = "noise"
+    image_mask_mode: str = "bernoulli"      # bernoulli (official: each merged token with p = image_ratio) | exact
 
     def __post_init__(self):
         if not 0.0 <= self.text_ratio <= 1.0:
             raise ValueError(f"text_ratio must be in [0, 1], got {self.text_ratio}")
         if not 0.0 <= self.image_ratio < 1.0:
             raise ValueError(f"image_ratio must be in [0, 1), got {self.image_ratio}")
+        if self.image_mask_mode not in ("bernoulli", "exact"):
+            raise ValueError(f"image_mask_mode must be 'bernoulli' or 'exact', got {self.image_mask_mode!r}")
         if self.image_corruption not in CORRUPTIONS:
             raise ValueError(f"image_corruption must be one of {CORRUPTIONS}, got {self.image_corruption!r}")
 
@@ -69,6 +74,9 @@ class ModalityMasker:
         if sample.image_grid_thw is not None and len(sample.image_grid_thw):
             parts = []
             for n in (sample.image_grid_thw.prod(-1) // self.m2).tolist():
+                if self.config.image_mask_mode == "bernoulli":
+                    parts.append(torch.rand(n, generator=generator) < self.config.image_ratio)
+                    continue
                 k = int(math.floor(self.config.image_ratio * n + 0.5))
                 m = torch.zeros(n, dtype=torch.bool)
                 m[torch.randperm(n, generator=generator)[:k]] = True

@@ -1,7 +1,8 @@
 """Records -> samples: tokenise interleaved text and images into one sequence with Qwen's vision tokens.
 
 A record is a dict with ``content``: a list of segments, each ``{"text": str}`` or ``{"image": path}``
-(relative paths are resolved against the record file's folder). Shorthands: ``{"text": ...}``,
+(relative paths are resolved against the record file's folder), or ``{"image": EncodedImage}`` (bytes, from
+the published pre-training sets). Shorthands: ``{"text": ...}``,
 ``{"image": ...}``, or both (image first, then text). An image becomes
 ``<|vision_start|> <|image_pad|> x n <|vision_end|>`` with n = its merged tokens; the sample ends with
 ``<|endoftext|>``.
@@ -32,6 +33,47 @@ class BadRecord(ValueError):
         self.record_id, self.reason = record_id, reason
 
 
+def truncate_tokens(ids: List[int], rows: list, grids: list, limit: int, vision_start: int, m2: int):
+    """Cut token ids to ``limit``; an image block the cut falls into is removed whole with its pixel rows, as are
+    the images after it (no partial image can be encoded). ``rows`` / ``grids``: per image, in order."""
+    if limit < 1:
+        raise ValueError(f"max_length must leave room for at least one token, got {limit + 1}")
+    if len(ids) <= limit:
+        return ids, rows, grids
+    starts = [i for i, t in enumerate(ids) if t == vision_start]
+    keep = 0
+    for j, st in enumerate(starts):
+        if st + rows[j].shape[0] // m2 + 2 <= limit:
+            keep = j + 1
+        else:
+            return ids[:st], rows[:keep], grids[:keep]
+    return ids[:limit], rows[:keep], grids[:keep]
+
+
+def truncate_sample(sample: Sample, max_length: int, ids: dict, merge_size: int = 2) -> Sample:
+    """A processed sample cut to ``max_length`` tokens (its final ``<|endoftext|>`` kept), see
+    :func:`truncate_tokens`. ``ids``: the processor's role -> token id map."""
+    tok = sample.input_ids.tolist()
+    if len(tok) <= max_length:
+        return sample
+    eos = tok[-1] == ids["endoftext"]
+    if eos:
+        tok = tok[:-1]
+    grids = [tuple(g) for g in sample.image_grid_thw.tolist()] if sample.image_grid_thw is not None else []
+    rows = list(sample.pixel_values.split([t * h * w for t, h, w in grids])) if grids else []
+    tok, rows, grids = truncate_tokens(tok, rows, grids, max_length - int(eos), ids["vision_start"], merge_size ** 2)
+    if eos:
+        tok.append(ids["endoftext"])
+    return Sample(torch.tensor(tok, dtype=torch.long), torch.cat(rows) if rows else None,
+                  torch.tensor(grids, dtype=torch.long) if grids else None, sample.record_id)
+
+
+def _is_encoded(x) -> bool:
+    from .published import EncodedImage
+
+    return isinstance(x, EncodedImage)
+
+
 def segments_of(record: dict, record_id: str) -> List[dict]:
     """The record's content as a list of {"text"} / {"image"} segments (validated)."""
     if not isinstance(record, dict):
@@ -55,7 +97,7 @@ def segments_of(record: dict, record_id: str) -> List[dict]:
                             "malformed")
         if "text" in seg and not isinstance(seg["text"], str):
             raise BadRecord(record_id, f"segment {i}: text must be a string", "malformed")
-        if "image" in seg and not isinstance(seg["image"], (str, os.PathLike)):
+        if "image" in seg and not isinstance(seg["image"], (str, os.PathLike)) and not _is_encoded(seg["image"]):
             raise BadRecord(record_id, f"segment {i}: image must be a path", "malformed")
         out.append(seg)
     if not any("text" in s and s["text"].strip() for s in out):
@@ -74,12 +116,16 @@ def check_text(text: str, record_id: str) -> None:
 
 def load_record_image(path, root, spec: ImageSpec, record_id: str):
     """The decoded RGB image a record names: the path resolved against ``root`` (and confined to it, unless
-    ``root.allow_outside``), the pixel bound and Qwen's shape rule checked from the header first. Any problem
-    raises :class:`BadRecord` naming the record, with the :class:`~moca.data.images.ImageError`'s reason."""
+    ``root.allow_outside``), or an image kept as bytes (:class:`~moca.data.published.EncodedImage`, decoded
+    through :func:`~moca.data.images.open_image_bytes`); in both cases the pixel bound (``root.max_pixels``) and
+    Qwen's shape rule are checked from the header first. Any problem raises :class:`BadRecord` naming the
+    record, with the :class:`~moca.data.images.ImageError`'s reason."""
     root = image_root(root)
+    max_pixels = root.max_pixels if root is not None else DEFAULT_MAX_IMAGE_PIXELS
     try:
-        p = resolve_image_path(path, root)
-        return open_image(p, root.max_pixels if root is not None else DEFAULT_MAX_IMAGE_PIXELS, spec)
+        if _is_encoded(path):
+            return path.decode(max_pixels, spec)
+        return open_image(resolve_image_path(path, root), max_pixels, spec)
     except ImageError as exc:
         raise BadRecord(record_id, str(exc), exc.reason) from exc
 

@@ -12,8 +12,8 @@ A **side** is what one embedding is computed from. Accepted forms (records in JS
     ["Look:", PIL.Image, {"image": "y.png"}, "and"]  interleaved (Python only: str = text, PIL image / Path = image)
 
 An instruction (per subset or per call) becomes a leading text segment. A side becomes
-``[instruction] segments... <|endoftext|>`` (no ``<|endoftext|>`` for last-token pooling), each image expanded
-into ``<|vision_start|> <|image_pad|> x n <|vision_end|>`` exactly as in Stage 1.
+``[instruction] segments... [<|endoftext|>]`` (the end token only when asked: ``append_eos`` / ``eos`` pooling),
+each image expanded into ``<|vision_start|> <|image_pad|> x n <|vision_end|>`` exactly as in Stage 1.
 
 A **pair record** (one JSONL line of a Stage 2 subset)::
 
@@ -40,10 +40,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from .batch import Sample
-from .images import (DEFAULT_MAX_IMAGE_PIXELS, VISION_TOKENS, ImageError, ImageSpec, check_image, image_root,
-                     preprocess_image, resolve_image_path)
+from .images import (DEFAULT_MAX_IMAGE_PIXELS, VISION_TOKENS, ImageError, ImageSpec, check_image, check_image_bytes,
+                     image_root, preprocess_image, resolve_image_path)
 from .loader import WARN_FIRST, RecordSet, parse_record_line, read_lines
-from .processor import BadRecord, MocaProcessor, check_text, load_record_image
+from .processor import BadRecord, MocaProcessor, check_text, load_record_image, truncate_tokens
+from .published import EncodedImage
 from .sampler import TaskBatchSampler
 
 log = logging.getLogger("moca.data")
@@ -57,6 +58,11 @@ SIDE_KEYS = ("query", "positive")
 
 
 def _is_pil(x) -> bool:
+    """A PIL image, or an image kept encoded in memory (:class:`moca.data.published.EncodedImage`)."""
+    from .published import EncodedImage
+
+    if isinstance(x, EncodedImage):
+        return True
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - pillow is a dependency of the model extra
@@ -128,9 +134,9 @@ def resolve_image(path, root=None) -> Path:
 def check_side(side, where: str, root=None, spec: Optional[ImageSpec] = None) -> List[dict]:
     """Validate a side without decoding its images; returns its segments.
 
-    Checks each text for vision placeholder tokens and each image path from the file header alone: inside the
-    data folder (``root``, see :func:`moca.data.images.resolve_image_path`), an existing image file of a known
-    format, within the pixel bound and (with ``spec``) of a shape Qwen's resize rule can use. Raises
+    Checks each text for vision placeholder tokens and each image (a path, or bytes kept encoded) from its
+    header alone: a path inside the data folder (``root``, see :func:`moca.data.images.resolve_image_path`),
+    an existing image file (or bytes) of a known format, within the pixel bound and (with ``spec``) of a shape Qwen's resize rule can use. Raises
     :class:`BadRecord` naming ``where`` with the reason.
     """
     segs = side_segments(side, where)
@@ -142,17 +148,21 @@ def check_side(side, where: str, root=None, spec: Optional[ImageSpec] = None) ->
             if found:
                 raise BadRecord(where, f"text contains the vision placeholder token {found[0]} (only images may "
                                        "put vision tokens in a sequence)", "vision_token_in_text")
-        elif not _is_pil(s["image"]):
+        elif isinstance(s["image"], EncodedImage) or not _is_pil(s["image"]):
+            max_pixels = root.max_pixels if root is not None else DEFAULT_MAX_IMAGE_PIXELS
             try:
-                check_image(resolve_image_path(s["image"], root), spec,
-                            root.max_pixels if root is not None else DEFAULT_MAX_IMAGE_PIXELS)
+                if isinstance(s["image"], EncodedImage):         # bytes (a BEIR corpus): the same header checks
+                    check_image_bytes(s["image"].data, s["image"].key, spec, max_pixels)
+                else:
+                    check_image(resolve_image_path(s["image"], root), spec, max_pixels)
             except ImageError as exc:
                 raise BadRecord(where, str(exc), exc.reason) from exc
     return segs
 
 
 def build_sample(processor: MocaProcessor, side, where: str, root=None,
-                 instruction: Optional[str] = None, add_eos: bool = True) -> Sample:
+                 instruction: Optional[str] = None, add_eos: bool = True,
+                 max_length: Optional[int] = None) -> Sample:
     """One side -> :class:`Sample` (token ids with vision placeholders, pixel rows, grids).
 
     Args:
@@ -163,7 +173,10 @@ def build_sample(processor: MocaProcessor, side, where: str, root=None,
             :class:`~moca.data.images.ImageRoot` sets whether outside paths are allowed and the pixel bound);
             None = image paths given directly by a caller, used as given.
         instruction: text put before the side (None or "" = none).
-        add_eos: end with ``<|endoftext|>`` (mean and EOS pooling; last-token pooling takes the last content token).
+        add_eos: end with ``<|endoftext|>`` (the embedder's ``append_eos`` or ``eos`` pooling).
+        max_length: keep at most this many tokens (the official code truncates at 1280); an image that the
+            limit cuts is dropped whole (its tokens and pixel rows), and so are the images after it. None = no
+            limit.
     """
     segs = side_segments(side, where)
     if instruction:
@@ -176,7 +189,7 @@ def build_sample(processor: MocaProcessor, side, where: str, root=None,
             ids += processor.encode_text(seg["text"], where)
             continue
         img = seg["image"]
-        if not _is_pil(img):
+        if isinstance(img, EncodedImage) or not _is_pil(img):     # a path, or bytes kept encoded
             img = load_record_image(img, root, processor.image_spec, where)
         try:
             px, grid = preprocess_image(img, processor.image_spec)
@@ -186,6 +199,9 @@ def build_sample(processor: MocaProcessor, side, where: str, root=None,
         grids.append(grid)
         ids += [processor.ids["vision_start"]] + [processor.ids["image_pad"]] * (px.shape[0] // m2) + \
                [processor.ids["vision_end"]]
+    if max_length is not None:
+        ids, rows, grids = truncate_tokens(ids, rows, grids, max_length - int(add_eos), processor.ids["vision_start"],
+                                           m2)
     if add_eos:
         ids.append(processor.ids["endoftext"])
     if not ids:
@@ -206,6 +222,11 @@ class SubsetConfig:
     ``query_instruction`` / ``doc_instruction`` are put before every query / document (positive and negatives)
     of the subset, e.g. ``"Find an image that matches the given caption: "``. A record may carry its own
     ``"instruction"`` (for its query), which wins.
+
+    ``format``: ``moca`` (our pair records, above) or ``pairs`` (MoCa-CL-Pairs / mmE5 / MMEB-train rows:
+    ``qry``, ``qry_image_path``, ``pos_text``, ``pos_image_path``, ``neg_text``, ``neg_image_path``;
+    :func:`moca.data.published.pair_record`), with image paths relative to ``image_root`` (default: the
+    file's folder). Files may be JSONL or parquet.
     """
 
     name: str = ""
@@ -213,13 +234,19 @@ class SubsetConfig:
     weight: float = 1.0
     query_instruction: str = ""
     doc_instruction: str = ""
+    format: str = "moca"
     image_root: Optional[str] = None     # relative image paths resolve here (default: each file's own folder)
+    max_records: Optional[int] = None     # use the first n records (the official recipe: 50000 per subset)
 
     def __post_init__(self):
         if not self.name:
             raise ValueError("a subset needs a name")
         if self.image_root is not None and not Path(self.image_root).is_dir():
             raise FileNotFoundError(f"subset {self.name}: image_root {self.image_root} is not a directory")
+        if self.max_records is not None and self.max_records < 1:
+            raise ValueError(f"subset {self.name}: max_records must be >= 1 or null, got {self.max_records}")
+        if self.format not in ("moca", "pairs"):
+            raise ValueError(f"subset {self.name}: format must be 'moca' or 'pairs', got {self.format!r}")
         if not self.files:
             raise ValueError(f"subset {self.name}: no files")
         if not self.weight > 0:
@@ -273,11 +300,12 @@ class PairSubset:
 
     def __init__(self, config: SubsetConfig, hard_negatives: int, skip_bad: bool = False,
                  allow_outside_paths: bool = False, max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
-                 spec: Optional[ImageSpec] = None):
+                 spec: Optional[ImageSpec] = None, pad_negatives: bool = True):
         self.config = config
         self.records = RecordSet(config.files, image_root=config.image_root, allow_outside_paths=allow_outside_paths,
-                                 max_image_pixels=max_image_pixels)
+                                 max_image_pixels=max_image_pixels).limit(config.max_records)
         self.k, self.spec = hard_negatives, spec
+        self.pad_negatives = pad_negatives
         self.valid: List[int] = []
         self.skipped: Counter = Counter()
         for i in range(len(self.records)):
@@ -296,10 +324,32 @@ class PairSubset:
     def __len__(self) -> int:
         return len(self.valid)
 
-    def _check(self, i: int) -> None:
+    def _record(self, i: int):
+        """(record in our pair form, record id, :class:`~moca.data.images.ImageRoot`) of raw record i (converted
+        from ``format``; a ``pairs`` row's image paths are joined to the root and confined to it there)."""
         rec, rid, root = self.records.get(i)
         if not isinstance(rec, dict):
             raise BadRecord(rid, f"expected a JSON object, got {type(rec).__name__}", "malformed")
+        if self.config.format == "pairs":
+            from .published import pair_record
+
+            try:
+                rec = pair_record(rec, root, rid)
+            except ValueError as exc:
+                reason = exc.reason if isinstance(exc, ImageError) else "malformed"
+                raise BadRecord(rid, str(exc).removeprefix(f"{rid}: ").removeprefix(f"{rid} "), reason) from exc
+        return rec, rid, root
+
+    def _negatives(self, rec: dict) -> list:
+        """The record's first k negatives; fewer than k are padded by repeating the last (the official rule)
+        when ``pad_negatives``."""
+        negs = list(rec.get("negatives", []) or [])
+        if self.pad_negatives and 0 < len(negs) < self.k:
+            negs += [negs[-1]] * (self.k - len(negs))
+        return negs[:self.k]
+
+    def _check(self, i: int) -> None:
+        rec, rid, root = self._record(i)
         for key in SIDE_KEYS:
             if key not in rec:
                 raise BadRecord(rid, f"has no '{key}'", "malformed")
@@ -312,20 +362,24 @@ class PairSubset:
         negs = rec.get("negatives", []) or []
         if not isinstance(negs, list):
             raise BadRecord(rid, "'negatives' must be a list of sides", "malformed")
-        if len(negs) < self.k:
-            raise BadRecord(rid, f"has {len(negs)} hard negatives, the run uses {self.k} per query", "few_negatives")
-        for j, n in enumerate(negs[:self.k]):
+        if len(self._negatives(rec)) < self.k:
+            raise BadRecord(rid, f"has {len(negs)} hard negatives, the run uses {self.k} per query" +
+                            ("" if self.pad_negatives else " (data.pad_negatives: true repeats the last one)"),
+                            "few_negatives")
+        for j, n in enumerate(self._negatives(rec)):
             check_side(n, f"{rid} negatives[{j}]", root, self.spec)
 
-    def samples(self, j: int, processor: MocaProcessor, add_eos: bool = True) -> Tuple[Sample, List[Sample], str]:
+    def samples(self, j: int, processor: MocaProcessor, add_eos: bool = True,
+                max_length: Optional[int] = None) -> Tuple[Sample, List[Sample], str]:
         """(query sample, [positive, negatives...] samples, record id) of the j-th valid record."""
-        rec, rid, root = self.records.get(self.valid[j])
+        rec, rid, root = self._record(self.valid[j])
         c = self.config
         q_ins = rec.get("instruction", c.query_instruction)
-        q = build_sample(processor, rec["query"], f"{rid} query", root, q_ins, add_eos)
-        docs = [build_sample(processor, rec["positive"], f"{rid} positive", root, c.doc_instruction, add_eos)]
-        docs += [build_sample(processor, n, f"{rid} negatives[{i}]", root, c.doc_instruction, add_eos)
-                 for i, n in enumerate((rec.get("negatives") or [])[:self.k])]
+        q = build_sample(processor, rec["query"], f"{rid} query", root, q_ins, add_eos, max_length)
+        docs = [build_sample(processor, rec["positive"], f"{rid} positive", root, c.doc_instruction, add_eos,
+                             max_length)]
+        docs += [build_sample(processor, n, f"{rid} negatives[{i}]", root, c.doc_instruction, add_eos, max_length)
+                 for i, n in enumerate(self._negatives(rec))]
         return q, docs, rid
 
 
@@ -350,8 +404,13 @@ class PairLoader:
         hard_negatives: k per query (0 = in-batch negatives only).
         seed, rank, world_size, shuffle: see the sampler.
         skip_bad: count and leave out bad records instead of raising.
-        add_eos: end every side with ``<|endoftext|>`` (False for last-token pooling).
+        add_eos: end every side with ``<|endoftext|>`` (the embedder's ``append_eos``; False for last-token
+            pooling without it).
         allow_outside_paths, max_image_pixels: see :class:`PairSubset`.
+        pad_negatives: a record with fewer than ``hard_negatives`` (but at least one) is padded by repeating
+            its last negative, as the official MoCa loader does; False rejects it (``few_negatives``).
+        max_length: truncate every side at this many tokens (official: 1280; None = no limit; see
+            :func:`build_sample`).
 
     The state (``state_dict``) is the sampler's position and the records found bad while building batches: a
     resumed run continues with the same batches.
@@ -367,15 +426,17 @@ class PairLoader:
     def __init__(self, subsets: Sequence[SubsetConfig], processor: MocaProcessor, global_batch_size: int,
                  hard_negatives: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
                  skip_bad: bool = False, add_eos: bool = True, allow_outside_paths: bool = False,
-                 max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
+                 max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, pad_negatives: bool = True,
+                 max_length: Optional[int] = None):
         if not subsets:
             raise ValueError("PairLoader: no subsets")
         names = [s.name for s in subsets]
         if len(set(names)) != len(names):
             raise ValueError(f"PairLoader: subset names must be unique, got {names}")
         self.subsets = [PairSubset(s, hard_negatives, skip_bad, allow_outside_paths, max_image_pixels,
-                                   processor.image_spec) for s in subsets]
+                                   processor.image_spec, pad_negatives) for s in subsets]
         self.processor, self.k, self.add_eos, self.skip_bad = processor, hard_negatives, add_eos, skip_bad
+        self.max_length = max_length
         self.seed, self.rank = seed, rank
         self.sampler = TaskBatchSampler([len(s) for s in self.subsets], [s.weight for s in subsets],
                                         global_batch_size, world_size=world_size, rank=rank, seed=seed,
@@ -412,7 +473,7 @@ class PairLoader:
         while True:
             if j not in bad:
                 try:
-                    return sub.samples(j, self.processor, self.add_eos)
+                    return sub.samples(j, self.processor, self.add_eos, self.max_length)
                 except BadRecord as exc:
                     if not self.skip_bad:
                         raise BadRecord(exc.record_id, str(exc).split(": ", 1)[-1] +

@@ -56,13 +56,17 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass
 class ClModelConfig(ModelConfig):
-    """Stage 1's model settings plus the pooling (``path``: e.g. Stage 1's ``final``; None = tiny default)."""
+    """Stage 1's model settings plus the pooling (``path``: e.g. Stage 1's ``final``; None = tiny default).
 
-    pooling: str = "mean"
+    ``pooling`` None follows the attention as the official code does (mean if bidirectional, last if causal);
+    ``append_eos`` ends every input with ``<|endoftext|>`` (the official inputs have none)."""
+
+    pooling: Optional[str] = None
+    append_eos: bool = False
 
     def __post_init__(self):
         super().__post_init__()   # Stage 1's checks (model.dtype)
-        if self.pooling not in POOLINGS:
+        if self.pooling is not None and self.pooling not in POOLINGS:
             raise ValueError(f"model.pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.path is not None and not Path(self.path).is_dir():
             raise FileNotFoundError(f"model.path: {self.path} is not a checkpoint directory")
@@ -84,11 +88,15 @@ class ClDataConfig:
     skip_bad: bool = False
     allow_outside_paths: bool = False             # allow image paths outside each subset's folder / image_root
     max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS   # width x height bound from the header; null = none
+    pad_negatives: bool = True                    # fewer hard negatives than asked: repeat the last (official)
+    max_length: Optional[int] = None              # truncate each input at this many tokens (official: 1280)
 
     def __post_init__(self):
         check_image_settings(None, self.max_image_pixels)
         self.subsets = [s if isinstance(s, SubsetConfig) else from_dict(SubsetConfig, s, f"data.subsets[{i}]")
                         for i, s in enumerate(self.subsets)]
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"data.max_length must be >= 2 or null, got {self.max_length}")
         if self.global_batch_size < 1 or self.hard_negatives < 0:
             raise ValueError(f"data.global_batch_size must be >= 1 and data.hard_negatives >= 0, got "
                              f"{self.global_batch_size}, {self.hard_negatives}")
@@ -340,7 +348,7 @@ def embedded_subsets(out_dir, n_pairs: int, hard_negatives: int, seed: int) -> L
 def build_contrastive_model(cfg: ClConfig) -> ContrastiveModel:
     """The model named by ``cfg.model`` with pooling, LoRA and temperature applied."""
     backbone, proc = build_model_and_processor(cfg.model, None)
-    embedder = MocaEmbedder(backbone, proc, pooling=cfg.model.pooling)
+    embedder = MocaEmbedder(backbone, proc, pooling=cfg.model.pooling, append_eos=cfg.model.append_eos)
     if cfg.lora.enabled:
         apply_lora(embedder, cfg.lora)
     return ContrastiveModel(embedder, cfg.loss.temperature, cfg.loss.learnable_temperature)
@@ -376,7 +384,8 @@ def _run_cl(cfg: ClConfig, dist: DistEnv, out: Path) -> List[dict]:
     loader = PairLoader(subsets, embedder.processor, cfg.data.global_batch_size, cfg.data.hard_negatives,
                         seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size, shuffle=cfg.data.shuffle,
                         skip_bad=cfg.data.skip_bad, add_eos=embedder.add_eos,
-                        allow_outside_paths=cfg.data.allow_outside_paths, max_image_pixels=cfg.data.max_image_pixels)
+                        allow_outside_paths=cfg.data.allow_outside_paths, max_image_pixels=cfg.data.max_image_pixels,
+                        pad_negatives=cfg.data.pad_negatives, max_length=cfg.data.max_length)
 
     def export(final: Path, full_state=None):
         m = model

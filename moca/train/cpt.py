@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import torch
 
-from ..config import dump_config
+from ..config import dump_config, from_dict
 from ..data.batch import VisionSpec
 from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
 from ..data.loader import PackingLoader, RecordSet
@@ -65,10 +65,29 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One Stage 1 source: its files and a cap (``max_records`` drawn at random with ``data.source_seed``, as the
+    official recipe caps each of its ten sources at 500,000 samples)."""
+
+    name: str = ""
+    files: List[str] = field(default_factory=list)
+    max_records: Optional[int] = None
+
+    def __post_init__(self):
+        if not self.name or not self.files:
+            raise ValueError(f"a data source needs a name and files, got name={self.name!r}, files={self.files!r}")
+        if self.max_records is not None and self.max_records < 1:
+            raise ValueError(f"source {self.name}: max_records must be >= 1 or null, got {self.max_records}")
+
+
+@dataclass
 class DataConfig:
-    """``train``: JSONL/parquet files; empty = the embedded corpus written to ``embedded_dir``."""
+    """``train``: JSONL/parquet files; ``sources``: named groups of files, each with a cap; both empty = the
+    embedded corpus written to ``embedded_dir``."""
 
     train: List[str] = field(default_factory=list)
+    sources: List[SourceConfig] = field(default_factory=list)
+    source_seed: int = 0
     embedded_dir: Optional[str] = None           # default <output_dir>/embedded_data
     embedded_docs: int = 400
     embedded_seed: int = 0
@@ -82,8 +101,12 @@ class DataConfig:
     image_root: Optional[str] = None             # relative image paths resolve here (default: each file's folder)
     allow_outside_paths: bool = False            # allow image paths outside that folder (../, absolute, symlinks)
     max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS   # width x height bound from the header; null = none
+    format: str = "moca"                         # moca | moca_pretrain (MoCa's published pre-training rows)
+    max_length: Optional[int] = None             # truncate each sample at this many tokens (official: 1280)
 
     def __post_init__(self):
+        self.sources = [x if isinstance(x, SourceConfig) else from_dict(SourceConfig, x, f"data.sources[{i}]")
+                        for i, x in enumerate(self.sources)]
         if self.token_budget < 2:
             raise ValueError(f"data.token_budget must be >= 2, got {self.token_budget}")
         if self.pad_to_multiple < 1:
@@ -92,6 +115,10 @@ class DataConfig:
             raise ValueError(f"data.max_samples must be >= 1 or null, got {self.max_samples}")
         if self.prefetch < 0:
             raise ValueError(f"data.prefetch must be >= 0 (0 = off), got {self.prefetch}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"data.max_length must be >= 2 or null, got {self.max_length}")
+        if self.format not in ("moca", "moca_pretrain"):
+            raise ValueError(f"data.format must be 'moca' or 'moca_pretrain', got {self.format!r}")
         check_image_settings(self.image_root, self.max_image_pixels)
 
 
@@ -111,6 +138,22 @@ class CptConfig:
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/cpt"))
+
+
+def build_records(data: DataConfig, files: List[str]) -> RecordSet:
+    """The Stage 1 records: ``files`` (uncapped), then each source capped at its ``max_records`` (a random draw
+    seeded by ``data.source_seed`` and the source's position)."""
+    opts = dict(format=data.format, image_root=data.image_root, allow_outside_paths=data.allow_outside_paths,
+                max_image_pixels=data.max_image_pixels)
+    sets = [RecordSet(files, **opts)] if files else []
+    for i, src in enumerate(data.sources):
+        rs = RecordSet(src.files, **opts).limit(src.max_records, seed=data.source_seed + i)
+        log.info("stage 1 source %s: %d records", src.name, len(rs))
+        sets.append(rs)
+    records = sets[0]
+    for rs in sets[1:]:
+        records.extend(rs)
+    return records
 
 
 def build_model_and_processor(mc: ModelConfig, corruption: Optional[str]):
@@ -168,7 +211,7 @@ def _run_cpt(cfg: CptConfig, dist: DistEnv, out: Path) -> List[dict]:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
     files = list(cfg.data.train)
-    if not files:
+    if not files and not cfg.data.sources:
         from ..data.embedded import ensure_cpt_corpus
 
         edir = Path(cfg.data.embedded_dir or out / "embedded_data")
@@ -179,11 +222,10 @@ def _run_cpt(cfg: CptConfig, dist: DistEnv, out: Path) -> List[dict]:
 
     backbone, proc = build_model_and_processor(cfg.model, cfg.masking.image_corruption)
     model = CptModel(backbone, cfg.loss)
-    records = RecordSet(files, image_root=cfg.data.image_root, allow_outside_paths=cfg.data.allow_outside_paths,
-                        max_image_pixels=cfg.data.max_image_pixels)
+    records = build_records(cfg.data, files)
     loader = PackingLoader(records, proc, cfg.data.token_budget, seed=cfg.train.seed, rank=dist.rank,
                            world_size=dist.world_size, skip_bad=cfg.data.skip_bad, shuffle=cfg.data.shuffle,
-                           max_samples=cfg.data.max_samples)
+                           max_samples=cfg.data.max_samples, max_length=cfg.data.max_length)
     masker = ModalityMasker(cfg.masking, proc.ids["mask"], proc.never_masked,
                             merge_size=proc.image_spec.merge_size)
     collator = CptCollator(masker, VisionSpec.from_config(backbone.vlm.config), proc.ids["endoftext"],

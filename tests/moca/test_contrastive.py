@@ -178,9 +178,14 @@ def test_bad_pair_records_are_named_or_counted(tmp_path, subsets):
     proc = MocaProcessor.tiny(56)
     with pytest.raises(BadRecord, match=r"broken \(bad.jsonl:7\) negatives\[0\]: image file .*none.png does not exist"):
         PairLoader([cfg], proc, 4, hard_negatives=2)
-    loader = PairLoader([cfg], proc, 4, hard_negatives=2, skip_bad=True)
+    loader = PairLoader([cfg], proc, 4, hard_negatives=2, skip_bad=True, pad_negatives=False)
     assert loader.skipped == Counter({"missing_image": 1, "few_negatives": 1, "empty_text": 1})
     assert len(loader.subsets[0]) == 6
+    # the official rule (default): a record with 1 of 2 negatives is padded by repeating its last one
+    loader = PairLoader([cfg], proc, 4, hard_negatives=2, skip_bad=True)
+    assert loader.skipped == Counter({"missing_image": 1, "empty_text": 1}) and len(loader.subsets[0]) == 7
+    q, docs, rid = loader.subsets[0].samples(6, proc)
+    assert rid.startswith("short") and len(docs) == 3 and torch.equal(docs[1].input_ids, docs[2].input_ids)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -96,7 +96,8 @@ def test_every_corruption_trains_through_the_model(corruption):
     bb = MocaBackbone.tiny(proc.vocab_size, proc.ids, image_corruption=corruption, hidden=32, layers=2, heads=2,
                            kv_heads=1, vision_hidden=16)
     model = CptModel(bb)
-    masker = ModalityMasker(MaskingConfig(image_corruption=corruption), proc.ids["mask"], proc.never_masked)
+    masker = ModalityMasker(MaskingConfig(image_corruption=corruption, image_mask_mode="exact"), proc.ids["mask"],
+                            proc.never_masked)
     batch = CptCollator(masker, VisionSpec.from_config(bb.vlm.config), proc.ids["endoftext"])(samples, seed=0)
     out = model(batch)
     assert torch.isfinite(out["loss"]) and out["mae_count"] == 3 * 8

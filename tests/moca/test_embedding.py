@@ -104,7 +104,12 @@ def test_pooling_matches_a_hand_computation():
 
 def test_last_token_pooling_appends_no_eos_and_eos_pooling_does(model):
     eos = model.processor.ids["endoftext"]
-    assert model.sample("a red circle", "x").input_ids[-1] == eos
+    assert model.sample("a red circle", "x").input_ids[-1] != eos      # official inputs: no <|endoftext|>
+    model.append_eos = True
+    try:
+        assert model.sample("a red circle", "x").input_ids[-1] == eos
+    finally:
+        model.append_eos = False
     model.pooling = "last"
     try:
         assert model.sample("a red circle", "x").input_ids[-1] != eos

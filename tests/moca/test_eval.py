@@ -13,9 +13,10 @@ from moca.eval.metrics import ndcg_at_k, precision_at_1, rank_documents, recall_
 def test_precision_at_1_counts_strict_wins_only():
     scores = [[0.9, 0.1, 0.3],          # gold 0 wins
               [0.2, 0.8, 0.5],          # gold 2 loses to 0.8
-              [0.4, 0.4, 0.1],          # gold 0 ties with 1: no credit
+              [0.4, 0.4, 0.1],          # gold 0 ties with 1: no credit (strict), a hit (official, the default)
               [0.7, 0.95]]              # lists may differ in length; gold 1 wins
-    assert precision_at_1(scores, [0, 2, 0, 1]) == pytest.approx(2 / 4)
+    assert precision_at_1(scores, [0, 2, 0, 1], rule="strict") == pytest.approx(2 / 4)
+    assert precision_at_1(scores, [0, 2, 0, 1]) == pytest.approx(3 / 4)
     assert precision_at_1(torch.tensor([[0.1, 0.2]]), [1]) == 1.0
     with pytest.raises(ValueError, match="gold index 3 outside its 3 candidates"):
         precision_at_1([[0.1, 0.2, 0.3]], [3])
@@ -36,15 +37,15 @@ def test_recall_and_ndcg_match_hand_computed_values():
     assert ndcg_at_k(ranked, relevant, 5) == pytest.approx((q0 + q1) / 2)
     assert ndcg_at_k([["a", "b"]], [{"a": 1}], 5) == pytest.approx(1.0)
     assert ndcg_at_k([["b", "a"]], [{"a": 1}], 1) == pytest.approx(0.0)
-    with pytest.raises(ValueError, match="no query has a relevant document"):
+    with pytest.raises(ValueError, match="no query has a judgment"):
         recall_at_k([["a"]], [{}], 1)
 
 
 def test_ranking_breaks_ties_against_relevant_documents():
     scores = torch.tensor([[0.5, 0.5, 0.9, 0.5]])
-    top = rank_documents(scores, ["a", "b", "c", "d"], [{"b": 1}], k=4)[0]
+    top = rank_documents(scores, ["a", "b", "c", "d"], [{"b": 1}], k=4, ties="pessimistic")[0]
     assert top[0] == "c" and top[-1] == "b"          # b ties with a and d: it goes after them
-    assert rank_documents(scores, ["a", "b", "c", "d"], [{"b": 1}], k=2)[0] == ["c", "a"]
+    assert rank_documents(scores, ["a", "b", "c", "d"], [{"b": 1}], k=2, ties="pessimistic")[0] == ["c", "a"]
 
 
 class FakeModel:
@@ -79,12 +80,13 @@ def test_task_runners_on_a_fake_model(tmp_path):
     res = evaluate(FakeModel(table), tasks, EvalConfig(recall_k=[1, 2], ndcg_k=2, show_progress=False))
     # candidates: q0 picks c0 (gold) ; q1 scores c0 0.1 > c2 0 (gold c2 loses)
     assert res["tasks"]["cand"]["metrics"]["precision@1"] == pytest.approx(0.5)
-    # q0 ranks d0 (1.0), d1 (0.8): recall@1 0, recall@2 1; q1 ranks d1 (0.6) = d2 (0.6) -> tie against d2, d1 first
+    # q0 ranks d0 (1.0), d1 (0.8): recall@1 0, recall@2 1; q1 ranks d1 (0.6) = d2 (0.6) -> trec_eval's tie order
+    # (document id descending): d2 first, then d1
     m = res["tasks"]["ret"]["metrics"]
-    assert m["recall@1"] == pytest.approx(0.0)
+    assert m["recall@1"] == pytest.approx((0 + 0.5) / 2)
     assert m["recall@2"] == pytest.approx((1 + 0.5) / 2)
     q0 = (1 / math.log2(3)) / 1.0
-    q1 = (1 / math.log2(3)) / (1 + 1 / math.log2(3))
+    q1 = 1.0 / (1 + 1 / math.log2(3))
     assert m["ndcg@2"] == pytest.approx((q0 + q1) / 2)
     assert res["overall"] == pytest.approx((0.5 + m["ndcg@2"]) / 2)
     table_text = results_table(res)

@@ -22,8 +22,8 @@ def _sample(gen, n_text=40, grids=((8, 8), (4, 6)), rid="r"):
     return Sample(torch.tensor(ids), torch.cat(rows) if rows else None, torch.tensor(g) if g else None, rid)
 
 
-def _masker(corruption="noise", text=0.4, image=0.5):
-    return ModalityMasker(MaskingConfig(text, image, corruption), MASK_ID, SPECIAL)
+def _masker(corruption="noise", text=0.4, image=0.5, mode="exact"):
+    return ModalityMasker(MaskingConfig(text, image, corruption, image_mask_mode=mode), MASK_ID, SPECIAL)
 
 
 def test_text_ratio_and_never_masked_tokens():

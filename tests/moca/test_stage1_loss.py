@@ -65,7 +65,9 @@ def test_stage1_loss_equals_hand_computed(packed, norm_pix):
         cos_sin = bb.language_model.rotary_emb(hidden, batch.position_ids)
         dec = model.mae_decoder.layer(hidden, attention_mask=mask4, position_embeddings=cos_sin, use_cache=False)
         dec = dec[0] if isinstance(dec, tuple) else dec
-        pred = model.mae_decoder.head(model.mae_decoder.norm(dec.reshape(-1, H)[batch.mae_positions]))
+        picked = dec.reshape(-1, H)[batch.mae_positions]
+        norm = model.mae_decoder.norm
+        pred = model.mae_decoder.head(norm(picked) if norm is not None else picked)
         # targets: the original rows of the masked units, taken from the samples (not from the batch)
         units = torch.cat([s.pixel_values for s in samples if s.pixel_values is not None]).view(-1, 4 * 1176)
         img_pos = (batch.input_ids.reshape(-1) == 6).nonzero().squeeze(1)
