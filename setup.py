@@ -205,7 +205,10 @@ setup(
         "test": ["pytest", "wheel", "triton>=3.0", "transformers>=5.17", "tokenizers", "safetensors", "pillow", "matplotlib",
                  "peft>=0.10", "pyarrow",  # peft, pyarrow: the LoRA and parquet tests run instead of skipping
                  "hypothesis",  # the kernel argument fuzz (tests/moca_kernels/test_fuzz.py)
-                 "pytrec-eval-terrier", "ranx"],  # the metrics are checked against trec_eval and ranx
+                 "pytrec-eval-terrier", "ranx",  # the metrics are checked against trec_eval and ranx
+                 # the integrations, each tested against the package it stands in for (xformers is installed
+                 # separately with --no-deps: its wheel pins one torch version; see the README's test command)
+                 "sentence-transformers", "datasets", "mteb", "cut-cross-entropy", "liger-kernel"],
     },
     entry_points={"console_scripts": ["moca=moca.cli:main"]},
     zip_safe=False,
