@@ -292,6 +292,8 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="+", choices=("headline", "7B-text", "vision"), default=None,
                         help="run only these shapes (default: the headline with --quick, all three without); "
                              "with --quick, no dense-mask SDPA case")
+    parser.add_argument("--smoke", action="store_true",
+                        help="without a GPU: T = 32 instead of 256 (the CPU test of bench/gpu_run.sh)")
     args = parser.parse_args(argv)
     # --quick: time the first 2 of the 3 config candidates per kernel (compile time), unless MOCA_ATTENTION_TUNE says
     quick_tune = args.quick and not os.environ.get("MOCA_ATTENTION_TUNE", "").strip()
@@ -315,8 +317,9 @@ def _main(args):
             run_shape("vision", VISION_IMAGES, 16, 16, 80, ("documents",), args, device, dtype, full)
     else:
         print("no GPU: a CPU smoke run at a small shape (moca triton runs only under TRITON_INTERPRET=1)")
-        small = [d // 64 for d in HEADLINE_DOCS]
-        run_shape("smoke", small, 4, 2, 64, ("documents", "mixed"), args, device, torch.float32, False)
+        small = [d // (512 if args.smoke else 64) for d in HEADLINE_DOCS]
+        run_shape("smoke", small, 4, 2, 32 if args.smoke else 64, ("documents", "mixed"), args, device,
+                  torch.float32, False)
     print("\nconfigs chosen (kernel, head dim, dtype, group, ...): (walked tile, warps, stages)")
     for key, cfg in tuning.cached("masked_attention").items():
         if key[1] == "dq_strategy":
