@@ -235,7 +235,7 @@ def main(argv=None):
                         help="tile-kernel variants (impl='triton:v2' ...) timed side by side at the headline shape "
                              "(default: all; other shapes run the default variant only)")
     parser.add_argument("--smoke", action="store_true",
-                        help="the smallest shape (N=16, H=32, V=300) that runs every case: the CPU test of "
+                        help="the smallest shape (N=16, H=16, V=160) that runs every case: the CPU test of "
                              "bench/gpu_run.sh")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -244,7 +244,7 @@ def main(argv=None):
     H, V = (2048, 151936) if cuda else (64, 1000)
     head = 8192 if cuda else 64
     if args.smoke:
-        H, V, head, args.quick, args.warmup = 32, 300, 16, True, 0
+        H, V, head, args.quick, args.warmup = 16, 160, 16, True, 0
     if not cuda:
         print("no GPU: a CPU smoke run at a tiny shape (moca triton only under TRITON_INTERPRET=1)")
     rep = (1 if args.smoke else 10) if args.quick else args.rep

@@ -51,10 +51,11 @@ SCALE=1
 SMOKE_FLAG=""
 if [ "$SMOKE" = 1 ]; then
   export TRITON_INTERPRET=1   # Triton kernels on CPU tensors; every step takes its tiny shapes
+  export MOCA_BENCH_PLOTS=0   # no PNGs (matplotlib costs seconds per report on a small CPU)
   SCALE=5                     # a shared CPU is slow: the budgets are caps, never the point of the smoke run
   SMOKE_FLAG="--smoke"
 fi
-printf 'step\tbudget_s\tused_s\trc\tstatus\tnote\n' > "$W/summary.tsv"
+printf 'step\tbudget_s\tused_s\tcpu_s\trc\tstatus\tnote\n' > "$W/summary.tsv"
 FAILED=0
 
 pack() {
@@ -68,15 +69,20 @@ wanted() {  # step name -> 0 if GPU_RUN_ONLY is unset or names it
   return 1
 }
 
-row() { printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" "$6" >> "$W/summary.tsv"; }
+row() { printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" "$6" "$7" >> "$W/summary.tsv"; }
+cpu_s() {  # CPU_S = user + system seconds of this script's finished children so far (`times` in this shell)
+  times > "$W/.times"
+  CPU_S=$(tail -1 "$W/.times" | awk '{ s = 0; for (i = 1; i <= 2; i++) { split($i, a, "m"); s += a[1] * 60 + a[2] } printf "%.0f", s }')
+}
 
 # step NAME BUDGET_S CMD...: run CMD under timeout (budget x SCALE), log to logs/NAME.log, one summary row.
 step() {
   local name=$1 budget=$2; shift 2
   local key=${name%% *}
-  if ! wanted "$key"; then row "$name" "$budget" 0 - SKIPPED "not in GPU_RUN_ONLY"; return 0; fi
-  if [ "$budget" -le 0 ]; then row "$name" 0 0 - SKIPPED "no time left"; pack; return 0; fi
-  local log="$W/logs/${name// /_}.log" t=$(date +%s)
+  if ! wanted "$key"; then row "$name" "$budget" 0 0 - SKIPPED "not in GPU_RUN_ONLY"; return 0; fi
+  if [ "$budget" -le 0 ]; then row "$name" 0 0 0 - SKIPPED "no time left"; pack; return 0; fi
+  local log="$W/logs/${name// /_}.log" t=$(date +%s) c0
+  cpu_s; c0=$CPU_S
   echo "[gpu_run +$(( t - T0 ))s] $name (budget ${budget}s): $*"
   timeout -k 10 $(( budget * SCALE )) "$@" > "$log" 2>&1
   local rc=$? used=$(( $(date +%s) - t )) status=ok note=""
@@ -86,7 +92,8 @@ step() {
     status=FAILED; FAILED=$((FAILED + 1))
     note=$(grep -E "Error|error|FAILED|Traceback" "$log" | tail -1 | tr '\t' ' ' | cut -c1-100)
   fi
-  row "$name" "$budget" "$used" "$rc" "$status" "$note"
+  cpu_s
+  row "$name" "$budget" "$used" $(( CPU_S - c0 )) "$rc" "$status" "$note"
   [ "$status" != ok ] && tail -8 "$log"
   pack
 }
@@ -135,15 +142,15 @@ step "e attn_fwd" 40 $PY bench/sweep_attention_fwd.py --tune 2 --json "$R/attent
 # ---- f: the 7B-text and vision shapes ----------------------------------------------------------------------
 step "f shapes" 40 $PY bench/bench_attention.py --quick --shapes 7B-text vision --out "$R" $SMOKE_FLAG
 
-# ---- g: scaling sweeps (on CPU bench_info_nce runs its own B = 96 smoke instead of the sweep) ---------------
-step "g1 sweep_nce" 20 $PY bench/bench_info_nce.py --quick --sweep 4096 16384 65536 262144 --out "$R"
+# ---- g: scaling sweeps (smoke: bench_info_nce runs B = M = 32 instead; the sweep loop itself is GPU-only) ----
+step "g1 sweep_nce" 20 $PY bench/bench_info_nce.py --quick --sweep 4096 16384 65536 262144 --out "$R" $SMOKE_FLAG
 step "g2 sweep_mtl" 15 $PY bench/bench_masked_token_loss.py --quick --chunks 32 48 64 --out "$R" $SMOKE_FLAG
 
 # ---- h: the rest of the GPU test suite, if time is left (35 s kept for i) ----------------------------------
 IGNORES=$(for f in $GATE_FILES; do printf -- '--ignore=%s ' "$f"; done)
 if [ "$SMOKE" = 1 ]; then
   # collecting the whole suite costs ~30 s of CPU with nothing to run without a GPU: one small file stands in
-  step "h full_tests" 60 $PY -m pytest tests/moca_kernels/test_ext.py -m gpu -q -p no:cacheprovider \
+  step "h full_tests" 60 $PY -m pytest tests/moca_kernels/test_grad_cache.py -m gpu -q -p no:cacheprovider \
     --junitxml="$R/full_tests.xml"
 else
   H_BUDGET=$(( TOTAL - ($(date +%s) - T0) - 35 ))

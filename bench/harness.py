@@ -324,6 +324,8 @@ def save(report: Report, out: Optional[Path] = None, tag: Optional[str] = None) 
     stem = _slug(tag or report.title)
     path = out / f"{stem}.json"
     path.write_text(json.dumps(asdict(report), indent=2))
+    if os.environ.get("MOCA_BENCH_PLOTS", "1").strip() == "0":  # smoke runs: matplotlib costs seconds per report
+        return path
     try:
         _plot(report, out / f"{stem}.png")
     except Exception as exc:  # matplotlib missing or headless trouble: the JSON still stands
