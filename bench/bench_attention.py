@@ -318,8 +318,8 @@ def _main(args):
     else:
         print("no GPU: a CPU smoke run at a small shape (moca triton runs only under TRITON_INTERPRET=1)")
         small = [d // (512 if args.smoke else 64) for d in HEADLINE_DOCS]
-        run_shape("smoke", small, 4, 2, 32 if args.smoke else 64, ("documents", "mixed"), args, device,
-                  torch.float32, False)
+        heads = (2, 1, 32) if args.smoke else (4, 2, 64)
+        run_shape("smoke", small, *heads, ("documents", "mixed"), args, device, torch.float32, False)
     print("\nconfigs chosen (kernel, head dim, dtype, group, ...): (walked tile, warps, stages)")
     for key, cfg in tuning.cached("masked_attention").items():
         if key[1] == "dq_strategy":

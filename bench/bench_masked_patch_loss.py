@@ -148,14 +148,14 @@ def gradient_adopted(device, dtype, impl) -> str:
 def main(argv=None):
     parser = common_args(__doc__.splitlines()[1])
     parser.add_argument("--smoke", action="store_true",
-                        help="the smallest shape (N=64, P=48) that runs every case: the CPU test of bench/gpu_run.sh")
+                        help="the smallest shape (N=8, P=48) that runs every case: the CPU test of bench/gpu_run.sh")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
     shapes = [(262144, 1176)] if cuda else [(4096, 1176)]
     if args.smoke:
-        shapes = [(64, 48)]
+        shapes = [(8, 48)]
     if cuda and not args.quick and not args.smoke:
         shapes += [(65536, 1176), (262144, 4704 // 4 * 4)]
     if not cuda:
@@ -172,7 +172,7 @@ def main(argv=None):
                   counted="half", norm_pix=True), bytes_moved=bytes_moved, baseline="naive torch (fp32 math)",
                   warmup=args.warmup, rep=args.rep if not args.quick or args.smoke else 20, out=args.out, tag=f"masked_patch_loss_N{N}_P{P}")
     if cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        variants_agree(device, dtype, **(dict(N=64, P=48) if args.smoke else dict(N=4096 if cuda else 64)))
+        variants_agree(device, dtype, **(dict(N=8, P=48) if args.smoke else dict(N=4096 if cuda else 64)))
 
 
 if __name__ == "__main__":
