@@ -26,7 +26,9 @@
 #   | i ncu        | where ncu exists: dK/dV + dQ kernels, masked_patch_loss (one launch each)         |     35 |
 #
 # Environment: OUT (results; default /tmp/moca_gpu_run), GPU_RUN_SMOKE=1, GPU_RUN_TOTAL (default 420),
-# GPU_RUN_ONLY="b c" (run only these steps; the others get a SKIPPED row), GPU_RUN_WORK (work folder).
+# GPU_RUN_ONLY="b c" (run only these steps, setup always; the others get a SKIPPED row), GPU_RUN_WORK (work
+# folder), GPU_RUN_BUILD_C=1 (the one exception to "never compiles": when no _C built for the GPU machine's
+# CPython 3.12 travels with the tree, build it in the setup step, budget 120 s more; bench/NOTES.md says why).
 # $OUT receives at most 5 files (the device tool returns 8): gpu_run.tgz (every log and result, refreshed after
 # each step), summary.txt, run.json and decisions.txt (bench/decide.py), gpu_run.log (this script's own output,
 # when the caller tees it there).
@@ -79,7 +81,7 @@ cpu_s() {  # CPU_S = user + system seconds of this script's finished children so
 step() {
   local name=$1 budget=$2; shift 2
   local key=${name%% *}
-  if ! wanted "$key"; then row "$name" "$budget" 0 0 - SKIPPED "not in GPU_RUN_ONLY"; return 0; fi
+  if [ "$key" != setup ] && ! wanted "$key"; then row "$name" "$budget" 0 0 - SKIPPED "not in GPU_RUN_ONLY"; return 0; fi
   if [ "$budget" -le 0 ]; then row "$name" 0 0 0 - SKIPPED "no time left"; pack; return 0; fi
   local log="$W/logs/${name// /_}.log" t=$(date +%s) c0
   cpu_s; c0=$CPU_S
@@ -109,8 +111,14 @@ if [ "$SMOKE" = 1 ]; then
 print('smoke run on', sys.platform, 'torch', torch.__version__, 'triton', triton.__version__)
 print('moca_kernels._C:', 'loads' if _ext.available() else 'does not load: ' + str(_ext.unavailable_reason()))"
 else
-  step "setup" 20 bash -c "nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv,noheader
-    MOCA_KERNELS_SKIP_CUDA_BUILD=1 $PY -m pip install -q --no-deps --no-build-isolation -e . || echo 'editable install failed (the tree is on PYTHONPATH anyway)'
+  if [ "${GPU_RUN_BUILD_C:-0}" = 1 ]; then
+    SETUP_BUDGET=140; INSTALL_ENV="MOCA_KERNELS_CUDA_ARCHS=90a MOCA_KERNELS_REQUIRE_CUDA_BUILD=1"
+  else
+    SETUP_BUDGET=20; INSTALL_ENV="MOCA_KERNELS_SKIP_CUDA_BUILD=1"
+  fi
+  step "setup" $SETUP_BUDGET bash -c "nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv,noheader
+    echo 'install: $INSTALL_ENV'
+    env $INSTALL_ENV $PY -m pip install -q --no-deps --no-build-isolation -e . || echo 'editable install failed (the tree is on PYTHONPATH anyway)'
     $PY -c \"import torch, triton; from moca_kernels import _ext
 print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())
 print('moca_kernels._C (carried, not built here):', 'loads' if _ext.available() else 'DOES NOT LOAD: ' + str(_ext.unavailable_reason()))\"
