@@ -244,8 +244,9 @@ def metadata_cases(kind, lens, device, q_tile=128, k_tile=128):
 def run_shape(label, lens, Hq, Hkv, D, kinds, args, device, dtype, full):
     T = sum(lens)
     shape = (T, Hq, Hkv, D, dtype, device)
-    rep = 1 if args.smoke else 10 if args.quick else args.rep
-    warmup = 0 if args.smoke else 3 if args.quick else args.warmup
+    smoke = getattr(args, "smoke", False)
+    rep = 1 if smoke else 10 if args.quick else args.rep
+    warmup = 0 if smoke else 3 if args.quick else args.warmup
     masks = {kind: build_mask(kind, lens, device) for kind in kinds}
     # the targeted numbers first (documents fwd, fwd+bwd; mixed fwd+bwd), in case a time limit cuts the run
     first = [("documents", False), ("documents", True), ("mixed", True)]
@@ -284,7 +285,7 @@ def run_shape(label, lens, Hq, Hkv, D, kinds, args, device, dtype, full):
         for kind in kinds:
             run_cases(f"attention metadata {label} {kind}", metadata_cases(kind, lens, device),
                       shape=dict(T=T, mask=kind, q_tile=128, k_tile=128), baseline=None, warmup=warmup,
-                      rep=rep if args.smoke else max(rep, 20), out=args.out, tag=f"attention_metadata_{label}_{kind}")
+                      rep=rep if smoke else max(rep, 20), out=args.out, tag=f"attention_metadata_{label}_{kind}")
 
 
 def main(argv=None):

@@ -27,7 +27,7 @@
 #
 # Environment: OUT (results; default /tmp/moca_gpu_run), GPU_RUN_SMOKE=1, GPU_RUN_TOTAL (default 420),
 # GPU_RUN_ONLY="b c" (run only these steps, setup always; the others get a SKIPPED row), GPU_RUN_WORK (work
-# folder), GPU_RUN_BUILD_C=1 (the one exception to "never compiles": when no _C built for the GPU machine's
+# folder), GPU_RUN_DRY=1 (write each step's command to its log instead of running it), GPU_RUN_BUILD_C=1 (the one exception to "never compiles": when no _C built for the GPU machine's
 # CPython 3.12 travels with the tree, build it in the setup step, budget 120 s more; bench/NOTES.md says why).
 # $OUT receives at most 5 files (the device tool returns 8): gpu_run.tgz (every log and result, refreshed after
 # each step), summary.txt, run.json and decisions.txt (bench/decide.py), gpu_run.log (this script's own output,
@@ -84,6 +84,10 @@ step() {
   if [ "$key" != setup ] && ! wanted "$key"; then row "$name" "$budget" 0 0 - SKIPPED "not in GPU_RUN_ONLY"; return 0; fi
   if [ "$budget" -le 0 ]; then row "$name" 0 0 0 - SKIPPED "no time left"; pack; return 0; fi
   local log="$W/logs/${name// /_}.log" t=$(date +%s) c0
+  if [ "${GPU_RUN_DRY:-0}" = 1 ]; then   # the commands only (tests/test_gpu_run.py checks the GPU branch's)
+    printf '%q ' "$@" > "$log"; echo >> "$log"
+    row "$name" "$budget" 0 0 0 ok "dry run"; return 0
+  fi
   cpu_s; c0=$CPU_S
   echo "[gpu_run +$(( t - T0 ))s] $name (budget ${budget}s): $*"
   timeout -k 10 $(( budget * SCALE )) "$@" > "$log" 2>&1
@@ -101,7 +105,7 @@ step() {
 }
 
 # ---- setup (not a decision; 20 s) -------------------------------------------------------------------------
-if [ "$SMOKE" != 1 ] && ls .whl/*.whl >/dev/null 2>&1; then   # liger-kernel, cut-cross-entropy, inf-cl (NOTES.md)
+if [ "$SMOKE" != 1 ] && [ "${GPU_RUN_DRY:-0}" != 1 ] && ls .whl/*.whl >/dev/null 2>&1; then   # liger-kernel, cut-cross-entropy, inf-cl (NOTES.md)
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/moca_site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/moca_site
 fi
@@ -172,7 +176,7 @@ NCU_SECTIONS="--section SpeedOfLight --section MemoryWorkloadAnalysis --section 
 if command -v ncu >/dev/null 2>&1 && [ "$SMOKE" != 1 ]; then
   step "i ncu" 35 bash -c "ncu --clock-control none $NCU_SECTIONS -k 'regex:_bwd_(dkdv|dq)_kernel' -c 2 \
       $PY bench/ncu_targets.py attention_bwd && \
-    ncu --clock-control none $NCU_SECTIONS -k 'regex:mpl_fwd|_mpl' -c 1 $PY bench/ncu_targets.py masked_patch_loss"
+    ncu --clock-control none $NCU_SECTIONS -k 'regex:mpl_fwd|masked_patch_loss_fwd' -c 1 $PY bench/ncu_targets.py masked_patch_loss"
 else
   # no ncu (or the smoke run): the profiled script itself still runs, so it cannot fail on the GPU for Python
   step "i ncu" 35 bash -c "echo 'ncu not run ($( [ "$SMOKE" = 1 ] && echo smoke run || echo not installed)): the targets run without it'; \

@@ -150,3 +150,39 @@ def test_timer_plan():
     timer, calls = timer_plan(0.5, rep=30, graphs=False)
     assert timer == "events" and calls >= MIN_EVENT_REPS and calls * 0.5 >= MIN_EVENT_MS
     assert timer_plan(GRAPH_BELOW_MS * 2, rep=30) == ("events", 30)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_run_gpu_branch_commands(tmp_path):
+    """The GPU branch cannot run here; GPU_RUN_DRY=1 writes each step's command instead, with a stand-in ncu on
+    PATH so that step i takes its ncu branch: the commands must be the GPU ones (no --smoke, the headline sweeps,
+    the gate files first and left out of the full suite, h given the time left, one ncu launch set per target)."""
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "ncu").write_text("#!/bin/sh\nexit 0\n")
+    (stub / "ncu").chmod(0o755)
+    work = tmp_path / "work"
+    env = dict(os.environ, OUT=str(tmp_path / "out"), GPU_RUN_WORK=str(work), PYTHONPATH=str(ROOT),
+               PYTHON=sys.executable, GPU_RUN_DRY="1", PATH=f"{stub}{os.pathsep}{os.environ['PATH']}")
+    env.pop("GPU_RUN_SMOKE", None)
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_run.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    rows = [line.split("\t") for line in (work / "summary.tsv").read_text().splitlines()[1:]]
+    assert [r[0] for r in rows] == STEPS
+    budgets = {r[0]: int(r[1]) for r in rows}
+    fixed = sum(b for name, b in budgets.items() if not name.startswith("h "))
+    assert fixed <= 415, budgets
+    # h gets 420 s minus the time already used (none in a dry run) minus i's 35 s: the run ends by 420 s
+    assert 380 <= budgets["h full_tests"] <= 420 - budgets["i ncu"], budgets
+    logs = {p.stem: p.read_text() for p in (work / "logs").glob("*.log")}
+    assert all("--smoke" not in cmd for cmd in logs.values()), logs
+    assert "MOCA_KERNELS_SKIP_CUDA_BUILD=1" in logs["setup"] and "_ext.available()" in logs["setup"]
+    gate = logs["a_gate_tests"]
+    assert "-m gpu" in gate and "test_forward_variants.py" in gate and "test_masked_token_loss_variants.py" in gate
+    assert "--ignore=tests/moca_kernels/attention/test_forward_variants.py" in logs["h_full_tests"]
+    assert "--sweep 4096 16384 65536 262144" in logs["g1_sweep_nce"]
+    assert "--chunks 32 48 64" in logs["g2_sweep_mtl"]
+    assert "--profile" in logs["d_mtl"] and "--json" in logs["b_attn_bwd"] and "--json" in logs["e_attn_fwd"]
+    ncu = logs["i_ncu"]
+    assert ncu.count("ncu\\ --clock-control\\ none") == 2 and "WarpStateStats" in ncu and "attention_bwd" in ncu
