@@ -297,6 +297,7 @@ def run_cases(title: str, cases: List[Case], *, shape: Dict[str, object], flops:
         report.results.append(r)
         print(f"  {case.name:<42s} " + (f"{r.median_ms:9.3f} ms" if r.median_ms is not None else f"-- {r.error}"),
               flush=True)
+        save(report, out, tag, plot=False)  # after every case: a run cut off by its time limit keeps what it did
     print(format_table(report))
     save(report, out, tag)
     return report
@@ -323,13 +324,13 @@ def _slug(s: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in s.lower()).strip("-").replace("--", "-")
 
 
-def save(report: Report, out: Optional[Path] = None, tag: Optional[str] = None) -> Path:
+def save(report: Report, out: Optional[Path] = None, tag: Optional[str] = None, plot: bool = True) -> Path:
     out = Path(out) if out else RESULTS_DIR / ("scratch" if not torch.cuda.is_available() else _slug(report.device))
     out.mkdir(parents=True, exist_ok=True)
     stem = _slug(tag or report.title)
     path = out / f"{stem}.json"
     path.write_text(json.dumps(asdict(report), indent=2))
-    if os.environ.get("MOCA_BENCH_PLOTS", "1").strip() == "0":  # smoke runs: matplotlib costs seconds per report
+    if not plot or os.environ.get("MOCA_BENCH_PLOTS", "1").strip() == "0":  # smoke: matplotlib costs seconds
         return path
     try:
         _plot(report, out / f"{stem}.png")

@@ -118,6 +118,21 @@ def _main(args) -> int:
                 q, k, v, do.float())
     warmup = 0 if args.smoke else 3
     rows = []
+
+    def dump(rows):
+        """--json: every row so far (after each variant, so a run cut off by its time limit keeps what it did)."""
+        if not args.json:
+            return
+        import json
+
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(
+            bench="attention_bwd", device=torch.cuda.get_device_name() if cuda else "cpu", T=T, Hq=Hq, Hkv=Hkv, D=D,
+            dtype=str(dt), tune=args.tune, dq=args.dq,
+            rows=[dict(variant="flex" if name == "FlexAttention" else name, errors=errs,
+                       timings={f"{kind}.{part}": res[kind][i] for kind in res
+                                for i, part in enumerate(("fwd_bwd", "bwd"))})
+                  for name, res, errs, secs in rows]), indent=1))
     def impl(variant):
         return "triton" if variant == "base" else "triton:" + variant
 
@@ -135,6 +150,7 @@ def _main(args) -> int:
             print(f"{variant}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
             continue
         rows.append((variant, res, errs, time.perf_counter() - t0))
+        dump(rows)
         print(f"  {variant} done ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     if not args.no_flex:
@@ -161,17 +177,7 @@ def _main(args) -> int:
         e = " / ".join(f"{x:.2e}" for x in errs) if errs else "-"
         print(f"{name:<14} {res['documents'][0]['median_ms']:9.3f} {res['documents'][1]['median_ms']:9.3f} "
               f"{res['mixed'][0]['median_ms']:10.3f} {res['mixed'][1]['median_ms']:10.3f}   {e}   ({secs:.0f} s)")
-    if args.json:
-        import json
-
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(
-            bench="attention_bwd", device=torch.cuda.get_device_name() if cuda else "cpu", T=T, Hq=Hq, Hkv=Hkv, D=D,
-            dtype=str(dt), tune=args.tune, dq=args.dq,
-            rows=[dict(variant="flex" if name == "FlexAttention" else name, errors=errs,
-                       timings={f"{kind}.{part}": res[kind][i] for kind in res
-                                for i, part in enumerate(("fwd_bwd", "bwd"))})
-                  for name, res, errs, secs in rows]), indent=1))
+    dump(rows)
     print("targets (H100): documents fwd+bwd <= 3.25 ms, mixed fwd+bwd <= 2.45 ms")
 
     if not args.no_breakdown:

@@ -102,6 +102,21 @@ def _main(args) -> int:
         return "triton" if variant == "base" else "triton:" + variant
 
     warmup, rows, stat_rows = 0 if args.smoke else 3, [], {}
+
+    def dump(rows):
+        """--json: every row so far (after each variant, so a run cut off by its time limit keeps what it did)."""
+        if not args.json:
+            return
+        import json
+
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(
+            bench="attention_fwd", device=torch.cuda.get_device_name() if cuda else "cpu", T=T, Hq=Hq, Hkv=Hkv, D=D,
+            dtype=str(dt), tune=args.tune or "all",
+            rows=[dict(variant="flex" if name == "FlexAttention" else name, errors=errs, config=str(cfg), kernel=ran,
+                       timings={(k if "." in k else f"{k}.fwd"): v
+                                for k, v in stat_rows["flex" if name == "FlexAttention" else name].items()})
+                  for name, times, errs, cfg, ran, secs in rows]), indent=1))
     for variant in args.variants:
         t0 = time.perf_counter()
         try:
@@ -128,6 +143,7 @@ def _main(args) -> int:
             continue
         rows.append((variant, times, errs, tuning.CACHE.get(tuned_key(variant)), ran, time.perf_counter() - t0))
         stat_rows[variant] = full
+        dump(rows)
         print(f"  {variant} done ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     if not args.no_flex:
@@ -155,17 +171,7 @@ def _main(args) -> int:
         print(f"{name:<14} {times['documents']:9.3f} {times['mixed']:10.3f} {fb}   {e}   {cfg}   {ran}   "
               f"({secs:.0f} s)")
     print("target (H100): documents fwd <= 0.83 ms; floor 0.53 ms (documents), 0.32 ms (mixed) at 738 TFLOP/s")
-    if args.json:
-        import json
-
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(
-            bench="attention_fwd", device=torch.cuda.get_device_name() if cuda else "cpu", T=T, Hq=Hq, Hkv=Hkv, D=D,
-            dtype=str(dt), tune=args.tune or "all",
-            rows=[dict(variant="flex" if name == "FlexAttention" else name, errors=errs, config=str(cfg), kernel=ran,
-                       timings={(k if "." in k else f"{k}.fwd"): v
-                                for k, v in stat_rows["flex" if name == "FlexAttention" else name].items()})
-                  for name, times, errs, cfg, ran, secs in rows]), indent=1))
+    dump(rows)
 
     if not args.no_configs:
         print("\nevery candidate: documents forward ms, out rel err vs fp32 (documents / mixed); config: base "
