@@ -9,7 +9,8 @@ Collecting (RUN_DIR): ``summary.tsv`` (a row per step), ``results/gate_tests.xml
 JSON: ``{"steps": [...], "tests": {group: {passed, failed, skipped}}, "metrics": {key: {median_ms, p20_ms, p80_ms,
 timer}}, "device": ...}``. Metric keys: ``attention_bwd.<base|even|fused|flex>.<documents|mixed>.<fwd_bwd|bwd>``,
 ``attention_fwd.<base|ws|tma|flex>.<documents|mixed>.fwd``, ``masked_patch_loss.<cuda|triton>.<v1|v2|v2p>``,
-``masked_token_loss.<v1|v2|v3|cce_filtered|cce_exact|liger>``.
+``masked_token_loss.<v1|v2|v3|cce_filtered|cce_exact|liger>``,
+``attention.<headline|7B-text|vision|smoke>.<documents|mixed>.<fwd|fwd_bwd>.<moca|flex|varlen>`` (bench_attention).
 
 Deciding (``DECISIONS`` below, the same table as NOTES.md): a candidate flips its default when (1) the gate tests
 of its op ran on the GPU, at least one passed and none failed; (2) on every metric of its row it is at least
@@ -74,7 +75,12 @@ TARGETS = [
      "ratio", 1.15),
     ("masked_patch_loss N=262144 P=1176 (cuda v1)", "masked_patch_loss.cuda.v1", None, "ms", 0.6),
     ("masked_token_loss exact vs CCE exact", "masked_token_loss.v1", "masked_token_loss.cce_exact", "ratio", 1.2),
+    ("attention 7B-text documents fwd+bwd vs the better of Flex and varlen", "attention.7B-text.documents.fwd_bwd.moca",
+     ("attention.7B-text.documents.fwd_bwd.flex", "attention.7B-text.documents.fwd_bwd.varlen"), "ratio", 1.10),
+    ("attention vision documents fwd+bwd vs the better of Flex and varlen", "attention.vision.documents.fwd_bwd.moca",
+     ("attention.vision.documents.fwd_bwd.flex", "attention.vision.documents.fwd_bwd.varlen"), "ratio", 1.10),
 ]
+ATTN_CASES = {"moca triton": "moca", "FlexAttention (compiled)": "flex", "torch varlen_attn": "varlen"}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -111,6 +117,9 @@ def _report_metrics(rep: dict, metrics: dict) -> None:
             parts = name.split()
             if len(parts) == 3 and parts[0] == "moca" and parts[1] in ("cuda", "triton"):
                 key = f"masked_patch_loss.{parts[1]}.{parts[2]}"
+        elif title.startswith("masked_attention ") and len(title.split()) == 4 and name in ATTN_CASES:
+            _, label, kind, mode = title.split()
+            key = f"attention.{label}.{kind}.{mode.replace('+', '_')}.{ATTN_CASES[name]}"
         elif title == "masked_token_loss fwd+bwd" and rep.get("shape", {}).get("counted", 1.0) == 1.0:
             if name == "moca triton":
                 key = "masked_token_loss.v1"
@@ -217,7 +226,8 @@ def decide(run: dict) -> List[dict]:
 def targets(run: dict) -> List[str]:
     lines, metrics = [], run.get("metrics", {})
     for label, ours, peer, kind, target in TARGETS:
-        o, p = metrics.get(ours), metrics.get(peer) if peer else None
+        peers = [metrics[k] for k in ((peer,) if isinstance(peer, str) else peer or ()) if k in metrics]
+        o, p = metrics.get(ours), min(peers, key=lambda m: m["median_ms"]) if peers else None
         if not o or (peer and not p):
             lines.append(f"  {label}: not measured")
         elif kind == "ratio":

@@ -129,7 +129,16 @@ def test_decide_reads_a_run_folder(tmp_path):
             dict(name="moca cuda v1", **_m(1.0)), dict(name="moca cuda v2", **_m(0.8)),
             dict(name="moca cuda v2: forward only, no grad", **_m(0.3)),
             dict(name="moca cuda v2p", median_ms=None, error="x")])))
+    (res / "attention_7B-text_documents_fwd_bwd.json").write_text(json.dumps(dict(
+        title="masked_attention 7B-text documents fwd+bwd", device="NVIDIA H100 80GB HBM3", shape={}, results=[
+            dict(name="moca triton", **_m(5.0, timer="events")), dict(name="FlexAttention (compiled)", **_m(6.0)),
+            dict(name="torch varlen_attn", **_m(5.4)), dict(name="SDPA flash, unmasked T (more work)", **_m(4.0))])))
     run = decide.collect(tmp_path)
+    assert {k for k in run["metrics"] if k.startswith("attention.")} == {
+        "attention.7B-text.documents.fwd_bwd.moca", "attention.7B-text.documents.fwd_bwd.flex",
+        "attention.7B-text.documents.fwd_bwd.varlen"}
+    # the target compares with the better peer (varlen here): 5.4 / 5.0 = 1.08x, under 1.10x
+    assert "7B-text documents fwd+bwd vs the better of Flex and varlen: 1.08x" in "\n".join(decide.targets(run))
     assert run["tests"]["masked_patch_loss"] == dict(passed=2, failed=0, skipped=0)
     assert run["tests"]["attention_bwd"]["failed"] == 1
     assert run["metrics"]["attention_bwd.fused.documents.fwd_bwd"]["median_ms"] == 3.0
