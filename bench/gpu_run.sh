@@ -27,8 +27,9 @@
 #
 # Environment: OUT (results; default /tmp/moca_gpu_run), GPU_RUN_SMOKE=1, GPU_RUN_TOTAL (default 420),
 # GPU_RUN_ONLY="b c" (run only these steps, setup always; the others get a SKIPPED row), GPU_RUN_WORK (work
-# folder), GPU_RUN_DRY=1 (write each step's command to its log instead of running it), GPU_RUN_BUILD_C=1 (the one exception to "never compiles": when no _C built for the GPU machine's
-# CPython 3.12 travels with the tree, build it in the setup step, budget 120 s more; bench/NOTES.md says why).
+# folder), GPU_RUN_DRY=1 (write each step's command to its log instead of running it), GPU_RUN_BUILD_C=1 (the
+# one exception to "never compiles": when no _C built for the GPU machine's CPython 3.12 travels with the tree,
+# build it in the setup step, budget 120 s more; bench/NOTES.md says why).
 # $OUT receives at most 5 files (the device tool returns 8): gpu_run.tgz (every log and result, refreshed after
 # each step), summary.txt, run.json and decisions.txt (bench/decide.py), gpu_run.log (this script's own output,
 # when the caller tees it there).
