@@ -294,8 +294,9 @@ def metadata_cases(kind, lens, device, q_tile=128, k_tile=128):
 def run_shape(label, lens, Hq, Hkv, D, kinds, args, device, dtype, full):
     T = sum(lens)
     shape = (T, Hq, Hkv, D, dtype, device)
-    rep = 10 if args.quick else args.rep
-    warmup = 3 if args.quick else args.warmup
+    smoke = getattr(args, "smoke", False)
+    rep = 1 if smoke else 10 if args.quick else args.rep
+    warmup = 0 if smoke else 3 if args.quick else args.warmup
     masks = {kind: build_mask(kind, lens, device) for kind in kinds}
     # the targeted numbers first (documents fwd, fwd+bwd; mixed fwd+bwd), in case a time limit cuts the run
     first = [("documents", False), ("documents", True), ("mixed", True)]
@@ -337,7 +338,7 @@ def run_shape(label, lens, Hq, Hkv, D, kinds, args, device, dtype, full):
         for kind in kinds:
             run_cases(f"attention metadata {label} {kind}", metadata_cases(kind, lens, device),
                       shape=dict(T=T, mask=kind, q_tile=128, k_tile=128), baseline=None, warmup=warmup,
-                      rep=max(rep, 20), out=args.out, tag=f"attention_metadata_{label}_{kind}")
+                      rep=rep if smoke else max(rep, 20), out=args.out, tag=f"attention_metadata_{label}_{kind}")
 
 
 def main(argv=None):
@@ -345,6 +346,8 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="+", choices=("headline", "7B-text", "vision"), default=None,
                         help="run only these shapes (default: the headline with --quick, all three without); "
                              "with --quick, no dense-mask SDPA case")
+    parser.add_argument("--smoke", action="store_true",
+                        help="without a GPU: T = 32 instead of 256 (the CPU test of bench/gpu_run.sh)")
     args = parser.parse_args(argv)
     # --quick: time the first 2 of the 3 config candidates per kernel (compile time), unless MOCA_ATTENTION_TUNE says
     quick_tune = args.quick and not os.environ.get("MOCA_ATTENTION_TUNE", "").strip()
@@ -368,8 +371,9 @@ def _main(args):
             run_shape("vision", VISION_IMAGES, 16, 16, 80, ("documents",), args, device, dtype, full)
     else:
         print("no GPU: a CPU smoke run at a small shape (moca triton runs only under TRITON_INTERPRET=1)")
-        small = [d // 64 for d in HEADLINE_DOCS]
-        run_shape("smoke", small, 4, 2, 64, ("documents", "mixed"), args, device, torch.float32, False)
+        small = [d // (512 if args.smoke else 64) for d in HEADLINE_DOCS]
+        heads = (2, 1, 32) if args.smoke else (4, 2, 64)
+        run_shape("smoke", small, *heads, ("documents", "mixed"), args, device, torch.float32, False)
     print("\nconfigs chosen (kernel, head dim, dtype, group, ...): (walked tile, warps, stages)")
     for key, cfg in tuning.cached("masked_attention").items():
         if key[1] == "dq_strategy":

@@ -103,6 +103,8 @@ def main(argv=None):
     parser = common_args(__doc__.splitlines()[0])
     parser.add_argument("--sweep", type=int, nargs="+", default=None, metavar="B",
                         help="run only the scaling sweep, at these B = M (e.g. --sweep 262144)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="without a GPU: B = M = 32, D = 16, one timed call (the CPU test of bench/gpu_run.sh)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         import os
@@ -110,12 +112,13 @@ def main(argv=None):
         if os.environ.get("TRITON_INTERPRET") != "1":
             print("no GPU: info_nce's triton kernels need one (or TRITON_INTERPRET=1 for a CPU smoke run)")
             return 0
-        print("no GPU: a CPU smoke run of the script at B=M=96, D=40 "
+        n, d, (warmup, rep) = (32, 16, (0, 1)) if args.smoke else (96, 40, (1, 2))
+        print(f"no GPU: a CPU smoke run of the script at B=M={n}, D={d} "
               "(fp16 stands in for bf16; timings mean nothing)")
-        agreement(96, 96, 40, "cpu", torch.float16)
-        run_cases("info_nce fwd+bwd", headline_cases(96, 96, 40, "cpu", torch.float16),
-                  shape=dict(B=96, M=96, D=40, dtype="float16"), flops=8.0 * 96 * 96 * 40,
-                  baseline="naive bf16 (logits materialised)", warmup=1, rep=2, out=args.out,
+        agreement(n, n, d, "cpu", torch.float16)
+        run_cases("info_nce fwd+bwd", headline_cases(n, n, d, "cpu", torch.float16),
+                  shape=dict(B=n, M=n, D=d, dtype="float16"), flops=8.0 * n * n * d,
+                  baseline="naive bf16 (logits materialised)", warmup=warmup, rep=rep, out=args.out,
                   tag="info_nce_cpu_smoke")
         return 0
     device = "cuda"

@@ -9,8 +9,16 @@ A benchmark script defines cases and hands them to :func:`run_cases`::
 in isolation: its inputs are freed before the next case, peak memory is measured above what was allocated
 after setup, and a case that fails (out of memory, peer missing) is reported with its reason, not dropped.
 
-Timing: CUDA events around each call after warm-up, median and 20th/80th percentiles (on CPU a wall clock,
-for smoke runs only). Benchmarks are never run by the test suite's assertions on timing.
+Timing (:func:`time_call`): after warm-up, on a GPU, a call estimated under ``GRAPH_BELOW_MS`` (2 ms: every
+sub-millisecond op and the ~1 ms attention forward, so a variant near 1 ms and its baseline use the same timer)
+is timed by CUDA-graph replays (``triton.testing.do_bench_cudagraph``: ``GRAPH_SAMPLES`` = 10 replays of one
+graph holding as many calls as fill ``GRAPH_REP_MS`` = 50 ms, each sample the mean over those calls, so launch
+gaps and host jitter stay out and a sample averages >= 25 calls); a call that cannot be captured (a host sync,
+a stream the graph does not see) falls back to CUDA events with at least ``MIN_EVENT_REPS`` = 100 timed calls
+and ``MIN_EVENT_MS`` = 200 ms of them for sub-2 ms calls, so a +-3% noise cannot decide a comparison. Longer
+calls are timed with CUDA events, ``rep`` calls. Median and 20th/80th percentiles of the samples are reported,
+and which timer made them (``Result.timer``). ``MOCA_BENCH_CUDAGRAPH=0`` turns graph timing off. On CPU a wall
+clock, unchanged, for smoke runs only. Benchmarks are never run by the test suite's assertions on timing.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ class Case:
     name: str
     setup: Callable[[], Callable[[], object]]
     note: str = ""
+    graph: Optional[bool] = None   # False: never a CUDA graph (the op syncs with the host); see time_call
 
 
 @dataclass
@@ -51,6 +60,7 @@ class Result:
     gbps: Optional[float] = None
     error: Optional[str] = None
     note: str = ""
+    timer: str = ""
 
 
 @dataclass
@@ -72,13 +82,18 @@ def device_name() -> str:
 
 
 def environment() -> Dict[str, str]:
+    from importlib import metadata
+
     env = {"torch": torch.__version__, "python": platform.python_version()}
-    for mod in ("triton", "transformers", "liger_kernel", "cut_cross_entropy", "inf_cl"):
-        try:
-            m = importlib.import_module(mod)
-            env[mod] = getattr(m, "__version__", "installed")
-        except Exception:
-            pass
+    # installed versions from package metadata, without importing (transformers alone takes seconds to import)
+    for mod, dist in (("triton", "triton"), ("transformers", "transformers"), ("liger_kernel", "liger-kernel"),
+                      ("cut_cross_entropy", "cut-cross-entropy"), ("inf_cl", "inf-cl")):
+        for name in (dist, mod):
+            try:
+                env[mod] = metadata.version(name)
+                break
+            except Exception:
+                continue
     if torch.cuda.is_available():
         env["cuda"] = str(torch.version.cuda)
     return env
@@ -98,28 +113,108 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def time_fn(fn: Callable[[], object], warmup: int = 5, rep: int = 30, max_seconds: float = 20.0) -> List[float]:
-    """Per-call milliseconds of ``fn`` after warm-up (CUDA events on GPU, wall clock on CPU)."""
+GRAPH_BELOW_MS = 2.0   # calls estimated shorter than this are timed by CUDA-graph replays
+GRAPH_REP_MS = 50      # do_bench_cudagraph's rep: each of its samples averages the calls that fill this many ms
+GRAPH_SAMPLES = 10     # samples per do_bench_cudagraph call (triton's n_retries)
+MIN_EVENT_REPS = 100   # event timing of a sub-GRAPH_BELOW_MS call (graph capture failed): at least this many calls
+MIN_EVENT_MS = 200.0   # ... and at least this many milliseconds of timed calls
+
+
+@dataclass
+class Timing:
+    times: List[float]      # per-call milliseconds (graph samples: the mean of the calls in one replay)
+    timer: str              # "cudagraph", "events" or "wall" (CPU); "events (...)" says why not the graph
+    calls: int = 0          # calls timed in all
+
+
+def graphs_enabled() -> bool:
+    return os.environ.get("MOCA_BENCH_CUDAGRAPH", "1").strip() != "0"
+
+
+def timer_plan(estimate_ms: float, rep: int, graphs: bool = True) -> tuple:
+    """(timer, timed calls) for a CUDA call of about ``estimate_ms``: "cudagraph" (calls per sample) under
+    ``GRAPH_BELOW_MS`` when graphs are allowed; else "events" with ``rep`` calls, raised for a short call to at
+    least ``MIN_EVENT_REPS`` calls and ``MIN_EVENT_MS`` ms so that a few slow calls cannot move the median."""
+    est = max(float(estimate_ms), 1e-4)
+    if est < GRAPH_BELOW_MS:
+        if graphs:
+            return "cudagraph", max(1, int(GRAPH_REP_MS / est))
+        return "events", max(rep, MIN_EVENT_REPS, int(math.ceil(MIN_EVENT_MS / est)))
+    return "events", rep
+
+
+def _cudagraph_samples(fn: Callable[[], object]) -> List[float]:
+    from triton.testing import do_bench_cudagraph
+
+    return list(do_bench_cudagraph(fn, rep=GRAPH_REP_MS, return_mode="all"))
+
+
+def time_call(fn: Callable[[], object], warmup: int = 5, rep: int = 30, max_seconds: float = 20.0,
+              graph: Optional[bool] = None) -> Timing:
+    """Per-call milliseconds of ``fn`` after warm-up, and the timer that made them (module docstring).
+    ``graph``: None follows ``MOCA_BENCH_CUDAGRAPH`` (default on), False forces events (ops known to sync with
+    the host), True allows graphs regardless of the variable."""
     for _ in range(warmup):
         fn()
     _sync()
-    times = []
-    start_all = time.perf_counter()
-    for _ in range(rep):
-        if torch.cuda.is_available():
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
+    if not torch.cuda.is_available():
+        times, start_all = [], time.perf_counter()
+        for _ in range(rep):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+            if time.perf_counter() - start_all > max_seconds and len(times) >= 3:
+                break
+        return Timing(times, "wall", len(times))
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(3):
+        fn()
+    b.record()
+    b.synchronize()
+    estimate = a.elapsed_time(b) / 3
+    allowed = graphs_enabled() if graph is None else graph
+    timer, n = timer_plan(estimate, rep, allowed)
+    label = "events"
+    if timer == "cudagraph":
+        try:
+            samples = _cudagraph_samples(fn)
+            return Timing(samples, "cudagraph", n * len(samples))
+        except Exception as exc:  # not capturable (host sync, foreign stream): events, enough of them
+            try:
+                torch.cuda.synchronize()
+            except Exception:
+                pass
+            fn()  # raises here (a real failure, reported by the caller) if the failed capture broke anything
+            _sync()
+            timer, n = timer_plan(estimate, rep, False)
+            label = f"events (graph capture failed: {type(exc).__name__})"
+    times = []
+    start_all = time.perf_counter()
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
         if time.perf_counter() - start_all > max_seconds and len(times) >= 3:
             break
-    return times
+    return Timing(times, label, len(times))
+
+
+def time_fn(fn: Callable[[], object], warmup: int = 5, rep: int = 30, max_seconds: float = 20.0,
+            graph: Optional[bool] = None) -> List[float]:
+    """Per-call milliseconds of ``fn`` after warm-up (:func:`time_call`'s samples)."""
+    return time_call(fn, warmup, rep, max_seconds, graph).times
+
+
+def stats(timing: Timing) -> Dict[str, object]:
+    """median / p20 / p80 ms, samples, calls and timer of a :class:`Timing` (for JSON)."""
+    t = timing.times
+    qs = statistics.quantiles(t, n=5) if len(t) >= 2 else [t[0]] * 4
+    return dict(median_ms=statistics.median(t), p20_ms=qs[0], p80_ms=qs[3], samples=len(t), calls=timing.calls,
+                timer=timing.timer)
 
 
 def kernel_breakdown(fn: Callable[[], object], calls: int = 3, top: int = 10, title: str = "") -> List[tuple]:
@@ -158,8 +253,8 @@ def kernel_breakdown(fn: Callable[[], object], calls: int = 3, top: int = 10, ti
 
 
 def measure(case: Case, warmup: int, rep: int, flops: Optional[float], bytes_moved: Optional[float]) -> Result:
-    gc.collect()
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # free the last case's device memory (on CPU gc.collect costs ~0.5 s a case)
+        gc.collect()
         torch.cuda.empty_cache()
     res = Result(case.name, note=case.note)
     try:
@@ -174,10 +269,9 @@ def measure(case: Case, warmup: int, rep: int, flops: Optional[float], bytes_mov
             fn()
             _sync()
             res.peak_extra_gib = (torch.cuda.max_memory_allocated() - base) / 2**30
-        times = time_fn(fn, warmup, rep)
-        res.median_ms = statistics.median(times)
-        qs = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
-        res.p20_ms, res.p80_ms = qs[0], qs[3]
+        timing = time_call(fn, warmup, rep, graph=case.graph)
+        st = stats(timing)
+        res.median_ms, res.p20_ms, res.p80_ms, res.timer = st["median_ms"], st["p20_ms"], st["p80_ms"], timing.timer
         if flops:
             res.tflops = flops / (res.median_ms * 1e-3) / 1e12
         if bytes_moved:
@@ -187,8 +281,8 @@ def measure(case: Case, warmup: int, rep: int, flops: Optional[float], bytes_mov
         res.error = msg.splitlines()[0][:200]
     finally:
         fn = None
-        gc.collect()
         if torch.cuda.is_available():
+            gc.collect()
             torch.cuda.empty_cache()
     return res
 
@@ -203,6 +297,7 @@ def run_cases(title: str, cases: List[Case], *, shape: Dict[str, object], flops:
         report.results.append(r)
         print(f"  {case.name:<42s} " + (f"{r.median_ms:9.3f} ms" if r.median_ms is not None else f"-- {r.error}"),
               flush=True)
+        save(report, out, tag, plot=False)  # after every case: a run cut off by its time limit keeps what it did
     print(format_table(report))
     save(report, out, tag)
     return report
@@ -229,12 +324,14 @@ def _slug(s: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in s.lower()).strip("-").replace("--", "-")
 
 
-def save(report: Report, out: Optional[Path] = None, tag: Optional[str] = None) -> Path:
+def save(report: Report, out: Optional[Path] = None, tag: Optional[str] = None, plot: bool = True) -> Path:
     out = Path(out) if out else RESULTS_DIR / ("scratch" if not torch.cuda.is_available() else _slug(report.device))
     out.mkdir(parents=True, exist_ok=True)
     stem = _slug(tag or report.title)
     path = out / f"{stem}.json"
     path.write_text(json.dumps(asdict(report), indent=2))
+    if not plot or os.environ.get("MOCA_BENCH_PLOTS", "1").strip() == "0":  # smoke: matplotlib costs seconds
+        return path
     try:
         _plot(report, out / f"{stem}.png")
     except Exception as exc:  # matplotlib missing or headless trouble: the JSON still stands

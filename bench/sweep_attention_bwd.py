@@ -19,14 +19,15 @@ the same way.
     python bench/sweep_attention_bwd.py --variants fused --no-flex
     python bench/sweep_attention_bwd.py --tune 3           # time every config candidate (slower: more compiles)
 
-Without a GPU, TRITON_INTERPRET=1 runs a tiny smoke version (T = 128, fp32, ~1 min) of the same code path.
+Without a GPU, TRITON_INTERPRET=1 runs a tiny smoke version (T = 128, fp32, ~1 min) of the same code path;
+--smoke shrinks it to T = 32 (the test of bench/gpu_run.sh). --json PATH writes every row (median, p20, p80,
+samples, timer) for bench/decide.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_attention import HEADLINE_DOCS, _flex_mask_mod, build_mask, inputs  # noqa: E402
-from bench.harness import kernel_breakdown, time_fn  # noqa: E402
+from bench.harness import kernel_breakdown, stats, time_call  # noqa: E402
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -53,18 +54,18 @@ def grads(fn, q, k, v, do):
 
 
 def timings(fn, q, k, v, do, warmup, rep):
-    """(fwd+bwd ms, bwd-only ms): medians."""
+    """(fwd+bwd, bwd-only): harness.stats dicts (median_ms, p20_ms, p80_ms, timer, ...)."""
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
 
     def fwd_bwd():
         out = fn(*leaves)
         torch.autograd.grad(out, leaves, do)
-    full = statistics.median(time_fn(fwd_bwd, warmup=warmup, rep=rep))
+    full = stats(time_call(fwd_bwd, warmup=warmup, rep=rep))
     out = fn(*leaves)
 
     def bwd():
         torch.autograd.grad(out, leaves, do, retain_graph=True)
-    back = statistics.median(time_fn(bwd, warmup=warmup, rep=rep))
+    back = stats(time_call(bwd, warmup=warmup, rep=rep))
     return full, back
 
 
@@ -78,6 +79,8 @@ def main(argv=None) -> int:
                     help="dQ route of the base / even variants (auto: timed, compiles the atomic kernels too)")
     ap.add_argument("--rep", type=int, default=15)
     ap.add_argument("--no-breakdown", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="CPU (interpreter) only: T = 32 instead of 128")
+    ap.add_argument("--json", type=Path, default=None, help="write the rows here (bench/decide.py reads them)")
     args = ap.parse_args(argv)
     from moca_kernels import tuning
 
@@ -103,6 +106,8 @@ def _main(args) -> int:
             print("no GPU: run with TRITON_INTERPRET=1 for the interpreted smoke version")
             return 1
         dev, dt, docs, Hq, Hkv, D = "cpu", torch.float32, [d // 128 for d in HEADLINE_DOCS], 2, 1, 64
+        if args.smoke:
+            docs, D = [8, 8, 16], 32
         args.no_flex, args.rep, args.no_breakdown = True, 1, True
     T = sum(docs)
     q, k, v, do = inputs(T, Hq, Hkv, D, dt, dev)
@@ -111,8 +116,23 @@ def _main(args) -> int:
 
     ref = grads(lambda a, b, c: reference.masked_attention(a.float(), b.float(), c.float(), masks["documents"]),
                 q, k, v, do.float())
-    warmup = 3
+    warmup = 0 if args.smoke else 3
     rows = []
+
+    def dump(rows):
+        """--json: every row so far (after each variant, so a run cut off by its time limit keeps what it did)."""
+        if not args.json:
+            return
+        import json
+
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(
+            bench="attention_bwd", device=torch.cuda.get_device_name() if cuda else "cpu", T=T, Hq=Hq, Hkv=Hkv, D=D,
+            dtype=str(dt), tune=args.tune, dq=args.dq,
+            rows=[dict(variant="flex" if name == "FlexAttention" else name, errors=errs,
+                       timings={f"{kind}.{part}": res[kind][i] for kind in res
+                                for i, part in enumerate(("fwd_bwd", "bwd"))})
+                  for name, res, errs, secs in rows]), indent=1))
     def impl(variant):
         return "triton" if variant == "base" else "triton:" + variant
 
@@ -130,6 +150,7 @@ def _main(args) -> int:
             print(f"{variant}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
             continue
         rows.append((variant, res, errs, time.perf_counter() - t0))
+        dump(rows)
         print(f"  {variant} done ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     if not args.no_flex:
@@ -154,8 +175,9 @@ def _main(args) -> int:
           f"max rel err out / dq / dk / dv (documents, vs fp32)")
     for name, res, errs, secs in rows:
         e = " / ".join(f"{x:.2e}" for x in errs) if errs else "-"
-        print(f"{name:<14} {res['documents'][0]:9.3f} {res['documents'][1]:9.3f} {res['mixed'][0]:10.3f} "
-              f"{res['mixed'][1]:10.3f}   {e}   ({secs:.0f} s)")
+        print(f"{name:<14} {res['documents'][0]['median_ms']:9.3f} {res['documents'][1]['median_ms']:9.3f} "
+              f"{res['mixed'][0]['median_ms']:10.3f} {res['mixed'][1]['median_ms']:10.3f}   {e}   ({secs:.0f} s)")
+    dump(rows)
     print("targets (H100): documents fwd+bwd <= 3.25 ms, mixed fwd+bwd <= 2.45 ms")
 
     if not args.no_breakdown:

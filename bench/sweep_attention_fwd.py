@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_attention import HEADLINE_DOCS, _flex_mask_mod, build_mask, inputs  # noqa: E402
-from bench.harness import time_fn  # noqa: E402
+from bench.harness import stats, time_call, time_fn  # noqa: E402
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rep", type=int, default=30)
     ap.add_argument("--no-configs", action="store_true", help="skip the per-config table")
     ap.add_argument("--with-bwd", action="store_true", help="also forward + backward on the documents mask")
+    ap.add_argument("--smoke", action="store_true", help="CPU (interpreter) only: T = 32 instead of 128")
+    ap.add_argument("--json", type=Path, default=None, help="write the rows here (bench/decide.py reads them)")
     args = ap.parse_args(argv)
     from moca_kernels import tuning
 
@@ -80,6 +82,8 @@ def _main(args) -> int:
             print("no GPU: run with TRITON_INTERPRET=1 for the interpreted smoke version")
             return 1
         dev, dt, docs, Hq, Hkv, D = "cpu", torch.float32, [d // 128 for d in HEADLINE_DOCS], 2, 1, 64
+        if args.smoke:
+            docs, D = [8, 8, 16], 32
         args.no_flex, args.rep = True, 1
     T = sum(docs)
     q, k, v, do = inputs(T, Hq, Hkv, D, dt, dev)
@@ -97,7 +101,22 @@ def _main(args) -> int:
     def impl(variant):
         return "triton" if variant == "base" else "triton:" + variant
 
-    warmup, rows = 3, []
+    warmup, rows, stat_rows = 0 if args.smoke else 3, [], {}
+
+    def dump(rows):
+        """--json: every row so far (after each variant, so a run cut off by its time limit keeps what it did)."""
+        if not args.json:
+            return
+        import json
+
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(
+            bench="attention_fwd", device=torch.cuda.get_device_name() if cuda else "cpu", T=T, Hq=Hq, Hkv=Hkv, D=D,
+            dtype=str(dt), tune=args.tune or "all",
+            rows=[dict(variant="flex" if name == "FlexAttention" else name, errors=errs, config=str(cfg), kernel=ran,
+                       timings={(k if "." in k else f"{k}.fwd"): v
+                                for k, v in stat_rows["flex" if name == "FlexAttention" else name].items()})
+                  for name, times, errs, cfg, ran, secs in rows]), indent=1))
     for variant in args.variants:
         t0 = time.perf_counter()
         try:
@@ -107,20 +126,24 @@ def _main(args) -> int:
                     out, lse = mk.masked_attention(q, k, v, m, return_lse=True, impl=impl(variant))
                     errs.append((rel_err(out, refs[kind][0]), (lse - refs[kind][1]).abs().max().item()))
                 ran = "_fwd_kernel" if variant == "base" else "_fwd_ws_kernel"
-                times = {kind: median_ms(lambda m=m: mk.masked_attention(q, k, v, m, impl=impl(variant)), warmup,
-                                         args.rep)
-                         for kind, m in masks.items()}
+                full = {kind: stats(time_call(lambda m=m: mk.masked_attention(q, k, v, m, impl=impl(variant)),
+                                              warmup, args.rep))
+                        for kind, m in masks.items()}
+                times = {kind: st["median_ms"] for kind, st in full.items()}
             if args.with_bwd:
                 leaves = [t.detach().requires_grad_() for t in (q, k, v)]
 
                 def fwd_bwd():
                     out = mk.masked_attention(*leaves, masks["documents"], impl=impl(variant))
                     torch.autograd.grad(out, leaves, do)
-                times["docs f+b"] = median_ms(fwd_bwd, warmup, max(5, args.rep // 2))
+                full["documents.fwd_bwd"] = stats(time_call(fwd_bwd, warmup, max(5, args.rep // 2)))
+                times["docs f+b"] = full["documents.fwd_bwd"]["median_ms"]
         except Exception as exc:  # a variant that fails to compile or run: report it, go on
             print(f"{variant}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
             continue
         rows.append((variant, times, errs, tuning.CACHE.get(tuned_key(variant)), ran, time.perf_counter() - t0))
+        stat_rows[variant] = full
+        dump(rows)
         print(f"  {variant} done ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     if not args.no_flex:
@@ -129,13 +152,15 @@ def _main(args) -> int:
         t0 = time.perf_counter()
         flex = torch.compile(flex_attention)
         qb, kb, vb = (t.transpose(0, 1).unsqueeze(0).contiguous() for t in (q, k, v))
-        times, errs = {}, []
+        times, errs, full = {}, [], {}
         with torch.no_grad():
             for kind, m in masks.items():
                 bm = create_block_mask(_flex_mask_mod(m), None, None, T, T, device=dev)
                 fn = lambda bm=bm: flex(qb, kb, vb, block_mask=bm, enable_gqa=True)  # noqa: E731
                 errs.append((rel_err(fn()[0].transpose(0, 1), refs[kind][0]), float("nan")))
-                times[kind] = median_ms(fn, warmup, args.rep)
+                full[kind] = stats(time_call(fn, warmup, args.rep))
+                times[kind] = full[kind]["median_ms"]
+        stat_rows["flex"] = full
         rows.append(("FlexAttention", times, errs, None, "flex_attention", time.perf_counter() - t0))
 
     print(f"\n{'variant':<14} {'docs fwd':>9} {'mixed fwd':>10} {'docs f+b':>9}   "
@@ -146,6 +171,7 @@ def _main(args) -> int:
         print(f"{name:<14} {times['documents']:9.3f} {times['mixed']:10.3f} {fb}   {e}   {cfg}   {ran}   "
               f"({secs:.0f} s)")
     print("target (H100): documents fwd <= 0.83 ms; floor 0.53 ms (documents), 0.32 ms (mixed) at 738 TFLOP/s")
+    dump(rows)
 
     if not args.no_configs:
         print("\nevery candidate: documents forward ms, out rel err vs fp32 (documents / mixed); config: base "

@@ -15,6 +15,14 @@ Kernels tuned by ``@triton.autotune`` keep Triton's cache; their pruning functio
 from :func:`autotune_enabled`, and they register a cache-clearing function with :func:`on_clear`, so
 :func:`clear` forgets every tuned choice.
 
+Time budget. :func:`pick` gives each candidate ``warmup`` = 3 ms then ``rep`` = 15 ms of timed launches
+(masked_patch_loss: 5 and 20) and compares their means: ~20-25 ms of GPU time per candidate plus its compile, once
+per key and process (masked_attention's backward: up to 3 candidates per kernel, ``attention_tune`` fewer). For a
+~1 ms kernel that is a mean over ~15 launches: candidates within ~3% of each other may be picked either way, which
+costs at most that much. The tuner picks configurations, never a default variant: those decisions time whole ops
+with bench/harness.py's timer (CUDA graphs below 2 ms) by bench/NOTES.md's decision table. ``@triton.autotune``
+kernels use Triton's own budget (``do_bench`` with 25 ms warm-up and 100 ms timed per config).
+
 Override. ``with tuning.override(autotune=False, mtl_vocab_chunk=16): ...`` sets settings for the calls inside
 it (tests, benchmarks); overrides nest, the innermost wins. Setting ``None`` in an override hides the
 environment variable and restores the default.
