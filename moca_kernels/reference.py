@@ -56,9 +56,9 @@ def _doc_mask(mask, start: int, end: int) -> torch.Tensor:
     return allowed
 
 
-def masked_patch_loss(pred, target, mask=None, norm_pix: bool = False, eps: float = 1e-6):
-    """Mean over counted rows and P of (pred - t)^2; t = target, or per row (target - mean) / sqrt(var + eps)
-    with the unbiased variance (MAE's norm_pix_loss).
+def masked_patch_loss(pred, target, mask=None, norm_pix: bool = False, eps: float = 1e-6, weight: float = 1.0):
+    """weight times the mean over counted rows and P of (pred - t)^2; t = target, or per row
+    (target - mean) / sqrt(var + eps) with the unbiased variance (MAE's norm_pix_loss).
 
     pred, target [N, P]; mask bool [N] (True = counted) or None (all rows). No counted row: 0.
     """
@@ -68,9 +68,9 @@ def masked_patch_loss(pred, target, mask=None, norm_pix: bool = False, eps: floa
         t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True, unbiased=True) + eps).sqrt()
     per_row = (p - t).pow(2).mean(-1)                                               # [N]
     if mask is None:
-        return per_row.mean()
+        return per_row.mean() * weight
     w = mask.to(cd)
-    return (per_row * w).sum() / w.sum().clamp(min=1)
+    return (per_row * w).sum() / w.sum().clamp(min=1) * weight
 
 
 def masked_token_loss(hidden, weight, labels, bias=None, ignore_index: int = -100, reduction: str = "mean",
