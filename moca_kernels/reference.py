@@ -108,6 +108,59 @@ def masked_token_loss(hidden, weight, labels, bias=None, ignore_index: int = -10
     return total if reduction == "sum" else total / max(keep.numel(), 1)
 
 
+def filter_tile_mask(d, block_m: int, block_v: int, filter_eps: float):
+    """Cut Cross-Entropy's gradient filter on d = softmax - onehot [n, V]: bool [ceil(n / block_m),
+    ceil(V / block_v)], True where the tile (rows from row 0, columns from column 0) is kept, i.e. some
+    |d| >= filter_eps in it."""
+    n, V = d.shape
+    mt, vt = -(-n // block_m), -(-V // block_v)
+    pad = d.abs().new_zeros(mt * block_m, vt * block_v)
+    pad[:n, :V] = d.abs()
+    return pad.view(mt, block_m, vt, block_v).amax(dim=(1, 3)) >= filter_eps
+
+
+class _FilteredTokenLoss(torch.autograd.Function):
+    """Per counted row cross-entropy; backward with the gradient filter (dense [n, V], for tests)."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, y, filter_eps, block_m, block_v):
+        logits = h @ w.T + (b if b is not None else 0)
+        lse = torch.logsumexp(logits, dim=1)
+        ctx.save_for_backward(h, w, b, y, lse)
+        ctx.cfg = (filter_eps, block_m, block_v)
+        return lse - logits.gather(1, y[:, None]).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        h, w, b, y, lse = ctx.saved_tensors
+        filter_eps, block_m, block_v = ctx.cfg
+        logits = h @ w.T + (b if b is not None else 0)
+        d = (logits - lse[:, None]).exp()
+        d[torch.arange(d.shape[0], device=d.device), y] -= 1.0
+        kept = filter_tile_mask(d, block_m, block_v, filter_eps)
+        keep = kept.repeat_interleave(block_m, 0).repeat_interleave(block_v, 1)[:d.shape[0], :d.shape[1]]
+        g = torch.where(keep, d, torch.zeros_like(d)) * grad_rows[:, None]
+        return (g @ w, g.T @ h, g.sum(0) if b is not None else None, None, None, None, None)
+
+
+def masked_token_loss_filtered(hidden, weight, labels, filter_eps: float, bias=None, ignore_index: int = -100,
+                               reduction: str = "mean", block_m: int = 128, block_v: int = 128):
+    """masked_token_loss with Cut Cross-Entropy's gradient filter in backward: the loss is exact; in the
+    gradient of the logits G = softmax - onehot over the counted rows (in order) every block_m x block_v tile
+    whose |G| < filter_eps everywhere is dropped. Holds the [n, V] logits (a reference for small shapes)."""
+    cd = compute_dtype(hidden, weight, bias)
+    keep = (labels != ignore_index).nonzero().squeeze(1)
+    rows = _FilteredTokenLoss.apply(hidden[keep].to(cd), weight.to(cd), bias.to(cd) if bias is not None else None,
+                                    labels[keep].long(), float(filter_eps), block_m, block_v)
+    per_row = torch.zeros(hidden.shape[0], dtype=cd, device=hidden.device).index_put((keep,), rows)
+    if keep.numel() == 0:  # keep the graph connected so backward gives zero gradients
+        per_row = per_row + 0.0 * hidden.sum() + 0.0 * weight.sum()
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    return total if reduction == "sum" else total / max(keep.numel(), 1)
+
+
 def info_nce(query, doc, temperature=0.03, positive_index=None, hard_negatives=0, hard_negative_scope="batch",
              symmetric=False, doc_ids=None):
     """mean_i( logsumexp_{j allowed} (q_i . d_j / t) - q_i . d_pos(i) / t ), dense logits, one process.

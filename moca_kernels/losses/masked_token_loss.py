@@ -19,7 +19,8 @@ when the forward runs.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -33,7 +34,7 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                       bias: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
-                      impl: Optional[str] = None) -> torch.Tensor:
+                      impl: Optional[str] = None, filter_eps: Union[None, float, str] = None) -> torch.Tensor:
     """Cross-entropy of the LM head's logits at rows whose label is not ``ignore_index``.
 
     loss[r] = logsumexp_v(logits[r, v]) - logits[r, labels[r]],  logits = hidden @ weight.T (+ bias),
@@ -53,6 +54,13 @@ def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         impl: "triton", "torch" or None (automatic: triton where it can run, i.e. CUDA tensors, or CPU tensors
             under TRITON_INTERPRET=1; torch otherwise), or a triton kernel variant such as "triton:v3" or
             "triton:fwd.v3+grad.v2" (module docstring).
+        filter_eps: None (default): exact gradients. A float > 0, or "auto" (Cut Cross-Entropy's rule:
+            ``torch.finfo(hidden.dtype).eps / 32``, 2^-12 for bfloat16, 2^-15 for float16, 2^-28 for float32):
+            the backward drops every logit tile (the kernel's BLOCK_M rows x BLOCK_V columns; 128 x 128 on the
+            torch backend) whose |softmax - onehot| stays below it, as Cut Cross-Entropy's gradient filter
+            does, and multiplies only the vocabulary columns of kept tiles in its GEMMs. The loss is unchanged;
+            the gradients lose at most the dropped softmax mass (docs: "masked_token_loss filter_eps" in
+            bench/NOTES.md has the measured error).
 
     Returns:
         float32 scalar, or float32 [N] with reduction="none" (float64 on the torch backend for float64
@@ -65,10 +73,26 @@ def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     synchronisation per forward and per backward (to count the rows and check the labels).
     """
     _validate(hidden, weight, labels, bias, reduction)
+    eps = _filter_eps(filter_eps, hidden.dtype)
     if labels.dtype in (torch.uint8, torch.int8, torch.int16):
         labels = labels.long()  # labels != ignore_index in uint8 would wrap -100 to 156 and drop those rows
     return _OP(impl, hidden=hidden, weight=weight, labels=labels, bias=bias, ignore_index=int(ignore_index),
-               reduction=reduction)
+               reduction=reduction, filter_eps=eps)
+
+
+def _filter_eps(filter_eps, dtype: torch.dtype) -> float:
+    """The gradient filter's threshold as a float (0.0 = exact) from the public argument."""
+    if filter_eps is None:
+        return 0.0
+    if isinstance(filter_eps, str):
+        if filter_eps != "auto":
+            raise ValueError(f"{_NAME}: filter_eps must be None, a float > 0 or 'auto', got {filter_eps!r}")
+        return torch.finfo(dtype).eps / 32
+    if isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float)):
+        raise TypeError(f"{_NAME}: filter_eps must be None, a float > 0 or 'auto', got {type(filter_eps).__name__}")
+    if not (math.isfinite(filter_eps) and filter_eps > 0):
+        raise ValueError(f"{_NAME}: filter_eps must be a finite float > 0 (None for exact gradients), got {filter_eps}")
+    return float(filter_eps)
 
 
 def _validate(hidden, weight, labels, bias, reduction) -> None:
@@ -119,7 +143,8 @@ def _reduce(row_loss: torch.Tensor, labels: torch.Tensor, ignore_index: int, red
 
 @torch.library.custom_op("moca_kernels::masked_token_loss_fwd", mutates_args=())
 def _fused_fwd(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor],
-               ignore_index: int, fwd_variant: str, grad_variant: str) -> Tuple[torch.Tensor, torch.Tensor]:
+               ignore_index: int, fwd_variant: str, grad_variant: str,
+               filter_eps: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns (loss per row float32 [N], 0 at ignored rows; lse per row float32 [N], 0 at ignored rows)."""
     from . import masked_token_loss_triton as kernels
 
@@ -144,7 +169,7 @@ def _fused_fwd(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
 
 
 @_fused_fwd.register_fake
-def _(hidden, weight, labels, bias, ignore_index, fwd_variant, grad_variant):
+def _(hidden, weight, labels, bias, ignore_index, fwd_variant, grad_variant, filter_eps=0.0):
     N = hidden.shape[0]
     return hidden.new_empty(N, dtype=torch.float32), hidden.new_empty(N, dtype=torch.float32)
 
@@ -152,7 +177,8 @@ def _(hidden, weight, labels, bias, ignore_index, fwd_variant, grad_variant):
 @torch.library.custom_op("moca_kernels::masked_token_loss_bwd", mutates_args=())
 def _fused_bwd(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                bias: Optional[torch.Tensor], lse: torch.Tensor, ignore_index: int, need_hidden: bool,
-               need_weight: bool, need_bias: bool, grad_variant: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               need_weight: bool, need_bias: bool, grad_variant: str,
+               filter_eps: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (d hidden [N, H], d weight [V, H], d bias [V]); an empty tensor for each one not asked for."""
     from . import masked_token_loss_triton as kernels
 
@@ -174,7 +200,7 @@ def _fused_bwd(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tens
     dh_c, dw, db = kernels.backward(
         counted(grad_rows).to(torch.float32).contiguous(), counted(hidden), weight, bias,
         counted(labels).to(torch.int32).contiguous(), counted(lse).contiguous(), need_hidden, need_weight, need_bias,
-        grad_variant)
+        grad_variant, filter_eps)
     if not need_hidden:
         dh = hidden.new_empty(0)
     elif every_row:
@@ -188,7 +214,8 @@ def _fused_bwd(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tens
 
 
 @_fused_bwd.register_fake
-def _(grad_rows, hidden, weight, labels, bias, lse, ignore_index, need_hidden, need_weight, need_bias, grad_variant):
+def _(grad_rows, hidden, weight, labels, bias, lse, ignore_index, need_hidden, need_weight, need_bias, grad_variant,
+      filter_eps=0.0):
     dh = hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0)
     dw = weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)
     db = bias.new_empty(bias.shape) if (need_bias and bias is not None) else hidden.new_empty(0)
@@ -196,8 +223,8 @@ def _(grad_rows, hidden, weight, labels, bias, lse, ignore_index, need_hidden, n
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, labels, bias, ignore_index, _, grad_variant = inputs
-    ctx.ignore_index, ctx.grad_variant = ignore_index, grad_variant
+    hidden, weight, labels, bias, ignore_index, _, grad_variant, filter_eps = inputs
+    ctx.ignore_index, ctx.grad_variant, ctx.filter_eps = ignore_index, grad_variant, filter_eps
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(hidden, weight, labels, bias, output[1])
 
@@ -207,22 +234,23 @@ def _backward(ctx, grad_rows, _grad_lse):
     need_hidden, need_weight, _, need_bias = ctx.needs_input_grad[:4]
     dh, dw, db = _fused_bwd(grad_rows, hidden, weight, labels, bias, lse, ctx.ignore_index,
                             bool(need_hidden), bool(need_weight), bool(need_bias and bias is not None),
-                            ctx.grad_variant)
+                            ctx.grad_variant, ctx.filter_eps)
     return (dh if need_hidden else None, dw if need_weight else None, None,
-            db if (need_bias and bias is not None) else None, None, None, None)
+            db if (need_bias and bias is not None) else None, None, None, None, None)
 
 
 torch.library.register_autograd("moca_kernels::masked_token_loss_fwd", _backward, setup_context=_setup_context)
 
 
 def _run_triton(variant):
-    def run(hidden, weight, labels, bias, ignore_index, reduction):
-        row_loss, _ = _fused_fwd(hidden, weight, labels, bias, ignore_index, variant["fwd"], variant["grad"])
+    def run(hidden, weight, labels, bias, ignore_index, reduction, filter_eps=0.0):
+        row_loss, _ = _fused_fwd(hidden, weight, labels, bias, ignore_index, variant["fwd"], variant["grad"],
+                                 filter_eps)
         return _reduce(row_loss, labels, ignore_index, reduction)
     return run
 
 
-def _triton_reasons(hidden, weight, labels, bias, ignore_index, reduction):
+def _triton_reasons(hidden, weight, labels, bias, ignore_index, reduction, filter_eps=0.0):
     why = triton_reasons(hidden, weight, labels, bias)
     for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
         if t is not None and t.dtype not in KERNEL_DTYPES:
@@ -232,9 +260,12 @@ def _triton_reasons(hidden, weight, labels, bias, ignore_index, reduction):
     return why
 
 
-def _run_torch(hidden, weight, labels, bias, ignore_index, reduction):
+def _run_torch(hidden, weight, labels, bias, ignore_index, reduction, filter_eps=0.0):
     if not torch.compiler.is_compiling():
         _check_label_range(labels[labels != ignore_index], weight.shape[0], ignore_index)
+    if filter_eps > 0:
+        return reference.masked_token_loss_filtered(hidden, weight, labels, filter_eps, bias=bias,
+                                                    ignore_index=ignore_index, reduction=reduction)
     return reference.masked_token_loss(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                        reduction=reduction)
 

@@ -78,6 +78,10 @@ last_bwd_gemm: Optional[str] = None
 # Last call's kernel variant per tile kernel ("fwd", "grad"), for benchmarks and tests to report.
 last_kernels: Dict[str, str] = {}
 
+# Last filtered backward's tile counts {"tiles": all G tiles, "kept": tiles not filtered, "active_columns":
+# vocabulary columns multiplied in the GEMMs, "columns": V}; empty after an exact backward.
+last_filter_stats: Dict[str, int] = {}
+
 # What each tile kernel runs by default (flip after a GPU measurement).
 DEFAULT_VARIANT = {"fwd": "v1", "grad": "v1"}
 
@@ -200,15 +204,47 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool, s
     )
 
 
+def _compact_chunk_gemms(g, cols, hidden, w_chunk, dweight, acc, v0, width, engine, dtype, first, inv_scale,
+                         need_weight, need_hidden):
+    """The chunk's two GEMMs over its active columns ``cols`` (int64 [k], k < width) only: G[:, cols] and
+    W[cols] gathered into compact blocks; dWeight's other rows of the chunk are zero."""
+    k = cols.numel()
+    if need_weight:
+        dweight[v0:v0 + width].zero_()
+    if k == 0:
+        return
+    gc = g.index_select(1, cols)                      # [n, k] compact G
+    wc = w_chunk.index_select(0, cols)                # [k, H]
+    if need_weight:
+        out = torch.empty(k, hidden.shape[1], dtype=dweight.dtype, device=dweight.device)
+        if engine == "torch":
+            torch.mm(gc.t(), hidden, out=out)
+        else:
+            _gemm(gc.t(), hidden, out, accumulate=False, scale=inv_scale)
+        dweight.index_copy_(0, cols + v0, out)
+    if need_hidden:
+        if engine == "triton":
+            _gemm(gc, wc, acc, accumulate=not first, scale=inv_scale)
+        elif dtype == torch.float32:
+            torch.mm(gc, wc, out=acc) if first else torch.addmm(acc, gc, wc, out=acc)
+        elif first:
+            torch.mm(gc, wc, out_dtype=torch.float32, out=acc)
+        else:
+            torch.addmm(acc, gc, wc, out_dtype=torch.float32, out=acc)
+
+
 def backward(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
              labels: torch.Tensor, lse: torch.Tensor, need_hidden: bool, need_weight: bool, need_bias: bool,
-             variant: str = "v1"):
+             variant: str = "v1", filter_eps: float = 0.0):
     """Gradients of sum_r grad_rows[r] * loss[r] over the counted rows.
 
     hidden [n, H] counted rows and weight [V, H] of one dtype (float32 / float16 / bfloat16, any strides),
     bias [V] float (any stride) or None, labels int32 [n], lse float32 [n], grad_rows float32 [n] (contiguous).
-    variant: the G kernel's. Returns (d hidden [n, H] input dtype, d weight [V, H] weight dtype, d bias [V]
-    float32), each None when not asked for.
+    variant: the G kernel's. filter_eps > 0: Cut Cross-Entropy's gradient filter (G tiles whose
+    |softmax - onehot| < filter_eps everywhere are dropped; the GEMMs multiply only the vocabulary columns of
+    kept tiles, gathered into a compact block: one host synchronisation per chunk); 0: exact.
+    Returns (d hidden [n, H] input dtype, d weight [V, H] weight dtype, d bias [V] float32), each None when not
+    asked for.
     """
     global last_bwd_gemm
     bias = bias.contiguous() if bias is not None else None  # the kernels read bias[cols] at unit stride
@@ -246,6 +282,14 @@ def backward(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
     hd, wd = _descriptors(variant, hidden, weight)
     last_kernels["grad"] = variant
     programs = _persistent_programs(device) if variant == "v3" else None
+    filtering = filter_eps > 0
+    if filtering:
+        active = torch.zeros(cv, dtype=torch.int8, device=device)
+        stats = torch.zeros(2, dtype=torch.int32, device=device)
+        n_active = 0
+    else:
+        active = stats = lse  # unused by the kernels without FILTER
+    last_filter_stats.clear()
     first = True
     for v0 in range(0, V, cv):
         width = min(cv, V - v0)
@@ -259,18 +303,29 @@ def backward(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
             _grad_logits_kernel[grid](
                 hidden, weight, bias if bias is not None else lse, labels, lse, gscale,
                 inv_scale if inv_scale is not None else lse, g, dbias if dbias is not None else lse,
-                n, V, H, v0, width,
+                filter_eps, active, stats, n, V, H, v0, width,
                 hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                HAS_BIAS=bias is not None, BIAS_GRAD=need_bias, HAS_SCALE=scaled, DOT_PRECISION=precision,
+                HAS_BIAS=bias is not None, BIAS_GRAD=need_bias, HAS_SCALE=scaled, FILTER=filtering,
+                DOT_PRECISION=precision,
             )
         else:
             _GRAD_DESC[variant][grid](
                 hd, wd, bias if bias is not None else lse, labels, lse, gscale,
                 inv_scale if inv_scale is not None else lse, g, dbias if dbias is not None else lse,
-                n, V, H, v0, width, hidden.element_size(),
-                HAS_BIAS=bias is not None, BIAS_GRAD=need_bias, HAS_SCALE=scaled, DOT_PRECISION=precision,
+                filter_eps, active, stats, n, V, H, v0, width, hidden.element_size(),
+                HAS_BIAS=bias is not None, BIAS_GRAD=need_bias, HAS_SCALE=scaled, FILTER=filtering,
+                DOT_PRECISION=precision,
             )
         w_chunk = weight[v0:v0 + width]
+        if filtering:
+            cols = active[:width].nonzero().squeeze(1)  # host sync: the compact block's width
+            active.zero_()
+            n_active += cols.numel()
+            if cols.numel() < width:
+                _compact_chunk_gemms(g, cols, hidden, w_chunk, dweight, acc, v0, width, engine, dtype, first,
+                                     inv_scale, need_weight, need_hidden)
+                first = first and not (need_hidden and cols.numel() > 0)
+                continue
         if need_weight:
             out = dweight[v0:v0 + width]
             if engine == "torch":
@@ -291,6 +346,11 @@ def backward(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
                 _gemm(g, w_chunk, acc, accumulate=not first, scale=inv_scale)
         first = False
     del g_buf, g
+    if filtering:
+        tiles, kept = stats.tolist()
+        last_filter_stats.update(tiles=tiles, kept=kept, active_columns=n_active, columns=V)
+    if need_hidden and first:  # every chunk filtered away: dHidden is zero
+        acc.zero_()
     dhidden = None
     if need_hidden:
         dhidden = acc if dtype == torch.float32 else acc.to(dtype)
