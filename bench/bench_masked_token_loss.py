@@ -257,7 +257,7 @@ def tile_stats(N, H, V, dtype, device, eps=2.0**-12, block=(128, 128), scale=1.0
 
 def filter_error(N, H, V, device, eps=2.0**-12, block=(128, 128), scale=1.0):
     """Max abs error against float64 of dHidden and dWeight (loss = mean over N rows) in float32, exact and with
-    the gradient filter (the torch reference's semantics), on make_inputs(N, ...) with hidden scaled by
+    the gradient filter (the torch reference's semantics, vocabulary in CCE's order), on make_inputs(N, ...) with hidden scaled by
     ``scale``, each divided by the largest |gradient| (relative to the gradient's scale)."""
     from moca_kernels import reference
 
@@ -268,9 +268,12 @@ def filter_error(N, H, V, device, eps=2.0**-12, block=(128, 128), scale=1.0):
     def grads(hh, ww, eps_=None):
         d = torch.softmax(hh @ ww.T, dim=1)
         d[rows, labels] -= 1.0
-        if eps_ is not None:
-            keep = reference.filter_tile_mask(d, block[0], block[1], eps_)
-            d = d * keep.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:N, :V]
+        if eps_ is not None:  # tiles over the columns in CCE's order, as masked_token_loss(filter_eps=) does
+            order = reference.vocab_order(hh, ww)
+            keep = reference.filter_tile_mask(d[:, order], block[0], block[1], eps_)
+            mask = torch.empty_like(d, dtype=torch.bool)
+            mask[:, order] = keep.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:N, :V]
+            d = d * mask
         d = d / N
         return d @ ww, d.T @ hh
 

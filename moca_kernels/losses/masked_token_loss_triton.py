@@ -62,7 +62,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import triton
 
-from .. import _alloc, tuning
+from .. import _alloc, reference, tuning
 from .masked_token_loss_desc import (_FWD_DESC, _GRAD_DESC, VARIANTS, _desc_configs, _descriptors,  # noqa: F401
                                      descriptor_reasons, reset_tuning)
 from .masked_token_loss_kernels import (_FP16_G_RANGE, _INTERPRET, _gemm_kernel, _grad_logits_kernel,  # noqa: F401
@@ -204,24 +204,26 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool, s
     )
 
 
-def _compact_chunk_gemms(g, cols, hidden, w_chunk, dweight, acc, v0, width, engine, dtype, first, inv_scale,
-                         need_weight, need_hidden):
-    """The chunk's two GEMMs over its active columns ``cols`` (int64 [k], k < width) only: G[:, cols] and
-    W[cols] gathered into compact blocks; dWeight's other rows of the chunk are zero."""
-    k = cols.numel()
-    if need_weight:
-        dweight[v0:v0 + width].zero_()
-    if k == 0:
+def _filtered_chunk_gemms(g, sel, ids, hidden, w_chunk, dweight, acc, engine, dtype, first, inv_scale,
+                          need_weight, need_hidden):
+    """A filtered chunk's two GEMMs. g [n, width] is G over the vocabulary ids ``ids`` (int64 [width], in the
+    filter's order), w_chunk [width, H] = weight[ids]; sel (int64 [k]) the active columns of g, or None for
+    all. G[:, sel] and W[ids[sel]] are gathered into compact blocks; dWeight's rows ids[sel] are written (the
+    caller zeroed the others)."""
+    if sel is None:
+        gc, wc, rows_w = g, w_chunk, ids
+    elif sel.numel() == 0:
         return
-    gc = g.index_select(1, cols)                      # [n, k] compact G
-    wc = w_chunk.index_select(0, cols)                # [k, H]
+    else:
+        gc, wc, rows_w = g.index_select(1, sel), w_chunk.index_select(0, sel), ids.index_select(0, sel)
+    k = gc.shape[1]
     if need_weight:
         out = torch.empty(k, hidden.shape[1], dtype=dweight.dtype, device=dweight.device)
         if engine == "torch":
             torch.mm(gc.t(), hidden, out=out)
         else:
             _gemm(gc.t(), hidden, out, accumulate=False, scale=inv_scale)
-        dweight.index_copy_(0, cols + v0, out)
+        dweight.index_copy_(0, rows_w, out)
     if need_hidden:
         if engine == "triton":
             _gemm(gc, wc, acc, accumulate=not first, scale=inv_scale)
@@ -287,6 +289,14 @@ def backward(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
         active = torch.zeros(cv, dtype=torch.int8, device=device)
         stats = torch.zeros(2, dtype=torch.int32, device=device)
         n_active = 0
+        # Cut Cross-Entropy's order: columns sorted by average logit, so unlikely tokens share tiles; the G
+        # kernel runs on each chunk's gathered weight rows with the labels' positions in the order
+        order = reference.vocab_order(hidden, weight, bias)
+        position = torch.empty_like(order)
+        position[order] = torch.arange(V, device=device)
+        label_pos = position.index_select(0, labels.long())
+        if need_weight:
+            dweight.zero_()  # rows of columns no kept tile reaches stay zero
     else:
         active = stats = lse  # unused by the kernels without FILTER
     last_filter_stats.clear()
@@ -299,33 +309,44 @@ def backward(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
             tiles = triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_V"])
             return (tiles if programs is None else min(tiles, programs),)
 
+        if filtering:  # the chunk's columns in the filter's order, as a vocabulary of its own
+            ids = order[v0:v0 + width]
+            k_weight = weight.index_select(0, ids)
+            k_bias = bias.index_select(0, ids) if bias is not None else None
+            k_labels = (label_pos - v0).to(torch.int32)     # outside [0, width): not in this chunk
+            k_dbias = torch.zeros(width, dtype=torch.float32, device=device) if need_bias else None
+            k_V, k_v0 = width, 0
+            k_hd, k_wd = _descriptors(variant, hidden, k_weight)
+        else:
+            k_weight, k_bias, k_labels, k_dbias, k_V, k_v0, k_hd, k_wd = weight, bias, labels, dbias, V, v0, hd, wd
         if variant == "v1":
             _grad_logits_kernel[grid](
-                hidden, weight, bias if bias is not None else lse, labels, lse, gscale,
-                inv_scale if inv_scale is not None else lse, g, dbias if dbias is not None else lse,
-                filter_eps, active, stats, n, V, H, v0, width,
-                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                hidden, k_weight, k_bias if k_bias is not None else lse, k_labels, lse, gscale,
+                inv_scale if inv_scale is not None else lse, g, k_dbias if k_dbias is not None else lse,
+                filter_eps, active, stats, n, k_V, H, k_v0, width,
+                hidden.stride(0), hidden.stride(1), k_weight.stride(0), k_weight.stride(1),
                 HAS_BIAS=bias is not None, BIAS_GRAD=need_bias, HAS_SCALE=scaled, FILTER=filtering,
                 DOT_PRECISION=precision,
             )
         else:
             _GRAD_DESC[variant][grid](
-                hd, wd, bias if bias is not None else lse, labels, lse, gscale,
-                inv_scale if inv_scale is not None else lse, g, dbias if dbias is not None else lse,
-                filter_eps, active, stats, n, V, H, v0, width, hidden.element_size(),
+                k_hd, k_wd, k_bias if k_bias is not None else lse, k_labels, lse, gscale,
+                inv_scale if inv_scale is not None else lse, g, k_dbias if k_dbias is not None else lse,
+                filter_eps, active, stats, n, k_V, H, k_v0, width, hidden.element_size(),
                 HAS_BIAS=bias is not None, BIAS_GRAD=need_bias, HAS_SCALE=scaled, FILTER=filtering,
                 DOT_PRECISION=precision,
             )
         w_chunk = weight[v0:v0 + width]
         if filtering:
+            if need_bias:
+                dbias.index_copy_(0, ids, k_dbias)
             cols = active[:width].nonzero().squeeze(1)  # host sync: the compact block's width
             active.zero_()
             n_active += cols.numel()
-            if cols.numel() < width:
-                _compact_chunk_gemms(g, cols, hidden, w_chunk, dweight, acc, v0, width, engine, dtype, first,
-                                     inv_scale, need_weight, need_hidden)
-                first = first and not (need_hidden and cols.numel() > 0)
-                continue
+            _filtered_chunk_gemms(g, cols if cols.numel() < width else None, ids, hidden, k_weight, dweight, acc,
+                                  engine, dtype, first, inv_scale, need_weight, need_hidden)
+            first = first and not (need_hidden and cols.numel() > 0)
+            continue
         if need_weight:
             out = dweight[v0:v0 + width]
             if engine == "torch":
