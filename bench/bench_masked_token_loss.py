@@ -255,6 +255,24 @@ def tile_stats(N, H, V, dtype, device, eps=2.0**-12, block=(128, 128), scale=1.0
     return kept.float().mean().item(), kept_sorted.float().mean().item(), kept.any(0).float().mean().item()
 
 
+def zipf_tile_stats(N, V, exponent=1.0, noise=1.0, eps=2.0**-12, block=(128, 128), seed=0):
+    """Tiles kept on LM-like logits: noise ~ N(0, noise^2) - exponent * log(1 + rank(v)), ranks in a random order
+    of token ids, labels sampled from the softmax. Returns (kept in vocabulary order, kept in CCE's order,
+    column tiles active in some row tile in CCE's order)."""
+    from moca_kernels import reference
+
+    g = torch.Generator().manual_seed(seed)
+    rank = torch.randperm(V, generator=g).float()
+    logits = torch.randn(N, V, generator=g) * noise - exponent * torch.log1p(rank)[None, :]
+    d = torch.softmax(logits, dim=1)
+    labels = torch.multinomial(d, 1, generator=g).squeeze(1)
+    d[torch.arange(N), labels] -= 1.0
+    order = torch.argsort(logits.mean(0))
+    kept = reference.filter_tile_mask(d, block[0], block[1], eps)
+    kept_sorted = reference.filter_tile_mask(d[:, order], block[0], block[1], eps)
+    return kept.float().mean().item(), kept_sorted.float().mean().item(), kept_sorted.any(0).float().mean().item()
+
+
 def filter_error(N, H, V, device, eps=2.0**-12, block=(128, 128), scale=1.0):
     """Max abs error against float64 of dHidden and dWeight (loss = mean over N rows) in float32, exact and with
     the gradient filter (the torch reference's semantics, vocabulary in CCE's order), on make_inputs(N, ...) with hidden scaled by
@@ -309,6 +327,10 @@ def main(argv=None):
             print("  float32 max abs error / max |grad| vs float64 (dHidden, dWeight): exact "
                   f"{err['exact'][0]:.2e}, {err['exact'][1]:.2e}; filtered {err['filtered'][0]:.2e}, "
                   f"{err['filtered'][1]:.2e}")
+        for exponent, noise in ((1.0, 1.0), (1.2, 2.0)):
+            k, ks, cols = zipf_tile_stats(args.tile_stats, 151936, exponent, noise)
+            print(f"LM-like logits (noise std {noise}, -{exponent} log(1 + rank)): tiles kept {k:.1%} in vocabulary "
+                  f"order, {ks:.1%} in CCE's order; column tiles active in CCE's order: {cols:.1%}")
         return 0
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

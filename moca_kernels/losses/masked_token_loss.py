@@ -56,11 +56,12 @@ def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
             "triton:fwd.v3+grad.v2" (module docstring).
         filter_eps: None (default): exact gradients. A float > 0, or "auto" (Cut Cross-Entropy's rule:
             ``torch.finfo(hidden.dtype).eps / 32``, 2^-12 for bfloat16, 2^-15 for float16, 2^-28 for float32):
-            the backward drops every logit tile (the kernel's BLOCK_M rows x BLOCK_V columns; 128 x 128 on the
-            torch backend) whose |softmax - onehot| stays below it, as Cut Cross-Entropy's gradient filter
-            does, and multiplies only the vocabulary columns of kept tiles in its GEMMs. The loss is unchanged;
-            the gradients lose at most the dropped softmax mass (docs: "masked_token_loss filter_eps" in
-            bench/NOTES.md has the measured error).
+            the backward drops every logit tile (the kernel's BLOCK_M counted rows x BLOCK_V columns; 128 x 128
+            on the torch backend) whose |softmax - onehot| stays below it, with the vocabulary taken in Cut
+            Cross-Entropy's order (sorted by average logit), as its gradient filter does, and multiplies only
+            the vocabulary columns of kept tiles in its GEMMs (one host synchronisation per vocabulary chunk).
+            The loss is unchanged; each dropped gradient entry is below filter_eps times the row's d out / d loss
+            (bench/NOTES.md, "Gradient filter", has the measured error).
 
     Returns:
         float32 scalar, or float32 [N] with reduction="none" (float64 on the torch backend for float64

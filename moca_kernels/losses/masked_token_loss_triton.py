@@ -36,6 +36,14 @@ GEMM: its G is stored pre-scaled by 2^14 / max|g| (p * 2^14 stays a normal float
 where (p - y) / n_counted unscaled would flush to zero below p ~ 5e-4 at n = 8192) and the GEMM epilogue undoes
 the scale in float32 before rounding.
 
+Gradient filter (``backward(..., filter_eps=)``, opt-in; the op's ``filter_eps=``): Cut Cross-Entropy's. The
+vocabulary is taken in its order (columns sorted by average logit, ``reference.vocab_order``); each chunk's G
+kernel runs on the chunk's gathered weight rows, drops every tile whose |softmax - onehot| < filter_eps (zeros
+stored) and marks the columns of kept tiles; the two GEMMs then multiply only those columns, gathered into a
+compact block, and dWeight's rows are scattered back (rows of columns no kept tile reaches are zero). Only
+whole columns of a chunk (all its rows) drop out of the GEMMs: the tile-level sparsity inside kept columns is
+not exploited (bench/NOTES.md, "Gradient filter").
+
 Kernel variants of the two tile kernels, parts "fwd" (the log-sum-exp forward) and "grad" (the backward's G
 kernel) of the triton backend's variants in masked_token_loss.py (``impl="triton:v3"``: both kernels,
 ``"triton:fwd.v3+grad.v2"``: per kernel). They compute the same values; v1 stays the default until a GPU run
