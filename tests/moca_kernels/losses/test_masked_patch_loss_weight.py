@@ -73,3 +73,23 @@ def test_bad_weight_is_named(bad, err, match):
     pred, target, _ = _inputs(3, 8, torch.float32, False)
     with pytest.raises(err, match=match):
         mk.masked_patch_loss(pred, target, weight=bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["cuda", "cuda:v2", "cuda:v2p", "triton", "triton:v2"])
+def test_gpu_weight_matches_float64(impl):
+    """The compiled kernels (csrc kernels take weight as an argument) against float64, grad_output 1."""
+    from moca_kernels import _ext
+
+    if impl.startswith("cuda") and not _ext.available():
+        pytest.skip(_ext.unavailable_reason())
+    pred, target, mask = _inputs(300, 1176, torch.float32, True)
+    pred, target, mask = pred.cuda(), target.cuda(), mask.cuda()
+    p = pred.clone().requires_grad_()
+    loss = mk.masked_patch_loss(p, target, mask, norm_pix=True, impl=impl, weight=0.1)
+    loss.backward()
+    p64 = pred.double().requires_grad_()
+    ref = 0.1 * reference.masked_patch_loss(p64, target.double(), mask, norm_pix=True)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(p.grad.double(), p64.grad, rtol=1e-4, atol=1e-9)
