@@ -161,7 +161,8 @@ def cases_for(N, H, V, dtype, device, counted=1.0, quick=False, variants=("v1",)
     cases.append(Case("Liger fused linear CE", make_setup(fn, N, H, V, dtype, device, counted) if fn else missing(why)))
     # like with like: exact against exact, filtered against filtered (both pairs also under --quick)
     fn, why = cce_case(None)
-    cases.append(Case("CCE exact (filter_eps=None)", make_setup(fn, N, H, V, dtype, device, counted) if fn else missing(why)))
+    cases.append(Case("CCE exact (filter_eps=None)",
+                      make_setup(fn, N, H, V, dtype, device, counted) if fn else missing(why)))
     fn, settings = moca("triton", "auto", None, filter_eps="auto")
     cases.append(Case("moca triton filtered (filter_eps='auto')",
                       make_setup(fn, N, H, V, dtype, device, counted, settings=settings)))

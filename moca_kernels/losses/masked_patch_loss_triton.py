@@ -312,8 +312,8 @@ def forward(pred: torch.Tensor, target: torch.Tensor, mask, count, norm_pix: boo
             candidates = [(min(rows, 4), block, single, warps)]  # the interpreter's cost grows with the tile
     key = ("masked_patch_loss", "fwd", variant, P, pred.dtype, target.dtype, mask is not None, norm_pix, write_grad,
            pred.device.index)
-    launch = lambda cfg: launch_fn(cfg, pred, target, mask, count, grad, row_loss, norm_pix, eps, write_grad,  # noqa: E731
-                                   weight)
+    def launch(cfg):
+        launch_fn(cfg, pred, target, mask, count, grad, row_loss, norm_pix, eps, write_grad, weight)
     launch(tuning.pick(key, candidates, launch, warmup=5, rep=20))
     return row_loss, grad
 

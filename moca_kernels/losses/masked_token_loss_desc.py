@@ -153,7 +153,8 @@ def _desc_kernel(fn, variant: str, **extra):
 
 # One autotuned kernel per (variant, kernel): each variant keeps its own candidates and its own tuned choice.
 _FWD_DESC = {v: _desc_kernel(_lse_fwd_desc_kernel, v) for v in ("v2", "v3")}
-_GRAD_DESC = {v: _desc_kernel(_grad_logits_desc_kernel, v, restore_value=["dbias_ptr", "stats_ptr"])
+_GRAD_DESC = {v: _desc_kernel(_grad_logits_desc_kernel, v,
+                              restore_value=["dbias_ptr", "stats_ptr", "active_ptr"])
               for v in ("v2", "v3")}
 
 

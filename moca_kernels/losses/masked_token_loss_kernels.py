@@ -187,7 +187,8 @@ def _lse_fwd_kernel(
     tl.store(target_ptr + rows, target, mask=hit)
 
 
-@triton.autotune(configs=_tile_configs(), key=["H", "V"], restore_value=["dbias_ptr", "stats_ptr"],
+@triton.autotune(configs=_tile_configs(), key=["H", "V"],
+                 restore_value=["dbias_ptr", "stats_ptr", "active_ptr"],
                  prune_configs_by={"early_config_prune": _prune(("hidden_ptr", "weight_ptr"), "BLOCK_V")})
 @triton.heuristics({"EVEN_K": lambda args: args["H"] % args["BLOCK_K"] == 0})
 @triton.jit
