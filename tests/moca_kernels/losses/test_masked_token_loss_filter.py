@@ -159,3 +159,11 @@ def test_gpu_filtered_fp32_matches_the_filtered_reference(impl):
     assert 0 < stats["kept"] < stats["tiles"], stats
     torch.testing.assert_close(ours[1].double(), h.grad, rtol=1e-3, atol=1e-6)
     torch.testing.assert_close(ours[2].double(), w.grad, rtol=1e-3, atol=1e-6)
+
+
+def test_opcheck_with_the_filter():
+    """The fused forward custom op with filter_eps set: schema, fake tensors, autograd registration, and the
+    backward through aot dispatch (torch.compile's path)."""
+    hidden, weight, labels = lm_like(20, 16, 48)
+    args = (hidden.requires_grad_(), weight.requires_grad_(), labels, None, -100, "v1", "v1", EPS)
+    torch.library.opcheck(torch.ops.moca_kernels.masked_token_loss_fwd.default, args)
