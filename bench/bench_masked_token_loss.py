@@ -16,10 +16,15 @@ call) counts them for every case. Ours adds the
 float32 dHidden accumulator (64 MiB) and one G chunk (48 MiB budget).
 
 Peers: naive torch materialises the logits; Liger's fused linear cross-entropy chunks the rows; Cut
-Cross-Entropy (CCE) recomputes tiles like us, once with its default gradient filtering (filter_eps="high",
-skips gradient tiles whose softmax is below bf16 resolution) and once exact (filter_eps=None). Inputs are
-random with logits of standard deviation ~0.9 (hidden ~ N(0, 1), weight ~ N(0, 0.02^2)), so almost no tile
-is filtered; trained models give far peakier softmaxes and CCE's filter skips more there.
+Cross-Entropy (CCE) recomputes tiles like us. Two pairs are compared, each like with like:
+- exact against exact: "moca triton" (filter_eps=None, the default) against "CCE exact (filter_eps=None)";
+- filtered against filtered: "moca triton filtered (filter_eps='auto')" against "CCE filtered (default
+  filter_eps='high')", both dropping the backward's logit tiles whose |softmax - onehot| stays below
+  finfo(bf16).eps / 32 = 2^-12 (CCE also reorders the vocabulary by average logit first; we do not).
+Inputs are random with logits of standard deviation ~0.9 (hidden ~ N(0, 1), weight ~ N(0, 0.02^2)). With
+V = 151936 the softmax is ~1 / V = 6.6e-6 on average and rarely reaches 2^-12, so most 128 x 128 tiles ARE
+filtered: only the tiles holding a row's label and a few with a large logit survive. ``--tile-stats`` measures
+the fraction kept (CPU or GPU, torch reference, a block of rows); bench/NOTES.md has the numbers.
 """
 
 from __future__ import annotations
@@ -95,12 +100,13 @@ def spec(variant):
     return "triton" if variant is None else f"triton:{variant}"
 
 
-def moca(impl="triton", bwd_gemm="auto", variant=None):
-    """(loss fn, tuning settings) of masked_token_loss on ``impl`` with tile-kernel ``variant``."""
+def moca(impl="triton", bwd_gemm="auto", variant=None, filter_eps=None):
+    """(loss fn, tuning settings) of masked_token_loss on ``impl`` with tile-kernel ``variant`` (filter_eps:
+    None exact, "auto" Cut Cross-Entropy's threshold)."""
     spelled = spec(variant) if impl == "triton" else impl
 
     def fn(hidden, weight, labels):
-        return mk.masked_token_loss(hidden, weight, labels, ignore_index=IGNORE, impl=spelled)
+        return mk.masked_token_loss(hidden, weight, labels, ignore_index=IGNORE, impl=spelled, filter_eps=filter_eps)
     return fn, dict(mtl_bwd_gemm=bwd_gemm)
 
 
@@ -153,7 +159,14 @@ def cases_for(N, H, V, dtype, device, counted=1.0, quick=False, variants=("v1",)
                           make_setup(fn, N, H, V, dtype, device, counted, settings=settings)))
     fn, why = liger_case()
     cases.append(Case("Liger fused linear CE", make_setup(fn, N, H, V, dtype, device, counted) if fn else missing(why)))
-    for eps, name in (("high", "CCE (default filter_eps='high')"), (None, "CCE (exact, filter_eps=None)")):
+    # like with like: exact against exact, filtered against filtered (both pairs also under --quick)
+    fn, why = cce_case(None)
+    cases.append(Case("CCE exact (filter_eps=None)",
+                      make_setup(fn, N, H, V, dtype, device, counted) if fn else missing(why)))
+    fn, settings = moca("triton", "auto", None, filter_eps="auto")
+    cases.append(Case("moca triton filtered (filter_eps='auto')",
+                      make_setup(fn, N, H, V, dtype, device, counted, settings=settings)))
+    for eps, name in (("high", "CCE filtered (default filter_eps='high')"),):
         fn, why = cce_case(eps)
         cases.append(Case(name, make_setup(fn, N, H, V, dtype, device, counted) if fn else missing(why)))
     return cases
@@ -225,6 +238,73 @@ def check(N, H, V, dtype, device, variant=None):
     del hidden, weight, labels, ours, ref
 
 
+def tile_stats(N, H, V, dtype, device, eps=2.0**-12, block=(128, 128), scale=1.0, seed=0):
+    """Fraction of the backward's block[0] x block[1] logit tiles that Cut Cross-Entropy's filter keeps
+    (|softmax - onehot| >= eps somewhere in the tile) on make_inputs(N, ...) with hidden scaled by ``scale``:
+    in vocabulary order (ours) and with CCE's reordering by average logit. Returns (kept, kept CCE order,
+    active columns: the share of column tiles kept in some row tile)."""
+    from moca_kernels import reference
+
+    hidden, weight, labels = make_inputs(N, H, V, dtype, device)
+    h, w = hidden.detach().float() * scale, weight.detach().float()
+    logits = h @ w.T                                                                 # [N, V] float32
+    d = torch.softmax(logits, dim=1)
+    d[torch.arange(N, device=device), labels] -= 1.0
+    order = torch.argsort(logits.mean(0))                                            # CCE's vocab_ordering
+    kept = reference.filter_tile_mask(d, block[0], block[1], eps)
+    kept_sorted = reference.filter_tile_mask(d[:, order], block[0], block[1], eps)
+    return kept.float().mean().item(), kept_sorted.float().mean().item(), kept.any(0).float().mean().item()
+
+
+def zipf_tile_stats(N, V, exponent=1.0, noise=1.0, eps=2.0**-12, block=(128, 128), seed=0):
+    """Tiles kept on LM-like logits: noise ~ N(0, noise^2) - exponent * log(1 + rank(v)), ranks in a random order
+    of token ids, labels sampled from the softmax. Returns (kept in vocabulary order, kept in CCE's order,
+    column tiles active in some row tile in CCE's order)."""
+    from moca_kernels import reference
+
+    g = torch.Generator().manual_seed(seed)
+    rank = torch.randperm(V, generator=g).float()
+    logits = torch.randn(N, V, generator=g) * noise - exponent * torch.log1p(rank)[None, :]
+    d = torch.softmax(logits, dim=1)
+    labels = torch.multinomial(d, 1, generator=g).squeeze(1)
+    d[torch.arange(N), labels] -= 1.0
+    order = torch.argsort(logits.mean(0))
+    kept = reference.filter_tile_mask(d, block[0], block[1], eps)
+    kept_sorted = reference.filter_tile_mask(d[:, order], block[0], block[1], eps)
+    return kept.float().mean().item(), kept_sorted.float().mean().item(), kept_sorted.any(0).float().mean().item()
+
+
+def filter_error(N, H, V, device, eps=2.0**-12, block=(128, 128), scale=1.0):
+    """Max abs error against float64 of dHidden and dWeight (loss = mean over N rows) in float32, exact and with
+    the gradient filter (the torch reference's semantics, vocabulary in CCE's order), on make_inputs(N, ...) with hidden scaled by
+    ``scale``, each divided by the largest |gradient| (relative to the gradient's scale)."""
+    from moca_kernels import reference
+
+    hidden, weight, labels = make_inputs(N, H, V, torch.float32, device)
+    h, w = hidden.detach() * scale, weight.detach()
+    rows = torch.arange(N, device=device)
+
+    def grads(hh, ww, eps_=None):
+        d = torch.softmax(hh @ ww.T, dim=1)
+        d[rows, labels] -= 1.0
+        if eps_ is not None:  # tiles over the columns in CCE's order, as masked_token_loss(filter_eps=) does
+            order = reference.vocab_order(hh, ww)
+            keep = reference.filter_tile_mask(d[:, order], block[0], block[1], eps_)
+            mask = torch.empty_like(d, dtype=torch.bool)
+            mask[:, order] = keep.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:N, :V]
+            d = d * mask
+        d = d / N
+        return d @ ww, d.T @ hh
+
+    dh64, dw64 = grads(h.double(), w.double())
+    out = {}
+    for name, e in (("exact", None), ("filtered", eps)):
+        dh, dw = grads(h, w, e)
+        out[name] = ((dh.double() - dh64).abs().max().item() / dh64.abs().max().item(),
+                     (dw.double() - dw64).abs().max().item() / dw64.abs().max().item())
+    return out
+
+
 def main(argv=None):
     parser = common_args(__doc__.splitlines()[0])
     parser.add_argument("--profile", action="store_true",
@@ -237,7 +317,25 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true",
                         help="the smallest shape (N=16, H=16, V=160) that runs every case: the CPU test of "
                              "bench/gpu_run.sh")
+    parser.add_argument("--tile-stats", type=int, default=0, metavar="ROWS",
+                        help="only print the fraction of 128 x 128 logit tiles Cut Cross-Entropy's filter keeps "
+                             "on ROWS rows of the headline inputs (H = 2048, V = 151936; CPU works: ~1 GiB per 1024 rows)")
     args = parser.parse_args(argv)
+    if args.tile_stats:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        for scale in (1.0, 2.0, 4.0):
+            k, ks, cols = tile_stats(args.tile_stats, 2048, 151936, torch.float32, device, scale=scale)
+            print(f"tiles kept (eps 2^-12, N={args.tile_stats}, logit std {0.905 * scale:.2f}): {k:.1%} in vocabulary "
+                  f"order, {ks:.1%} in CCE's order; column tiles active in some row tile: {cols:.1%}")
+            err = filter_error(min(args.tile_stats, 256), 2048, 151936, device, scale=scale)
+            print("  float32 max abs error / max |grad| vs float64 (dHidden, dWeight): exact "
+                  f"{err['exact'][0]:.2e}, {err['exact'][1]:.2e}; filtered {err['filtered'][0]:.2e}, "
+                  f"{err['filtered'][1]:.2e}")
+        for exponent, noise in ((1.0, 1.0), (1.2, 2.0)):
+            k, ks, cols = zipf_tile_stats(args.tile_stats, 151936, exponent, noise)
+            print(f"LM-like logits (noise std {noise}, -{exponent} log(1 + rank)): tiles kept {k:.1%} in vocabulary "
+                  f"order, {ks:.1%} in CCE's order; column tiles active in CCE's order: {cols:.1%}")
+        return 0
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32

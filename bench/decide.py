@@ -9,7 +9,7 @@ Collecting (RUN_DIR): ``summary.tsv`` (a row per step), ``results/gate_tests.xml
 JSON: ``{"steps": [...], "tests": {group: {passed, failed, skipped}}, "metrics": {key: {median_ms, p20_ms, p80_ms,
 timer}}, "device": ...}``. Metric keys: ``attention_bwd.<base|even|fused|flex>.<documents|mixed>.<fwd_bwd|bwd>``,
 ``attention_fwd.<base|ws|tma|flex>.<documents|mixed>.fwd``, ``masked_patch_loss.<cuda|triton>.<v1|v2|v2p>``,
-``masked_token_loss.<v1|v2|v3|cce_filtered|cce_exact|liger>``,
+``masked_token_loss.<v1|v2|v3|filtered|cce_filtered|cce_exact|liger>``,
 ``attention.<headline|7B-text|vision|smoke>.<documents|mixed>.<fwd|fwd_bwd>.<moca|flex|varlen>`` (bench_attention).
 
 Deciding (``DECISIONS`` below, the same table as NOTES.md): a candidate flips its default when (1) the gate tests
@@ -75,6 +75,8 @@ TARGETS = [
      "ratio", 1.15),
     ("masked_patch_loss N=262144 P=1176 (cuda v1)", "masked_patch_loss.cuda.v1", None, "ms", 0.6),
     ("masked_token_loss exact vs CCE exact", "masked_token_loss.v1", "masked_token_loss.cce_exact", "ratio", 1.2),
+    ("masked_token_loss filtered vs CCE filtered (default)", "masked_token_loss.filtered",
+     "masked_token_loss.cce_filtered", "ratio", 1.1),
     ("attention 7B-text documents fwd+bwd vs the better of Flex and varlen", "attention.7B-text.documents.fwd_bwd.moca",
      ("attention.7B-text.documents.fwd_bwd.flex", "attention.7B-text.documents.fwd_bwd.varlen"), "ratio", 1.10),
     ("attention vision documents fwd+bwd vs the better of Flex and varlen", "attention.vision.documents.fwd_bwd.moca",
@@ -125,9 +127,11 @@ def _report_metrics(rep: dict, metrics: dict) -> None:
                 key = "masked_token_loss.v1"
             elif name.startswith("moca triton v") and len(name.split()) == 3:
                 key = f"masked_token_loss.{name.split()[2]}"
-            elif name.startswith("CCE (default"):
+            elif name.startswith("moca triton filtered"):
+                key = "masked_token_loss.filtered"
+            elif name.startswith("CCE filtered"):
                 key = "masked_token_loss.cce_filtered"
-            elif name.startswith("CCE (exact"):
+            elif name.startswith("CCE exact"):
                 key = "masked_token_loss.cce_exact"
             elif name.startswith("Liger"):
                 key = "masked_token_loss.liger"

@@ -23,7 +23,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("count"), py::arg("grad"), py::arg("row_loss"), py::arg("N"), py::arg("P"), py::arg("stride_pred"),
         py::arg("stride_target"), py::arg("stride_grad"), py::arg("dtype"), py::arg("eps"), py::arg("norm_pix"),
         py::arg("write_grad"), py::arg("stream"), py::arg("variant") = 1,
-        "Per-row masked patch loss (divided by count * P) and optionally the fused gradient of pred. "
+        py::arg("weight") = 1.0f,
+        "Per-row masked patch loss (times weight / (count * P)) and optionally the fused gradient of pred. "
         "variant: 1 one warp per row (v1), 2 persistent warps (v2), 3 persistent + next-row prefetch (v2p).");
   m.def("masked_patch_loss_scale_grad", &moca::masked_patch_loss_scale_grad, py::arg("grad"),
         py::arg("grad_output"), py::arg("mask"), py::arg("N"), py::arg("P"), py::arg("stride_grad"),

@@ -10,7 +10,8 @@ namespace moca {
 int masked_patch_loss_fwd(std::uintptr_t pred, std::uintptr_t target, std::uintptr_t mask, std::uintptr_t count,
                           std::uintptr_t grad, std::uintptr_t row_loss, int64_t N, int64_t P, int64_t stride_pred,
                           int64_t stride_target, int64_t stride_grad, int dtype, float eps, bool norm_pix,
-                          bool write_grad, std::uintptr_t stream, int variant);  // variant 1 v1, 2 v2, 3 v2p
+                          bool write_grad, std::uintptr_t stream, int variant,
+                          float weight);  // variant 1 v1, 2 v2, 3 v2p; weight scales loss and gradient
 int masked_patch_loss_scale_grad(std::uintptr_t grad, std::uintptr_t grad_output, std::uintptr_t mask, int64_t N,
                                  int64_t P, int64_t stride_grad, int dtype, std::uintptr_t stream);
 

@@ -3,8 +3,9 @@
 // Layout: pred, target, grad are [N, P] with unit stride along P and row strides sp, st, sg (elements).
 // One warp owns one row. For a counted row it reads pred and target once, optionally normalises the target
 // per row (t - mean) / sqrt(var_unbiased + eps), and writes
-//     row_loss[row] = sum_p (pred - t)^2 / (count * P)
-//     grad[row, p]  = 2 (pred - t) / (count * P)          (when write_grad)
+//     row_loss[row] = weight * sum_p (pred - t)^2 / (count * P)
+//     grad[row, p]  = weight * 2 (pred - t) / (count * P)          (when write_grad)
+// weight (1 by default) scales the loss inside the same pass (Stage 1's 0.1 * L_MAE costs no extra pass).
 // A row that is not counted writes row_loss 0 and a zero gradient row without reading pred or target.
 // count = number of counted rows (read from device memory, no host sync), clamped to >= 1.
 //
@@ -50,12 +51,13 @@ template <typename T, int VEC, int ITERS>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 mpl_fwd_regs(const T *__restrict__ pred, const T *__restrict__ target, const uint8_t *__restrict__ mask,
              const int *__restrict__ count_ptr, T *__restrict__ grad, float *__restrict__ row_loss, int64_t N,
-             int64_t P, int64_t sp, int64_t st, int64_t sg, float eps, bool norm_pix, bool write_grad) {
+             int64_t P, int64_t sp, int64_t st, int64_t sg, float eps, float weight, bool norm_pix,
+             bool write_grad) {
   const int lane = threadIdx.x & 31;
   const int64_t row = (int64_t)blockIdx.x * kWarpsPerBlock + (threadIdx.x >> 5);  // int64: N * P can pass 2^31
   if (row >= N) return;
   const float count = mask ? (float)max(*count_ptr, 1) : (float)N;
-  const float inv = 1.f / (count * (float)P);
+  const float inv = weight / (count * (float)P);  // weight: the loss's scale factor
   if (mask && mask[row] == 0) {
     if (write_grad) zero_row<T, VEC>(grad + row * sg, P, lane);
     if (lane == 0) row_loss[row] = 0.f;
@@ -119,12 +121,13 @@ template <typename T>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 mpl_fwd_looped(const T *__restrict__ pred, const T *__restrict__ target, const uint8_t *__restrict__ mask,
                const int *__restrict__ count_ptr, T *__restrict__ grad, float *__restrict__ row_loss, int64_t N,
-               int64_t P, int64_t sp, int64_t st, int64_t sg, float eps, bool norm_pix, bool write_grad) {
+               int64_t P, int64_t sp, int64_t st, int64_t sg, float eps, float weight, bool norm_pix,
+               bool write_grad) {
   const int lane = threadIdx.x & 31;
   const int64_t row = (int64_t)blockIdx.x * kWarpsPerBlock + (threadIdx.x >> 5);
   if (row >= N) return;
   const float count = mask ? (float)max(*count_ptr, 1) : (float)N;
-  const float inv = 1.f / (count * (float)P);
+  const float inv = weight / (count * (float)P);  // weight: the loss's scale factor
   if (mask && mask[row] == 0) {
     if (write_grad) zero_row<T, 1>(grad + row * sg, P, lane);
     if (lane == 0) row_loss[row] = 0.f;
@@ -310,12 +313,13 @@ template <typename T, int VEC, int ITERS, bool PREFETCH>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, persistent_min_blocks(ITERS, PREFETCH))
 mpl_fwd_persistent(const T *__restrict__ pred, const T *__restrict__ target, const uint8_t *__restrict__ mask,
                    const int *__restrict__ count_ptr, T *__restrict__ grad, float *__restrict__ row_loss, int64_t N,
-                   int64_t P, int64_t sp, int64_t st, int64_t sg, float eps, bool norm_pix, bool write_grad) {
+                   int64_t P, int64_t sp, int64_t st, int64_t sg, float eps, float weight, bool norm_pix,
+                   bool write_grad) {
   const int lane = threadIdx.x & 31;
   const int64_t W = (int64_t)gridDim.x * kWarpsPerBlock;
   int64_t row = (int64_t)blockIdx.x * kWarpsPerBlock + (threadIdx.x >> 5);
   const float count = mask ? (float)max(*count_ptr, 1) : (float)N;
-  const float inv = 1.f / (count * (float)P);
+  const float inv = weight / (count * (float)P);  // weight: the loss's scale factor
   // bits holds the counted flags of this warp's next up to 32 rows; k indexes the current one.
   uint32_t bits = 0;
   int k = 32;
@@ -386,24 +390,25 @@ template <typename Kernel> int resident_blocks(Kernel kernel, int *out) {
 template <typename T, int VEC, int ITERS, bool PREFETCH>
 int launch_persistent(int64_t N, cudaStream_t s, const void *pred, const void *target, const uint8_t *mask,
                       const int *count, void *grad, float *row_loss, int64_t P, int64_t sp, int64_t st, int64_t sg,
-                      float eps, bool norm_pix, bool write_grad) {
+                      float eps, float weight, bool norm_pix, bool write_grad) {
   auto kernel = mpl_fwd_persistent<T, VEC, ITERS, PREFETCH>;
   int slots = 0;
   if (int err = resident_blocks(kernel, &slots)) return err;
   const int64_t blocks = std::min<int64_t>((N + kWarpsPerBlock - 1) / kWarpsPerBlock, slots);
   kernel<<<static_cast<unsigned>(blocks), kWarpsPerBlock * 32, 0, s>>>(
       static_cast<const T *>(pred), static_cast<const T *>(target), mask, count, static_cast<T *>(grad), row_loss,
-      N, P, sp, st, sg, eps, norm_pix, write_grad);
+      N, P, sp, st, sg, eps, weight, norm_pix, write_grad);
   return static_cast<int>(cudaGetLastError());
 }
 
 template <typename T, int VEC, int ITERS>
 void launch_regs(dim3 grid, cudaStream_t s, const void *pred, const void *target, const uint8_t *mask,
                  const int *count, void *grad, float *row_loss, int64_t N, int64_t P, int64_t sp, int64_t st,
-                 int64_t sg, float eps, bool norm_pix, bool write_grad) {
+                 int64_t sg, float eps, float weight, bool norm_pix,
+                   bool write_grad) {
   mpl_fwd_regs<T, VEC, ITERS><<<grid, kWarpsPerBlock * 32, 0, s>>>(
       static_cast<const T *>(pred), static_cast<const T *>(target), mask, count, static_cast<T *>(grad), row_loss,
-      N, P, sp, st, sg, eps, norm_pix, write_grad);
+      N, P, sp, st, sg, eps, weight, norm_pix, write_grad);
 }
 
 }  // namespace
@@ -411,7 +416,7 @@ void launch_regs(dim3 grid, cudaStream_t s, const void *pred, const void *target
 int masked_patch_loss_fwd(std::uintptr_t pred, std::uintptr_t target, std::uintptr_t mask, std::uintptr_t count,
                           std::uintptr_t grad, std::uintptr_t row_loss, int64_t N, int64_t P, int64_t stride_pred,
                           int64_t stride_target, int64_t stride_grad, int dtype, float eps, bool norm_pix,
-                          bool write_grad, std::uintptr_t stream, int variant) {
+                          bool write_grad, std::uintptr_t stream, int variant, float weight) {
   if (N <= 0 || P <= 0 || variant < 1 || variant > 3) return static_cast<int>(cudaErrorInvalidValue);
   const dim3 grid(static_cast<unsigned>((N + kWarpsPerBlock - 1) / kWarpsPerBlock));
   cudaStream_t s = as_stream(stream);
@@ -430,9 +435,11 @@ int masked_patch_loss_fwd(std::uintptr_t pred, std::uintptr_t target, std::uintp
     const int64_t iters = (P + 32 * VEC - 1) / (32 * VEC);
 #define MOCA_MPL_PERSISTENT(IT)                                                                                  \
   return variant == 3 ? launch_persistent<T, VEC, IT, true>(N, s, pp, tp, m, c, gp, rl, P, stride_pred,         \
-                                                            stride_target, stride_grad, eps, norm_pix, write_grad) \
+                                                            stride_target, stride_grad, eps, weight, norm_pix,   \
+                                                            write_grad)                                          \
                       : launch_persistent<T, VEC, IT, false>(N, s, pp, tp, m, c, gp, rl, P, stride_pred,        \
-                                                             stride_target, stride_grad, eps, norm_pix, write_grad)
+                                                             stride_target, stride_grad, eps, weight, norm_pix,  \
+                                                             write_grad)
     if (variant >= 2 && vec_ok) {  // exact pack counts (P = 1176 bf16: 147 packs -> 5 per lane)
       switch (iters) {
         case 1: MOCA_MPL_PERSISTENT(1);
@@ -449,7 +456,7 @@ int masked_patch_loss_fwd(std::uintptr_t pred, std::uintptr_t target, std::uintp
 #undef MOCA_MPL_PERSISTENT
 #define MOCA_MPL_REGS(IT)                                                                                        \
   launch_regs<T, VEC, IT>(grid, s, pp, tp, m, c, gp, rl, N, P, stride_pred, stride_target, stride_grad, eps,    \
-                          norm_pix, write_grad)
+                          weight, norm_pix, write_grad)
     if (vec_ok && iters <= 1 && variant == 1) MOCA_MPL_REGS(1);
     else if (vec_ok && iters <= 2 && variant == 1) MOCA_MPL_REGS(2);
     else if (vec_ok && iters <= 4 && variant == 1) MOCA_MPL_REGS(4);
@@ -458,7 +465,8 @@ int masked_patch_loss_fwd(std::uintptr_t pred, std::uintptr_t target, std::uintp
     else
       mpl_fwd_looped<T><<<grid, kWarpsPerBlock * 32, 0, s>>>(static_cast<const T *>(pp), static_cast<const T *>(tp), m,
                                                               c, static_cast<T *>(gp), rl, N, P, stride_pred,
-                                                              stride_target, stride_grad, eps, norm_pix, write_grad);
+                                                              stride_target, stride_grad, eps, weight, norm_pix,
+                                                              write_grad);
 #undef MOCA_MPL_REGS
     return static_cast<int>(cudaGetLastError());
   });

@@ -86,11 +86,16 @@ class CptModel(nn.Module):
             rope = bb.rotary(hidden, batch.position_ids)
             pred = self.mae_decoder(hidden, rope, batch.mae_positions, padding=batch.attention_mask, docs=docs)
             target = batch.mae_target.to(pred.dtype if pred.dtype != torch.float64 else torch.float64)
-            mae = mk.masked_patch_loss(pred.reshape(-1, PIXEL_ROW), target.reshape(-1, PIXEL_ROW),
-                                       norm_pix=cfg.norm_pix, impl=cfg.impl)
+            # mae_weight folded into the kernel's pass (no extra pass over the gradient); 0 still logs the loss
+            mae_w = cfg.mae_weight if cfg.mae_weight > 0 else 1.0
+            weighted_mae = mk.masked_patch_loss(pred.reshape(-1, PIXEL_ROW), target.reshape(-1, PIXEL_ROW),
+                                                norm_pix=cfg.norm_pix, impl=cfg.impl, weight=mae_w)
+            mae = weighted_mae.detach() / mae_w                                 # logged unweighted
+            if cfg.mae_weight == 0:
+                weighted_mae = weighted_mae * 0.0
         else:
-            mae = zero.float()
-        loss = cfg.mlm_weight * mlm + cfg.mae_weight * mae
+            mae = weighted_mae = zero.float()
+        loss = cfg.mlm_weight * mlm + weighted_mae
         if (n_mlm == 0 or n_mae == 0) and fsdp_sharded(self.mae_decoder):
             # FSDP2: every rank runs every sharded module and gives every parameter a gradient in every step
             if n_mae == 0:

@@ -56,9 +56,9 @@ def _doc_mask(mask, start: int, end: int) -> torch.Tensor:
     return allowed
 
 
-def masked_patch_loss(pred, target, mask=None, norm_pix: bool = False, eps: float = 1e-6):
-    """Mean over counted rows and P of (pred - t)^2; t = target, or per row (target - mean) / sqrt(var + eps)
-    with the unbiased variance (MAE's norm_pix_loss).
+def masked_patch_loss(pred, target, mask=None, norm_pix: bool = False, eps: float = 1e-6, weight: float = 1.0):
+    """weight times the mean over counted rows and P of (pred - t)^2; t = target, or per row
+    (target - mean) / sqrt(var + eps) with the unbiased variance (MAE's norm_pix_loss).
 
     pred, target [N, P]; mask bool [N] (True = counted) or None (all rows). No counted row: 0.
     """
@@ -68,9 +68,9 @@ def masked_patch_loss(pred, target, mask=None, norm_pix: bool = False, eps: floa
         t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True, unbiased=True) + eps).sqrt()
     per_row = (p - t).pow(2).mean(-1)                                               # [N]
     if mask is None:
-        return per_row.mean()
+        return per_row.mean() * weight
     w = mask.to(cd)
-    return (per_row * w).sum() / w.sum().clamp(min=1)
+    return (per_row * w).sum() / w.sum().clamp(min=1) * weight
 
 
 def masked_token_loss(hidden, weight, labels, bias=None, ignore_index: int = -100, reduction: str = "mean",
@@ -102,6 +102,74 @@ def masked_token_loss(hidden, weight, labels, bias=None, ignore_index: int = -10
         per_row = per_row.index_put((keep,), torch.cat(parts))
     else:  # keep the graph connected so backward gives zero gradients
         per_row = per_row + 0.0 * hidden.sum() + 0.0 * weight.sum() + (0.0 * bias.sum() if bias is not None else 0.0)
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    return total if reduction == "sum" else total / max(keep.numel(), 1)
+
+
+def filter_tile_mask(d, block_m: int, block_v: int, filter_eps: float):
+    """Cut Cross-Entropy's gradient filter on d = softmax - onehot [n, V]: bool [ceil(n / block_m),
+    ceil(V / block_v)], True where the tile (rows from row 0, columns from column 0) is kept, i.e. some
+    |d| >= filter_eps in it."""
+    n, V = d.shape
+    mt, vt = -(-n // block_m), -(-V // block_v)
+    pad = d.abs().new_zeros(mt * block_m, vt * block_v)
+    pad[:n, :V] = d.abs()
+    return pad.view(mt, block_m, vt, block_v).amax(dim=(1, 3)) >= filter_eps
+
+
+def vocab_order(hidden, weight, bias=None):
+    """Cut Cross-Entropy's vocabulary order for the gradient filter: the columns sorted by their average logit
+    over the rows, (mean_r hidden[r]) @ weight.T (+ bias) (one GEMV, no logits), so that tokens unlikely in every
+    row share tiles and whole tiles drop out. hidden [n, H] counted rows, weight [V, H]. Returns int64 [V]."""
+    mean = hidden.float().mean(0).to(weight.dtype)
+    avg = (weight @ mean[:, None]).squeeze(1).float()
+    if bias is not None:
+        avg = avg + bias.float()
+    return torch.argsort(avg)
+
+
+class _FilteredTokenLoss(torch.autograd.Function):
+    """Per counted row cross-entropy; backward with the gradient filter (dense [n, V], for tests)."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, y, filter_eps, block_m, block_v, order):
+        logits = h @ w.T + (b if b is not None else 0)
+        lse = torch.logsumexp(logits, dim=1)
+        ctx.save_for_backward(h, w, b, y, lse, order)
+        ctx.cfg = (filter_eps, block_m, block_v)
+        return lse - logits.gather(1, y[:, None]).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        h, w, b, y, lse, order = ctx.saved_tensors
+        filter_eps, block_m, block_v = ctx.cfg
+        logits = h @ w.T + (b if b is not None else 0)
+        d = (logits - lse[:, None]).exp()
+        d[torch.arange(d.shape[0], device=d.device), y] -= 1.0
+        kept = filter_tile_mask(d[:, order], block_m, block_v, filter_eps)      # tiles over the ordered columns
+        keep = torch.empty_like(d, dtype=torch.bool)
+        keep[:, order] = kept.repeat_interleave(block_m, 0).repeat_interleave(block_v, 1)[:d.shape[0], :d.shape[1]]
+        g = torch.where(keep, d, torch.zeros_like(d)) * grad_rows[:, None]
+        return (g @ w, g.T @ h, g.sum(0) if b is not None else None, None, None, None, None, None)
+
+
+def masked_token_loss_filtered(hidden, weight, labels, filter_eps: float, bias=None, ignore_index: int = -100,
+                               reduction: str = "mean", block_m: int = 128, block_v: int = 128, order=None):
+    """masked_token_loss with Cut Cross-Entropy's gradient filter in backward: the loss is exact; in the
+    gradient of the logits G = softmax - onehot over the counted rows (in order), with the vocabulary columns
+    taken in ``order`` (int64 [V]; None: :func:`vocab_order` of the counted rows), every block_m x block_v tile
+    whose |G| < filter_eps everywhere is dropped. Holds the [n, V] logits (a reference for small shapes)."""
+    cd = compute_dtype(hidden, weight, bias)
+    keep = (labels != ignore_index).nonzero().squeeze(1)
+    if order is None:
+        order = vocab_order(hidden[keep], weight, bias)
+    rows = _FilteredTokenLoss.apply(hidden[keep].to(cd), weight.to(cd), bias.to(cd) if bias is not None else None,
+                                    labels[keep].long(), float(filter_eps), block_m, block_v, order)
+    per_row = torch.zeros(hidden.shape[0], dtype=cd, device=hidden.device).index_put((keep,), rows)
+    if keep.numel() == 0:  # keep the graph connected so backward gives zero gradients
+        per_row = per_row + 0.0 * hidden.sum() + 0.0 * weight.sum()
     if reduction == "none":
         return per_row
     total = per_row.sum()

@@ -36,7 +36,8 @@ VARIANTS = {"cuda": ("v1", "v2", "v2p"), "triton": ("v1", "v2")}
 
 
 def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                      norm_pix: bool = False, eps: float = 1e-6, impl: Optional[str] = None) -> torch.Tensor:
+                      norm_pix: bool = False, eps: float = 1e-6, impl: Optional[str] = None,
+                      weight: float = 1.0) -> torch.Tensor:
     """Masked mean-squared reconstruction loss over patch rows (MAE).
 
     Args:
@@ -54,17 +55,28 @@ def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[t
             by 0 (NaN or inf).
         impl: "cuda", "triton", "torch" or None (automatic; see moca_kernels.dispatch), or a kernel variant:
             "cuda:v2", "cuda:v2p", "triton:v2" (module docstring).
+        weight: a finite float (default 1.0) multiplied into the loss and, inside the same pass, into the fused
+            gradient: ``masked_patch_loss(..., weight=0.1)`` equals ``0.1 * masked_patch_loss(...)`` without the
+            extra pass over the [N, P] gradient that the product costs in backward.
 
     Returns:
-        float32 scalar: the mean over counted rows and over P of the squared error (float64 on the torch
-        backend for float64 inputs). With no counted row the loss is 0 and every gradient is 0.
+        float32 scalar: weight times the mean over counted rows and over P of the squared error (float64 on the
+        torch backend for float64 inputs). With no counted row the loss is 0 and every gradient is 0.
 
     Gradients flow to ``pred`` (the cuda and triton backends differentiate pred only; a target that requires
     grad is sent to the torch backend). Backward may run once per forward: the fused gradient buffer is
     handed to autograd by the first backward, so a second backward through the same graph raises.
     """
     norm_pix, eps = _validate(pred, target, mask, norm_pix, eps)
-    return _OP(impl, pred=pred, target=target, mask=mask, norm_pix=norm_pix, eps=eps)
+    _check_weight(weight)
+    return _OP(impl, pred=pred, target=target, mask=mask, norm_pix=norm_pix, eps=eps, weight=float(weight))
+
+
+def _check_weight(weight) -> None:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise TypeError(f"{_NAME}: weight must be a float (the loss's scale factor), got {type(weight).__name__}")
+    if not math.isfinite(weight):
+        raise ValueError(f"{_NAME}: weight must be finite, got {weight}")
 
 
 def _validate(pred, target, mask, norm_pix, eps) -> Tuple[bool, float]:
@@ -98,8 +110,8 @@ def _validate(pred, target, mask, norm_pix, eps) -> Tuple[bool, float]:
 
 @torch.library.custom_op("moca_kernels::masked_patch_loss_fused", mutates_args=())
 def _fused(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor], norm_pix: bool, eps: float,
-           backend: str, variant: str, write_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Returns (loss float32 [], grad [N, P] of pred's dtype, or an empty tensor without write_grad)."""
+           weight: float, backend: str, variant: str, write_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Returns (weight * loss float32 [], its grad [N, P] of pred's dtype, or an empty tensor without write_grad)."""
     pred = pred if pred.stride(-1) == 1 else pred.contiguous()
     target = target if target.stride(-1) == 1 else target.contiguous()
     mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else None
@@ -108,12 +120,13 @@ def _fused(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor
         from . import masked_patch_loss_triton as kernels
     else:
         from . import masked_patch_loss_cuda as kernels
-    row_loss, grad = kernels.forward(pred, target, mask_u8, count, norm_pix, eps, write_grad, variant=variant)
+    row_loss, grad = kernels.forward(pred, target, mask_u8, count, norm_pix, eps, write_grad, variant=variant,
+                                     weight=weight)
     return row_loss.sum(), grad if grad is not None else pred.new_empty(0)
 
 
 @_fused.register_fake
-def _(pred, target, mask, norm_pix, eps, backend, variant, write_grad):
+def _(pred, target, mask, norm_pix, eps, weight, backend, variant, write_grad):
     return pred.new_empty((), dtype=torch.float32), pred.new_empty(pred.shape if write_grad else (0,))
 
 
@@ -135,7 +148,7 @@ def _(grad, grad_output, mask, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, mask, _, _, backend, _, write_grad = inputs
+    _, _, mask, _, _, _, backend, _, write_grad = inputs
     ctx.backend = backend
     ctx.mark_non_differentiable(output[1])
     # Without this, autograd hands backward a zero-filled [N, P] "gradient" of the internal gradient output:
@@ -157,9 +170,9 @@ def _backward(ctx, grad_loss, _grad_of_grad):
     if grad.numel() == 0:
         raise RuntimeError(f"{_NAME}: backward through a forward that ran without grad enabled for pred")
     if grad_loss is None:  # the loss took no part in what is differentiated
-        return None, None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None, None
     _scale_grad(grad, grad_loss, mask, ctx.backend)
-    return grad, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("moca_kernels::masked_patch_loss_fused", _backward, setup_context=_setup_context)
@@ -167,9 +180,9 @@ torch.library.register_autograd("moca_kernels::masked_patch_loss_fused", _backwa
 
 def _run_fused(backend):
     def make(variant):
-        def run(pred, target, mask, norm_pix, eps):
+        def run(pred, target, mask, norm_pix, eps, weight=1.0):
             write_grad = torch.is_grad_enabled() and pred.requires_grad
-            loss, _ = _fused(pred, target, mask, norm_pix, eps, backend, variant["fwd"], write_grad)
+            loss, _ = _fused(pred, target, mask, norm_pix, eps, weight, backend, variant["fwd"], write_grad)
             return loss
         return run
     return make
@@ -185,14 +198,14 @@ def _kernel_reasons(pred, target):
     return why
 
 
-def _cuda_reasons(pred, target, mask, norm_pix, eps):
+def _cuda_reasons(pred, target, mask, norm_pix, eps, weight=1.0):
     why = cuda_ext_reasons(pred, target, mask) + _kernel_reasons(pred, target)
     if pred.dtype != target.dtype:
         why.append(f"pred ({pred.dtype}) and target ({target.dtype}) differ in dtype; the cuda kernel takes one")
     return why
 
 
-def _triton_reasons(pred, target, mask, norm_pix, eps):
+def _triton_reasons(pred, target, mask, norm_pix, eps, weight=1.0):
     return triton_reasons(pred, target, mask) + _kernel_reasons(pred, target)
 
 

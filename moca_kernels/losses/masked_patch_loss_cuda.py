@@ -15,9 +15,9 @@ VARIANT_CODES = {"v1": 1, "v2": 2, "v2p": 3}
 
 
 def forward(pred: torch.Tensor, target: torch.Tensor, mask_u8, count, norm_pix: bool, eps: float, write_grad: bool,
-            variant: str = "v1"):
-    """Returns (row_loss float32 [N], grad [N, P] or None). pred and target: [N, P] of one dtype, unit stride
-    along P; mask_u8: uint8 [N] or None; count: int32 [1] (counted rows) or None."""
+            variant: str = "v1", weight: float = 1.0):
+    """Returns (row_loss float32 [N], grad [N, P] or None), both scaled by weight. pred and target: [N, P] of one
+    dtype, unit stride along P; mask_u8: uint8 [N] or None; count: int32 [1] (counted rows) or None."""
     if variant not in VARIANT_CODES:
         raise ValueError(f"masked_patch_loss cuda: unknown kernel variant {variant!r}; expected one of "
                          f"{list(VARIANT_CODES)}")
@@ -28,7 +28,8 @@ def forward(pred: torch.Tensor, target: torch.Tensor, mask_u8, count, norm_pix: 
         pred.data_ptr(), target.data_ptr(), mask_u8.data_ptr() if mask_u8 is not None else 0,
         count.data_ptr() if count is not None else 0, grad.data_ptr() if grad is not None else 0, row_loss.data_ptr(),
         N, P, pred.stride(0), target.stride(0), grad.stride(0) if grad is not None else 0,
-        _ext.dtype_code(pred), eps, norm_pix, write_grad, _ext.stream_handle(pred.device), VARIANT_CODES[variant])
+        _ext.dtype_code(pred), eps, norm_pix, write_grad, _ext.stream_handle(pred.device), VARIANT_CODES[variant],
+        weight)
     _ext.check_launch("masked_patch_loss_fwd", status)
     return row_loss, grad
 

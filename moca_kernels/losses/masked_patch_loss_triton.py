@@ -34,6 +34,7 @@ def _masked_patch_loss_fwd_kernel(
     row_loss_ptr,      # [N] out float32: sum_p (pred - t)^2 / (count * P)
     N,
     eps,
+    weight,            # float: scales the loss and the gradient (masked_patch_loss's weight=)
     P: tl.constexpr,   # a compile-time row length lets Triton prove 16-byte accesses (P = 1176 is 8 * 147)
     HAS_MASK: tl.constexpr, NORM_PIX: tl.constexpr, WRITE_GRAD: tl.constexpr,
     ROWS: tl.constexpr,     # rows per program
@@ -51,7 +52,7 @@ def _masked_patch_loss_fwd_kernel(
     else:
         counted = row_ok
         count = N * 1.0
-    inv = 1.0 / (count * P)
+    inv = weight / (count * P)
     cols = tl.arange(0, BLOCK_P)
     p_rows = pred_ptr + rows[:, None] * P
     t_rows = target_ptr + rows[:, None] * P
@@ -114,6 +115,7 @@ def _masked_patch_loss_fwd_v2_kernel(
     row_loss_ptr,      # [N] out float32: sum_p (pred - t)^2 / (count * P)
     N,
     eps,
+    weight,            # float: scales the loss and the gradient (masked_patch_loss's weight=)
     P: tl.constexpr,
     HEAD: tl.constexpr,  # largest power of two <= P: columns [0, HEAD), all inside the row
     TAIL: tl.constexpr,  # next_power_of_2(P - HEAD), 0 when P == HEAD: columns [HEAD, HEAD + TAIL), masked at P
@@ -127,7 +129,7 @@ def _masked_patch_loss_fwd_v2_kernel(
         count = tl.maximum(tl.load(count_ptr), 1).to(tl.float32)
     else:
         count = N * 1.0
-    inv = 1.0 / (count * P)
+    inv = weight / (count * P)
     ch = tl.arange(0, HEAD)
     n_blocks = tl.cdiv(N, ROWS)
     for blk in tl.range(tl.program_id(0), n_blocks, tl.num_programs(0), num_stages=NUM_STAGES):
@@ -251,18 +253,18 @@ def _sm_count(device: torch.device) -> int:
     return _SMS[device.index]
 
 
-def _launch_fwd(cfg, pred, target, mask, count, grad, row_loss, norm_pix, eps, write_grad):
+def _launch_fwd(cfg, pred, target, mask, count, grad, row_loss, norm_pix, eps, write_grad, weight=1.0):
     rows, block, single, warps = cfg
     N, P = pred.shape
     _masked_patch_loss_fwd_kernel[(triton.cdiv(N, rows),)](
         pred, target, mask if mask is not None else row_loss, count if count is not None else row_loss,
-        grad if grad is not None else row_loss, row_loss, N, eps,
+        grad if grad is not None else row_loss, row_loss, N, eps, weight,
         P=P, HAS_MASK=mask is not None, NORM_PIX=norm_pix, WRITE_GRAD=write_grad,
         ROWS=rows, BLOCK_P=block, SINGLE_TILE=single, num_warps=warps,
     )
 
 
-def _launch_fwd_v2(cfg, pred, target, mask, count, grad, row_loss, norm_pix, eps, write_grad):
+def _launch_fwd_v2(cfg, pred, target, mask, count, grad, row_loss, norm_pix, eps, write_grad, weight=1.0):
     rows, warps, per_sm, stages = cfg
     N, P = pred.shape
     head, tail = head_tail(P)
@@ -273,7 +275,7 @@ def _launch_fwd_v2(cfg, pred, target, mask, count, grad, row_loss, norm_pix, eps
         grid = n_blocks if per_sm == 0 else min(n_blocks, per_sm * _sm_count(pred.device))
     _masked_patch_loss_fwd_v2_kernel[(grid,)](
         pred, target, mask if mask is not None else row_loss, count if count is not None else row_loss,
-        grad if grad is not None else row_loss, row_loss, N, eps,
+        grad if grad is not None else row_loss, row_loss, N, eps, weight,
         P=P, HEAD=head, TAIL=tail, HAS_MASK=mask is not None, NORM_PIX=norm_pix, WRITE_GRAD=write_grad,
         ROWS=rows, NUM_STAGES=stages, num_warps=warps,
     )
@@ -285,8 +287,9 @@ def v2_fits(P: int) -> bool:
 
 
 def forward(pred: torch.Tensor, target: torch.Tensor, mask, count, norm_pix: bool, eps: float,
-            write_grad: bool, variant: str = "v1"):
-    """Returns (row_loss float32 [N], grad [N, P] or None). pred and target are made contiguous.
+            write_grad: bool, variant: str = "v1", weight: float = 1.0):
+    """Returns (row_loss float32 [N], grad [N, P] or None), both scaled by weight. pred and target are made
+    contiguous.
     variant: "v1" or "v2" (see the module docstring; v2 only where :func:`v2_fits`)."""
     if variant not in ("v1", "v2"):
         raise ValueError(f"masked_patch_loss triton: unknown kernel variant {variant!r}; expected 'v1' or 'v2'")
@@ -309,7 +312,8 @@ def forward(pred: torch.Tensor, target: torch.Tensor, mask, count, norm_pix: boo
             candidates = [(min(rows, 4), block, single, warps)]  # the interpreter's cost grows with the tile
     key = ("masked_patch_loss", "fwd", variant, P, pred.dtype, target.dtype, mask is not None, norm_pix, write_grad,
            pred.device.index)
-    launch = lambda cfg: launch_fn(cfg, pred, target, mask, count, grad, row_loss, norm_pix, eps, write_grad)  # noqa: E731
+    def launch(cfg):
+        launch_fn(cfg, pred, target, mask, count, grad, row_loss, norm_pix, eps, write_grad, weight)
     launch(tuning.pick(key, candidates, launch, warmup=5, rep=20))
     return row_loss, grad
 

@@ -19,6 +19,7 @@ when the forward runs.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -33,7 +34,8 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                       bias: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
-                      impl: Optional[str] = None, shift: Union[bool, int] = False) -> torch.Tensor:
+                      impl: Optional[str] = None, shift: Union[bool, int] = False,
+                      filter_eps: Union[None, float, str] = None) -> torch.Tensor:
     """Cross-entropy of the LM head's logits at rows whose label is not ``ignore_index``.
 
     loss[r] = logsumexp_v(logits[r, v]) - logits[r, labels[r]],  logits = hidden @ weight.T (+ bias),
@@ -58,6 +60,14 @@ def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         shift: next-token prediction on unshifted labels (Cut Cross-Entropy's ``shift``): True or an int s >= 1
             makes hidden[..., t, :] predict labels[..., t + s] along the last label axis (the sequence), so
             the last s positions of each sequence predict nothing; False / 0 (default) predicts labels[..., t].
+        filter_eps: None (default): exact gradients. A float > 0, or "auto" (Cut Cross-Entropy's rule:
+            ``torch.finfo(hidden.dtype).eps / 32``, 2^-12 for bfloat16, 2^-15 for float16, 2^-28 for float32):
+            the backward drops every logit tile (the kernel's BLOCK_M counted rows x BLOCK_V columns; 128 x 128
+            on the torch backend) whose |softmax - onehot| stays below it, with the vocabulary taken in Cut
+            Cross-Entropy's order (sorted by average logit), as its gradient filter does, and multiplies only
+            the vocabulary columns of kept tiles in its GEMMs (one host synchronisation per vocabulary chunk).
+            The loss is unchanged; each dropped gradient entry is below filter_eps times the row's d out / d loss
+            (bench/NOTES.md, "Gradient filter", has the measured error).
 
     Leading dimensions (Cut Cross-Entropy's and torch's ``linear_cross_entropy`` conventions): hidden may be
     [..., H] with labels [...] (e.g. [B, S, H] and [B, S]); the rows are flattened (a view where the strides
@@ -81,10 +91,11 @@ def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     ignore_index = _check_ignore_index(ignore_index)
     hidden, labels, out_shape = _rows(hidden, labels, shift, ignore_index)
     _validate(hidden, weight, labels, bias, reduction)
+    eps = _filter_eps(filter_eps, hidden.dtype)
     if labels.dtype in (torch.uint8, torch.int8, torch.int16):
         labels = labels.long()  # labels != ignore_index in uint8 would wrap -100 to 156 and drop those rows
     loss = _OP(impl, hidden=hidden, weight=weight, labels=labels, bias=bias, ignore_index=ignore_index,
-               reduction=reduction)
+               reduction=reduction, filter_eps=eps)
     if out_shape is not None and reduction == "none":
         shape, s = out_shape
         loss = loss.reshape(shape)
@@ -132,7 +143,7 @@ class MaskedTokenLoss(torch.nn.Module):
         loss = loss_fn(hidden, model.lm_head, labels)      # hidden [B, S, H], labels [B, S]
 
     Args:
-        ignore_index, reduction, shift, impl: as in :func:`masked_token_loss`, checked here.
+        ignore_index, reduction, shift, impl, filter_eps: as in :func:`masked_token_loss`, checked here.
 
     ``forward(hidden, lm_head, labels, bias=None)``: hidden [..., H] float; lm_head an ``nn.Linear`` (its
     weight [V, H] and bias) or a weight tensor [V, H]; labels [...] integer; bias [V] or None (not both a
@@ -142,7 +153,7 @@ class MaskedTokenLoss(torch.nn.Module):
     """
 
     def __init__(self, ignore_index: int = -100, reduction: str = "mean", shift: Union[bool, int] = False,
-                 impl: Optional[str] = None):
+                 impl: Optional[str] = None, filter_eps: Union[None, float, str] = None):
         super().__init__()
         if reduction not in _REDUCTIONS:
             raise ValueError(f"MaskedTokenLoss: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -150,7 +161,9 @@ class MaskedTokenLoss(torch.nn.Module):
             raise TypeError(f"MaskedTokenLoss: ignore_index must be an int, got {ignore_index!r}")
         if not isinstance(shift, (bool, int)) or (not isinstance(shift, bool) and shift < 0):
             raise ValueError(f"MaskedTokenLoss: shift must be a bool or an int >= 0, got {shift!r}")
+        _filter_eps(filter_eps, torch.float32)   # checked here; "auto" resolves per call from hidden's dtype
         self.ignore_index, self.reduction, self.shift, self.impl = ignore_index, reduction, shift, impl
+        self.filter_eps = filter_eps
 
     def forward(self, hidden: torch.Tensor, lm_head, labels: torch.Tensor,
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -165,11 +178,27 @@ class MaskedTokenLoss(torch.nn.Module):
             raise TypeError(f"MaskedTokenLoss: lm_head must be an nn.Linear or a weight tensor [V, H], "
                             f"got {type(lm_head).__name__}")
         return masked_token_loss(hidden, weight, labels, bias=bias, ignore_index=self.ignore_index,
-                                 reduction=self.reduction, impl=self.impl, shift=self.shift)
+                                 reduction=self.reduction, impl=self.impl, shift=self.shift,
+                                 filter_eps=self.filter_eps)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, shift={self.shift!r}, "
                 f"impl={self.impl!r}")
+
+
+def _filter_eps(filter_eps, dtype: torch.dtype) -> float:
+    """The gradient filter's threshold as a float (0.0 = exact) from the public argument."""
+    if filter_eps is None:
+        return 0.0
+    if isinstance(filter_eps, str):
+        if filter_eps != "auto":
+            raise ValueError(f"{_NAME}: filter_eps must be None, a float > 0 or 'auto', got {filter_eps!r}")
+        return torch.finfo(dtype).eps / 32
+    if isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float)):
+        raise TypeError(f"{_NAME}: filter_eps must be None, a float > 0 or 'auto', got {type(filter_eps).__name__}")
+    if not (math.isfinite(filter_eps) and filter_eps > 0):
+        raise ValueError(f"{_NAME}: filter_eps must be a finite float > 0 (None for exact gradients), got {filter_eps}")
+    return float(filter_eps)
 
 
 def _validate(hidden, weight, labels, bias, reduction) -> None:
@@ -228,7 +257,8 @@ def _reduce(row_loss: torch.Tensor, labels: torch.Tensor, ignore_index: int, red
 
 @torch.library.custom_op("moca_kernels::masked_token_loss_fwd", mutates_args=())
 def _fused_fwd(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor],
-               ignore_index: int, fwd_variant: str, grad_variant: str) -> Tuple[torch.Tensor, torch.Tensor]:
+               ignore_index: int, fwd_variant: str, grad_variant: str,
+               filter_eps: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns (loss per row float32 [N], 0 at ignored rows; lse per row float32 [N], 0 at ignored rows)."""
     from . import masked_token_loss_triton as kernels
 
@@ -253,7 +283,7 @@ def _fused_fwd(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
 
 
 @_fused_fwd.register_fake
-def _(hidden, weight, labels, bias, ignore_index, fwd_variant, grad_variant):
+def _(hidden, weight, labels, bias, ignore_index, fwd_variant, grad_variant, filter_eps=0.0):
     N = hidden.shape[0]
     return hidden.new_empty(N, dtype=torch.float32), hidden.new_empty(N, dtype=torch.float32)
 
@@ -261,7 +291,8 @@ def _(hidden, weight, labels, bias, ignore_index, fwd_variant, grad_variant):
 @torch.library.custom_op("moca_kernels::masked_token_loss_bwd", mutates_args=())
 def _fused_bwd(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                bias: Optional[torch.Tensor], lse: torch.Tensor, ignore_index: int, need_hidden: bool,
-               need_weight: bool, need_bias: bool, grad_variant: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               need_weight: bool, need_bias: bool, grad_variant: str,
+               filter_eps: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (d hidden [N, H], d weight [V, H], d bias [V]); an empty tensor for each one not asked for."""
     from . import masked_token_loss_triton as kernels
 
@@ -283,7 +314,7 @@ def _fused_bwd(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tens
     dh_c, dw, db = kernels.backward(
         counted(grad_rows).to(torch.float32).contiguous(), counted(hidden), weight, bias,
         counted(labels).to(torch.int32).contiguous(), counted(lse).contiguous(), need_hidden, need_weight, need_bias,
-        grad_variant)
+        grad_variant, filter_eps)
     if not need_hidden:
         dh = hidden.new_empty(0)
     elif every_row:
@@ -297,7 +328,8 @@ def _fused_bwd(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tens
 
 
 @_fused_bwd.register_fake
-def _(grad_rows, hidden, weight, labels, bias, lse, ignore_index, need_hidden, need_weight, need_bias, grad_variant):
+def _(grad_rows, hidden, weight, labels, bias, lse, ignore_index, need_hidden, need_weight, need_bias, grad_variant,
+      filter_eps=0.0):
     dh = hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0)
     dw = weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)
     db = bias.new_empty(bias.shape) if (need_bias and bias is not None) else hidden.new_empty(0)
@@ -305,8 +337,8 @@ def _(grad_rows, hidden, weight, labels, bias, lse, ignore_index, need_hidden, n
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, labels, bias, ignore_index, _, grad_variant = inputs
-    ctx.ignore_index, ctx.grad_variant = ignore_index, grad_variant
+    hidden, weight, labels, bias, ignore_index, _, grad_variant, filter_eps = inputs
+    ctx.ignore_index, ctx.grad_variant, ctx.filter_eps = ignore_index, grad_variant, filter_eps
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(hidden, weight, labels, bias, output[1])
 
@@ -316,22 +348,23 @@ def _backward(ctx, grad_rows, _grad_lse):
     need_hidden, need_weight, _, need_bias = ctx.needs_input_grad[:4]
     dh, dw, db = _fused_bwd(grad_rows, hidden, weight, labels, bias, lse, ctx.ignore_index,
                             bool(need_hidden), bool(need_weight), bool(need_bias and bias is not None),
-                            ctx.grad_variant)
+                            ctx.grad_variant, ctx.filter_eps)
     return (dh if need_hidden else None, dw if need_weight else None, None,
-            db if (need_bias and bias is not None) else None, None, None, None)
+            db if (need_bias and bias is not None) else None, None, None, None, None)
 
 
 torch.library.register_autograd("moca_kernels::masked_token_loss_fwd", _backward, setup_context=_setup_context)
 
 
 def _run_triton(variant):
-    def run(hidden, weight, labels, bias, ignore_index, reduction):
-        row_loss, _ = _fused_fwd(hidden, weight, labels, bias, ignore_index, variant["fwd"], variant["grad"])
+    def run(hidden, weight, labels, bias, ignore_index, reduction, filter_eps=0.0):
+        row_loss, _ = _fused_fwd(hidden, weight, labels, bias, ignore_index, variant["fwd"], variant["grad"],
+                                 filter_eps)
         return _reduce(row_loss, labels, ignore_index, reduction)
     return run
 
 
-def _triton_reasons(hidden, weight, labels, bias, ignore_index, reduction):
+def _triton_reasons(hidden, weight, labels, bias, ignore_index, reduction, filter_eps=0.0):
     why = triton_reasons(hidden, weight, labels, bias)
     for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
         if t is not None and t.dtype not in KERNEL_DTYPES:
@@ -341,9 +374,12 @@ def _triton_reasons(hidden, weight, labels, bias, ignore_index, reduction):
     return why
 
 
-def _run_torch(hidden, weight, labels, bias, ignore_index, reduction):
+def _run_torch(hidden, weight, labels, bias, ignore_index, reduction, filter_eps=0.0):
     if not torch.compiler.is_compiling():
         _check_label_range(labels[labels != ignore_index], weight.shape[0], ignore_index)
+    if filter_eps > 0:
+        return reference.masked_token_loss_filtered(hidden, weight, labels, filter_eps, bias=bias,
+                                                    ignore_index=ignore_index, reduction=reduction)
     return reference.masked_token_loss(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                        reduction=reduction)
 

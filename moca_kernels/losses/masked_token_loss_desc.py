@@ -120,8 +120,10 @@ def _lse_fwd_desc_kernel(
 def _grad_logits_desc_kernel(
     h_desc, w_desc,  # descriptors of hidden [n, H] and weight [V, H]
     bias_ptr, labels_ptr, lse_ptr, gscale_ptr, inv_scale_ptr, grad_ptr, dbias_ptr,   # as in _grad_logits_kernel
+    filter_eps, active_ptr, stats_ptr,                                               # as in _grad_logits_kernel
     n, V, H, v_begin, v_count, ESIZE,
-    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, FILTER: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     WS: tl.constexpr, FLATTEN: tl.constexpr,
 ):
@@ -141,7 +143,7 @@ def _grad_logits_desc_kernel(
         s = _logits_tile_desc(h_desc, w_desc, bias_ptr, row0, v_begin + pid_v * BLOCK_V, cols, col_ok, H,
                               HAS_BIAS, DOT_PRECISION, WS, BLOCK_M, BLOCK_V, BLOCK_K)
         _store_g_tile(s, rows, cols, local, row_ok, col_ok, v_count, labels_ptr, lse_ptr, gscale_ptr, inv_scale_ptr,
-                      grad_ptr, dbias_ptr, BIAS_GRAD, HAS_SCALE)
+                      grad_ptr, dbias_ptr, filter_eps, active_ptr, stats_ptr, BIAS_GRAD, HAS_SCALE, FILTER)
 
 
 def _desc_kernel(fn, variant: str, **extra):
@@ -151,7 +153,9 @@ def _desc_kernel(fn, variant: str, **extra):
 
 # One autotuned kernel per (variant, kernel): each variant keeps its own candidates and its own tuned choice.
 _FWD_DESC = {v: _desc_kernel(_lse_fwd_desc_kernel, v) for v in ("v2", "v3")}
-_GRAD_DESC = {v: _desc_kernel(_grad_logits_desc_kernel, v, restore_value=["dbias_ptr"]) for v in ("v2", "v3")}
+_GRAD_DESC = {v: _desc_kernel(_grad_logits_desc_kernel, v,
+                              restore_value=["dbias_ptr", "stats_ptr", "active_ptr"])
+              for v in ("v2", "v3")}
 
 
 @tuning.on_clear

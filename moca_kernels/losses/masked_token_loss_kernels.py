@@ -111,9 +111,15 @@ def _lse_step(s, cols, col_ok, label, m_i, l_i, target):
 
 @triton.jit
 def _store_g_tile(s, rows, cols, local, row_ok, col_ok, v_count, labels_ptr, lse_ptr, gscale_ptr, inv_scale_ptr,
-                  grad_ptr, dbias_ptr, BIAS_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr):
+                  grad_ptr, dbias_ptr, filter_eps, active_ptr, stats_ptr,
+                  BIAS_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, FILTER: tl.constexpr):
     """G = (softmax(S) - onehot(label)) * gscale of one logit tile S, stored at column ``local`` of the chunk
-    (row stride v_count); with BIAS_GRAD its column sums go to dbias by float32 atomics."""
+    (row stride v_count); with BIAS_GRAD its column sums go to dbias by float32 atomics.
+
+    FILTER (the op's filter_eps, Cut Cross-Entropy's gradient filter): a tile whose |softmax - onehot| stays
+    below filter_eps everywhere is dropped (stored as zeros, no dbias atomics); a kept tile marks its columns in
+    active_ptr ([v_count] int8, 1 = some tile of the column is kept: the launcher multiplies only those columns
+    in the GEMMs) and stats_ptr ([2] int32) counts (tiles, kept tiles)."""
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(gscale_ptr + rows, mask=row_ok, other=0.0)
     label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
@@ -122,12 +128,23 @@ def _store_g_tile(s, rows, cols, local, row_ok, col_ok, v_count, labels_ptr, lse
     grad = (p - tl.where(cols[None, :] == label[:, None], 1.0, 0.0)) * g[:, None]
     ok = row_ok[:, None] & col_ok[None, :]
     grad = tl.where(ok, grad, 0.0)
+    bias_cols = col_ok
+    if FILTER:
+        d = tl.where(ok, p - tl.where(cols[None, :] == label[:, None], 1.0, 0.0), 0.0)
+        col_max = tl.max(tl.abs(d), axis=0)                                 # [BLOCK_V]
+        tile_max = tl.max(col_max, axis=0)
+        kept = (col_max * 0.0 + tile_max) >= filter_eps                     # the tile's verdict, per column
+        grad = tl.where(kept[None, :], grad, 0.0)
+        bias_cols = col_ok & kept
+        tl.store(active_ptr + local, kept.to(tl.int8), mask=bias_cols)
+        tl.atomic_add(stats_ptr, 1)
+        tl.atomic_add(stats_ptr + 1, (tile_max >= filter_eps).to(tl.int32))
     tl.store(grad_ptr + rows[:, None] * v_count + local[None, :], grad.to(grad_ptr.dtype.element_ty), mask=ok)
     if BIAS_GRAD:
         col_sum = tl.sum(grad, axis=0)
         if HAS_SCALE:
             col_sum = col_sum * tl.load(inv_scale_ptr)
-        tl.atomic_add(dbias_ptr + cols, col_sum, mask=col_ok)
+        tl.atomic_add(dbias_ptr + cols, col_sum, mask=bias_cols)
 
 
 @triton.autotune(configs=_tile_configs(), key=["H", "V"],
@@ -170,7 +187,8 @@ def _lse_fwd_kernel(
     tl.store(target_ptr + rows, target, mask=hit)
 
 
-@triton.autotune(configs=_tile_configs(), key=["H", "V"], restore_value=["dbias_ptr"],
+@triton.autotune(configs=_tile_configs(), key=["H", "V"],
+                 restore_value=["dbias_ptr", "stats_ptr", "active_ptr"],
                  prune_configs_by={"early_config_prune": _prune(("hidden_ptr", "weight_ptr"), "BLOCK_V")})
 @triton.heuristics({"EVEN_K": lambda args: args["H"] % args["BLOCK_K"] == 0})
 @triton.jit
@@ -184,9 +202,12 @@ def _grad_logits_kernel(
     inv_scale_ptr,   # [1] float32: 1 / R (unused without HAS_SCALE)
     grad_ptr,        # [n, v_count] out (input dtype): G for this chunk, row stride v_count
     dbias_ptr,       # [V] float32 in/out: += column sums of G (unused without BIAS_GRAD)
+    filter_eps,      # float: the gradient filter's threshold (unused without FILTER)
+    active_ptr,      # [v_count] int8 in/out (zeroed by the caller): 1 = column in a kept tile (FILTER only)
+    stats_ptr,       # [2] int32 in/out: += (tiles, kept tiles) (FILTER only)
     n, V, H, v_begin, v_count,
     stride_hn, stride_hk, stride_wv, stride_wk,
-    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, FILTER: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -202,7 +223,7 @@ def _grad_logits_kernel(
                      stride_hn, stride_hk, stride_wv, stride_wk,
                      HAS_BIAS, EVEN_K, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
     _store_g_tile(s, rows, cols, local, row_ok, col_ok, v_count, labels_ptr, lse_ptr, gscale_ptr, inv_scale_ptr,
-                  grad_ptr, dbias_ptr, BIAS_GRAD, HAS_SCALE)
+                  grad_ptr, dbias_ptr, filter_eps, active_ptr, stats_ptr, BIAS_GRAD, HAS_SCALE, FILTER)
 
 
 @triton.autotune(configs=_gemm_configs(), key=["N"], restore_value=["c_ptr"],

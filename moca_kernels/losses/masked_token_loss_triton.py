@@ -36,6 +36,14 @@ GEMM: its G is stored pre-scaled by 2^14 / max|g| (p * 2^14 stays a normal float
 where (p - y) / n_counted unscaled would flush to zero below p ~ 5e-4 at n = 8192) and the GEMM epilogue undoes
 the scale in float32 before rounding.
 
+Gradient filter (``backward(..., filter_eps=)``, opt-in; the op's ``filter_eps=``): Cut Cross-Entropy's. The
+vocabulary is taken in its order (columns sorted by average logit, ``reference.vocab_order``); each chunk's G
+kernel runs on the chunk's gathered weight rows, drops every tile whose |softmax - onehot| < filter_eps (zeros
+stored) and marks the columns of kept tiles; the two GEMMs then multiply only those columns, gathered into a
+compact block, and dWeight's rows are scattered back (rows of columns no kept tile reaches are zero). Only
+whole columns of a chunk (all its rows) drop out of the GEMMs: the tile-level sparsity inside kept columns is
+not exploited (bench/NOTES.md, "Gradient filter").
+
 Kernel variants of the two tile kernels, parts "fwd" (the log-sum-exp forward) and "grad" (the backward's G
 kernel) of the triton backend's variants in masked_token_loss.py (``impl="triton:v3"``: both kernels,
 ``"triton:fwd.v3+grad.v2"``: per kernel). They compute the same values; v1 stays the default until a GPU run
@@ -62,7 +70,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import triton
 
-from .. import _alloc, tuning
+from .. import _alloc, reference, tuning
 from .masked_token_loss_desc import (_FWD_DESC, _GRAD_DESC, VARIANTS, _desc_configs, _descriptors,  # noqa: F401
                                      descriptor_reasons, reset_tuning)
 from .masked_token_loss_kernels import (_FP16_G_RANGE, _INTERPRET, _gemm_kernel, _grad_logits_kernel,  # noqa: F401
@@ -77,6 +85,10 @@ last_bwd_gemm: Optional[str] = None
 
 # Last call's kernel variant per tile kernel ("fwd", "grad"), for benchmarks and tests to report.
 last_kernels: Dict[str, str] = {}
+
+# Last filtered backward's tile counts {"tiles": all G tiles, "kept": tiles not filtered, "active_columns":
+# vocabulary columns multiplied in the GEMMs, "columns": V}; empty after an exact backward.
+last_filter_stats: Dict[str, int] = {}
 
 # What each tile kernel runs by default (flip after a GPU measurement).
 DEFAULT_VARIANT = {"fwd": "v1", "grad": "v1"}
@@ -200,15 +212,49 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool, s
     )
 
 
+def _filtered_chunk_gemms(g, sel, ids, hidden, w_chunk, dweight, acc, engine, dtype, first, inv_scale,
+                          need_weight, need_hidden):
+    """A filtered chunk's two GEMMs. g [n, width] is G over the vocabulary ids ``ids`` (int64 [width], in the
+    filter's order), w_chunk [width, H] = weight[ids]; sel (int64 [k]) the active columns of g, or None for
+    all. G[:, sel] and W[ids[sel]] are gathered into compact blocks; dWeight's rows ids[sel] are written (the
+    caller zeroed the others)."""
+    if sel is None:
+        gc, wc, rows_w = g, w_chunk, ids
+    elif sel.numel() == 0:
+        return
+    else:
+        gc, wc, rows_w = g.index_select(1, sel), w_chunk.index_select(0, sel), ids.index_select(0, sel)
+    k = gc.shape[1]
+    if need_weight:
+        out = torch.empty(k, hidden.shape[1], dtype=dweight.dtype, device=dweight.device)
+        if engine == "torch":
+            torch.mm(gc.t(), hidden, out=out)
+        else:
+            _gemm(gc.t(), hidden, out, accumulate=False, scale=inv_scale)
+        dweight.index_copy_(0, rows_w, out)
+    if need_hidden:
+        if engine == "triton":
+            _gemm(gc, wc, acc, accumulate=not first, scale=inv_scale)
+        elif dtype == torch.float32:
+            torch.mm(gc, wc, out=acc) if first else torch.addmm(acc, gc, wc, out=acc)
+        elif first:
+            torch.mm(gc, wc, out_dtype=torch.float32, out=acc)
+        else:
+            torch.addmm(acc, gc, wc, out_dtype=torch.float32, out=acc)
+
+
 def backward(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
              labels: torch.Tensor, lse: torch.Tensor, need_hidden: bool, need_weight: bool, need_bias: bool,
-             variant: str = "v1"):
+             variant: str = "v1", filter_eps: float = 0.0):
     """Gradients of sum_r grad_rows[r] * loss[r] over the counted rows.
 
     hidden [n, H] counted rows and weight [V, H] of one dtype (float32 / float16 / bfloat16, any strides),
     bias [V] float (any stride) or None, labels int32 [n], lse float32 [n], grad_rows float32 [n] (contiguous).
-    variant: the G kernel's. Returns (d hidden [n, H] input dtype, d weight [V, H] weight dtype, d bias [V]
-    float32), each None when not asked for.
+    variant: the G kernel's. filter_eps > 0: Cut Cross-Entropy's gradient filter (G tiles whose
+    |softmax - onehot| < filter_eps everywhere are dropped; the GEMMs multiply only the vocabulary columns of
+    kept tiles, gathered into a compact block: one host synchronisation per chunk); 0: exact.
+    Returns (d hidden [n, H] input dtype, d weight [V, H] weight dtype, d bias [V] float32), each None when not
+    asked for.
     """
     global last_bwd_gemm
     bias = bias.contiguous() if bias is not None else None  # the kernels read bias[cols] at unit stride
@@ -246,6 +292,22 @@ def backward(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
     hd, wd = _descriptors(variant, hidden, weight)
     last_kernels["grad"] = variant
     programs = _persistent_programs(device) if variant == "v3" else None
+    filtering = filter_eps > 0
+    if filtering:
+        active = torch.zeros(cv, dtype=torch.int8, device=device)
+        stats = torch.zeros(2, dtype=torch.int32, device=device)
+        n_active = 0
+        # Cut Cross-Entropy's order: columns sorted by average logit, so unlikely tokens share tiles; the G
+        # kernel runs on each chunk's gathered weight rows with the labels' positions in the order
+        order = reference.vocab_order(hidden, weight, bias)
+        position = torch.empty_like(order)
+        position[order] = torch.arange(V, device=device)
+        label_pos = position.index_select(0, labels.long())
+        if need_weight:
+            dweight.zero_()  # rows of columns no kept tile reaches stay zero
+    else:
+        active = stats = lse  # unused by the kernels without FILTER
+    last_filter_stats.clear()
     first = True
     for v0 in range(0, V, cv):
         width = min(cv, V - v0)
@@ -255,22 +317,44 @@ def backward(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
             tiles = triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_V"])
             return (tiles if programs is None else min(tiles, programs),)
 
+        if filtering:  # the chunk's columns in the filter's order, as a vocabulary of its own
+            ids = order[v0:v0 + width]
+            k_weight = weight.index_select(0, ids)
+            k_bias = bias.index_select(0, ids) if bias is not None else None
+            k_labels = (label_pos - v0).to(torch.int32)     # outside [0, width): not in this chunk
+            k_dbias = torch.zeros(width, dtype=torch.float32, device=device) if need_bias else None
+            k_V, k_v0 = width, 0
+            k_hd, k_wd = _descriptors(variant, hidden, k_weight)
+        else:
+            k_weight, k_bias, k_labels, k_dbias, k_V, k_v0, k_hd, k_wd = weight, bias, labels, dbias, V, v0, hd, wd
         if variant == "v1":
             _grad_logits_kernel[grid](
-                hidden, weight, bias if bias is not None else lse, labels, lse, gscale,
-                inv_scale if inv_scale is not None else lse, g, dbias if dbias is not None else lse,
-                n, V, H, v0, width,
-                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                HAS_BIAS=bias is not None, BIAS_GRAD=need_bias, HAS_SCALE=scaled, DOT_PRECISION=precision,
+                hidden, k_weight, k_bias if k_bias is not None else lse, k_labels, lse, gscale,
+                inv_scale if inv_scale is not None else lse, g, k_dbias if k_dbias is not None else lse,
+                filter_eps, active, stats, n, k_V, H, k_v0, width,
+                hidden.stride(0), hidden.stride(1), k_weight.stride(0), k_weight.stride(1),
+                HAS_BIAS=bias is not None, BIAS_GRAD=need_bias, HAS_SCALE=scaled, FILTER=filtering,
+                DOT_PRECISION=precision,
             )
         else:
             _GRAD_DESC[variant][grid](
-                hd, wd, bias if bias is not None else lse, labels, lse, gscale,
-                inv_scale if inv_scale is not None else lse, g, dbias if dbias is not None else lse,
-                n, V, H, v0, width, hidden.element_size(),
-                HAS_BIAS=bias is not None, BIAS_GRAD=need_bias, HAS_SCALE=scaled, DOT_PRECISION=precision,
+                k_hd, k_wd, k_bias if k_bias is not None else lse, k_labels, lse, gscale,
+                inv_scale if inv_scale is not None else lse, g, k_dbias if k_dbias is not None else lse,
+                filter_eps, active, stats, n, k_V, H, k_v0, width, hidden.element_size(),
+                HAS_BIAS=bias is not None, BIAS_GRAD=need_bias, HAS_SCALE=scaled, FILTER=filtering,
+                DOT_PRECISION=precision,
             )
         w_chunk = weight[v0:v0 + width]
+        if filtering:
+            if need_bias:
+                dbias.index_copy_(0, ids, k_dbias)
+            cols = active[:width].nonzero().squeeze(1)  # host sync: the compact block's width
+            active.zero_()
+            n_active += cols.numel()
+            _filtered_chunk_gemms(g, cols if cols.numel() < width else None, ids, hidden, k_weight, dweight, acc,
+                                  engine, dtype, first, inv_scale, need_weight, need_hidden)
+            first = first and not (need_hidden and cols.numel() > 0)
+            continue
         if need_weight:
             out = dweight[v0:v0 + width]
             if engine == "torch":
@@ -291,6 +375,11 @@ def backward(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
                 _gemm(g, w_chunk, acc, accumulate=not first, scale=inv_scale)
         first = False
     del g_buf, g
+    if filtering:
+        tiles, kept = stats.tolist()
+        last_filter_stats.update(tiles=tiles, kept=kept, active_columns=n_active, columns=V)
+    if need_hidden and first:  # every chunk filtered away: dHidden is zero
+        acc.zero_()
     dhidden = None
     if need_hidden:
         dhidden = acc if dtype == torch.float32 else acc.to(dtype)

@@ -25,7 +25,7 @@ from bench.sm90 import jit_of
 def build(kernel, dtype, consts, num_warps):
     fn = jit_of(kernel)
     types = {"pred_ptr": dtype, "target_ptr": dtype, "mask_ptr": "*u8", "count_ptr": "*i32", "grad_ptr": dtype,
-             "row_loss_ptr": "*fp32", "N": "i32", "eps": "fp32"}
+             "row_loss_ptr": "*fp32", "N": "i32", "eps": "fp32", "weight": "fp32"}
     sig = {n: types.get(n, "constexpr") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in types if n.endswith("_ptr")}
     ck = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),

@@ -172,6 +172,10 @@ def build(kernel, cfg, flags):
             sig[n] = "*i32"
         elif n in FLOATS:
             sig[n] = "*fp32"
+        elif n in ("active_ptr", "stats_ptr"):
+            sig[n] = "*i8" if n == "active_ptr" else "*i32"
+        elif n == "filter_eps":
+            sig[n] = "fp32"
         elif fn.params[i].is_constexpr:
             sig[n] = "constexpr"
             consts[n] = kw[n] if n in kw else flags[n]
@@ -192,7 +196,7 @@ def build(kernel, cfg, flags):
             "warp_specialized": "ttg.warp_specialize" in ttgir, "ws": bool(kw["WS"]), "bk": kw["BLOCK_K"]}
 
 fwd = dict(SPLIT_V=4096, HAS_BIAS=False, DOT_PRECISION="tf32", EVEN_K=True)
-grad = dict(HAS_BIAS=False, BIAS_GRAD=False, HAS_SCALE=False, DOT_PRECISION="tf32", EVEN_K=True)
+grad = dict(HAS_BIAS=False, BIAS_GRAD=False, HAS_SCALE=False, FILTER=False, DOT_PRECISION="tf32", EVEN_K=True)
 out = {}
 only = os.environ.get("MTL_COMPILE_ONLY")   # "v1" adds v1's candidates (bench/NOTES.md table)
 for v in ("v2", "v3"):
@@ -202,6 +206,8 @@ for v in ("v2", "v3"):
                 f"{' ws' if kw['WS'] else ''}{' flat' if kw['FLATTEN'] else ''}")
         out["fwd " + name] = build(K._FWD_DESC[v], c, fwd)
         out["grad " + name] = build(K._GRAD_DESC[v], c, grad)
+    c = K._desc_configs(v)[0]   # the gradient filter (filter_eps=) on each variant's first candidate
+    out[f"grad {v} filter"] = build(K._GRAD_DESC[v], c, dict(grad, FILTER=True))
 if only == "v1":
     for c in K._tile_configs():
         c.kwargs.setdefault("WS", False)
@@ -222,7 +228,8 @@ def test_descriptor_kernels_compile_for_sm90_without_spills():
 
     result = compile_for_sm90(["-c", SCRIPT])
     names = " | ".join(result)
-    for want in ("fwd v2 128x128x64 w8", "grad v2 128x256x64", "fwd v3 .*flat", "grad v3 .*flat"):
+    for want in ("fwd v2 128x128x64 w8", "grad v2 128x256x64", "fwd v3 .*flat", "grad v3 .*flat", "grad v2 filter",
+                 "grad v3 filter"):
         assert __import__("re").search(want, names), f"{want!r} not compiled: {names}"
     if triton.__version__.startswith("3.6"):
         assert " ws" in names, "triton 3.6 should offer the warp-specialised candidates"
