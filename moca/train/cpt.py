@@ -17,12 +17,12 @@ from typing import List, Optional
 
 import torch
 
-from ..config import dump_config
+from ..config import dump_config, from_dict
 from ..data.batch import VisionSpec
-from ..data.loader import PackingLoader, RecordSet
 from ..data.masking import CptCollator, MaskingConfig, ModalityMasker
 from ..data.prefetch import Prefetcher
 from ..data.processor import MocaProcessor
+from ..data.stream import SourceConfig, StreamLoader
 from ..modeling import MocaBackbone
 from ..stage1 import CptModel, LossConfig
 from .core import DistEnv, TrainConfig, Trainer, init_distributed
@@ -64,9 +64,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """``train``: JSONL/parquet files; empty = the embedded corpus written to ``embedded_dir``."""
+    """``train``: JSONL/parquet files, folders or globs (one source); ``sources``: a weighted mixture
+    (:class:`~moca.data.stream.SourceConfig`: name, path, format, weight, max_samples); both empty = the embedded
+    corpus written to ``embedded_dir``. Records stream (:mod:`moca.data.stream`); ``num_workers`` DataLoader
+    processes read them (a run resumes only with the same number)."""
 
     train: List[str] = field(default_factory=list)
+    sources: List[SourceConfig] = field(default_factory=list)
+    num_workers: int = 0
+    chunk_bytes: int = 4 << 20                   # largest JSONL byte range read at once per source and reader
     embedded_dir: Optional[str] = None           # default <output_dir>/embedded_data
     embedded_docs: int = 400
     embedded_seed: int = 0
@@ -79,6 +85,14 @@ class DataConfig:
     prefetch: int = 2                            # micro-batches prepared ahead in a background thread (0 = off)
 
     def __post_init__(self):
+        self.sources = [s if isinstance(s, SourceConfig) else from_dict(SourceConfig, s, f"data.sources[{i}]")
+                        for i, s in enumerate(self.sources)]
+        if self.sources and self.train:
+            raise ValueError("data.train and data.sources are both set: list the train files as one source instead")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0 (0 = read in the training process), got {self.num_workers}")
+        if self.chunk_bytes < 1:
+            raise ValueError(f"data.chunk_bytes must be >= 1, got {self.chunk_bytes}")
         if self.token_budget < 2:
             raise ValueError(f"data.token_budget must be >= 2, got {self.token_budget}")
         if self.pad_to_multiple < 1:
@@ -144,7 +158,7 @@ def run_cpt(cfg: CptConfig, dist: Optional[DistEnv] = None) -> List[dict]:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
     files = list(cfg.data.train)
-    if not files:
+    if not files and not cfg.data.sources:
         from ..data.embedded import write_cpt_corpus
 
         edir = Path(cfg.data.embedded_dir or out / "embedded_data")
@@ -155,10 +169,10 @@ def run_cpt(cfg: CptConfig, dist: Optional[DistEnv] = None) -> List[dict]:
 
     backbone, proc = build_model_and_processor(cfg.model, cfg.masking.image_corruption)
     model = CptModel(backbone, cfg.loss)
-    records = RecordSet(files)
-    loader = PackingLoader(records, proc, cfg.data.token_budget, seed=cfg.train.seed, rank=dist.rank,
-                           world_size=dist.world_size, skip_bad=cfg.data.skip_bad, shuffle=cfg.data.shuffle,
-                           max_samples=cfg.data.max_samples)
+    sources = cfg.data.sources or [SourceConfig(name="train", path=files)]
+    loader = StreamLoader(sources, proc, cfg.data.token_budget, seed=cfg.train.seed, rank=dist.rank,
+                          world_size=dist.world_size, num_workers=cfg.data.num_workers, skip_bad=cfg.data.skip_bad,
+                          shuffle=cfg.data.shuffle, max_samples=cfg.data.max_samples, chunk_bytes=cfg.data.chunk_bytes)
     masker = ModalityMasker(cfg.masking, proc.ids["mask"], proc.never_masked,
                             merge_size=proc.image_spec.merge_size)
     collator = CptCollator(masker, VisionSpec.from_config(backbone.vlm.config), proc.ids["endoftext"],
@@ -191,3 +205,7 @@ def run_cpt(cfg: CptConfig, dist: Optional[DistEnv] = None) -> List[dict]:
     finally:
         if data is not loader:
             data.close()
+        if len(sources) > 1:
+            log.info("data source shares (rank %d, records read incl. read-ahead): %s", dist.rank,
+                     ", ".join(f"{n} {v:.3f}" for n, v in loader.shares().items()))
+        loader.close()

@@ -183,3 +183,41 @@ def test_source_config_errors_name_the_source(tmp_path):
     _write_parquet(tmp_path / "one.parquet", 3, row_group_size=16)
     with pytest.raises(ValueError, match=r"sources\[y\]: 3 chunks for 4 readers"):
         Source(SourceConfig(name="y", path=str(tmp_path / "one.parquet")), 4)
+
+
+def test_stage1_mixture_with_workers_resumes_like_the_uninterrupted_run(tmp_path):
+    """``data.sources`` + ``data.num_workers`` through ``run_cpt``: a resumed run's losses equal the uninterrupted
+    run's (the data position, with DataLoader workers and the prefetch thread, is in the checkpoint)."""
+    from moca.config import from_dict
+    from moca.data.embedded import write_cpt_corpus
+    from moca.train.core import DistEnv
+    from moca.train.cpt import CptConfig, run_cpt
+
+    corpus = write_cpt_corpus(tmp_path / "corpus", n_docs=40, seed=0, passage_words=16)
+    lines = corpus.read_text().splitlines()
+    d = corpus.parent                                  # image paths are relative to the shard's folder
+    (d / "w-0.jsonl").write_text("\n".join(lines[:20]) + "\n")
+    (d / "w-1.jsonl").write_text("\n".join(lines[20:30]) + "\n")
+    (d / "docs.jsonl").write_text("\n".join(lines[30:]) + "\n")
+
+    def cfg(out, **train):
+        t = dict(output_dir=str(out), max_steps=5, lr=2e-3, log_every=1, seed=0, progress=False, tensorboard=False,
+                 resume="auto")
+        t.update(train)
+        data = {"sources": [{"name": "web", "path": str(d / "w-*.jsonl"), "weight": 2},
+                            {"name": "docs", "path": str(d / "docs.jsonl"), "max_samples": 8}],
+                "num_workers": 2, "token_budget": 256}
+        model = dict(tiny_hidden=32, tiny_layers=2, tiny_heads=2, tiny_kv_heads=1, tiny_vision_hidden=16)
+        return from_dict(CptConfig, {"model": model, "data": data, "train": t})
+
+    def losses(h):
+        return [(r["step"], r["loss"]) for r in h]
+
+    full = losses(run_cpt(cfg(tmp_path / "a"), DistEnv()))
+    part1 = losses(run_cpt(cfg(tmp_path / "b", stop_at_step=3), DistEnv()))
+    part2 = losses(run_cpt(cfg(tmp_path / "b"), DistEnv()))
+    assert part1 + part2 == full
+    with pytest.raises(ValueError, match="data.train and data.sources"):
+        from_dict(CptConfig, {"data": {"train": ["x.jsonl"], "sources": [{"name": "a", "path": "x"}]}})
+    with pytest.raises(ValueError, match=r"data.sources\[0\].*unknown key"):
+        from_dict(CptConfig, {"data": {"sources": [{"name": "a", "path": "x", "wieght": 2}]}})
