@@ -17,7 +17,10 @@ Order and sharding (all pure functions of the seed; no communication between pro
   (``max_samples // S``, one more for the first ``max_samples % S`` readers): an epoch of a capped source hands
   out ``max_samples`` records;
 * the position of a reader is a small dict (per source: epoch, chunk, row, records taken; the draw counter; counts
-  per source and per skip reason), plain JSON data. One chunk per source per reader is held in memory.
+  per source and per skip reason), plain JSON data. One chunk per source per reader is held in memory;
+* a bad record (malformed, no text, missing image, too long) raises naming ``source/shard:row``, or with
+  ``skip_bad`` is skipped every time and counted on its source's first pass only (so once; a capped source's
+  records first met in a later pass are skipped uncounted).
 
 :class:`StreamLoader` packs each reader's samples into micro-batches under the token budget (the sample that
 does not fit is the next micro-batch's first, so a saved position points at it) and, with ``num_workers > 0``,
@@ -192,10 +195,13 @@ class Source:
                 pos += len(line)
         return out
 
-    def where(self, fi: int, rg: int, pos: int) -> str:
-        """'source/shard:row' (JSONL: the 1-based line number, counted only when a record is named)."""
+    def where(self, fi: int, rg: int, pos: int, exact: bool = True) -> str:
+        """'source/shard:row': the parquet row number, or the JSONL line number (``exact``; counted by reading the
+        file up to the line, so only done when a record is named in an error) / ``@byte`` offset (not ``exact``)."""
         f = self.files[fi]
         if rg < 0:
+            if not exact:
+                return f"{self.name}/{f.name}@{pos}"
             with open(f, "rb") as fh:
                 pos = fh.read(pos).count(b"\n") + 1
         return f"{self.name}/{f.name}:{pos}"
@@ -303,16 +309,26 @@ class ReaderStream:
             self.counts[si] += 1
             return raw, (chunks[ci][0], chunks[ci][1], pos), si
 
-    def record(self, raw, loc: Tuple[int, int, int], si: int) -> Tuple[dict, str, Path]:
-        """(record dict, record id naming source/shard:row, folder for relative image paths)."""
+    def record(self, raw, loc: Tuple[int, int, int], si: int, exact: bool = False) -> Tuple[dict, str, Path]:
+        """(record dict, record id naming source/shard:row, folder for relative image paths).
+
+        A JSONL record's id carries its byte offset (``shard@123``) unless ``exact``: its line (``shard:7``);
+        a :class:`BadRecord` raised here or by the processor is renamed with the line by :meth:`name`."""
         src = self.sources[si]
         fi, rg, pos = loc
         if isinstance(raw, bytes):
             raw = raw.decode("utf-8", errors="replace")
-        where = src.where(fi, rg, pos)
+        where = src.where(fi, rg, pos, exact)
         rec = src.convert(raw, where)
         rid = f"{rec.get('id')} ({where})" if isinstance(rec, dict) and rec.get("id") is not None else where
         return rec, rid, src.files[fi].parent
+
+    def name(self, raw, loc: Tuple[int, int, int], si: int) -> str:
+        """The exact id of a record (its JSONL line number; for error messages)."""
+        try:
+            return self.record(raw, loc, si, exact=True)[1]
+        except BadRecord:
+            return self.sources[si].where(*loc)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -346,7 +362,6 @@ class ReaderPacker:
         while True:
             before = self.stream.state_dict()
             raw, loc, si = self.stream.next()
-            rid = None
             try:
                 rec, rid, root = self.stream.record(raw, loc, si)
                 sample = self.processor.process(rec, rid, root)
@@ -355,6 +370,9 @@ class ReaderPacker:
                                          f"({self.token_budget})", "too_long")
                 return before, sample
             except BadRecord as exc:
+                exact = self.stream.name(raw, loc, si)
+                if exact != exc.record_id:
+                    exc = BadRecord(exact, str(exc).split(": ", 1)[-1], exc.reason)
                 if not self.skip_bad:
                     raise BadRecord(exc.record_id, str(exc).split(": ", 1)[-1] +
                                     " (set data.skip_bad: true to count and skip such records)", exc.reason) from exc

@@ -53,7 +53,7 @@ def _ids_of_one_epoch(src_cfg, S, seed=0):
             raw, loc, si = r.next()
             if r.pos[0][0] > 0:     # moved into epoch 1: the last record belongs to it
                 break
-            ids.append(r.record(raw, loc, si)[1])
+            ids.append(r.record(raw, loc, si, exact=True)[1])
         out.append(ids)
     return out
 
