@@ -221,3 +221,25 @@ def test_stage1_mixture_with_workers_resumes_like_the_uninterrupted_run(tmp_path
         from_dict(CptConfig, {"data": {"train": ["x.jsonl"], "sources": [{"name": "a", "path": "x"}]}})
     with pytest.raises(ValueError, match=r"data.sources\[0\].*unknown key"):
         from_dict(CptConfig, {"data": {"sources": [{"name": "a", "path": "x", "wieght": 2}]}})
+
+
+def test_parquet_bad_row_is_named_by_its_row_number(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    content = [json.dumps([{"text": f"row {i}"}]) for i in range(20)]
+    content[12] = "[{not json"                                      # row 13 (1-based), in the second row group
+    pq.write_table(pa.table({"id": [f"q{i}" for i in range(20)], "content": content}), tmp_path / "x.parquet",
+                   row_group_size=8)
+    proc = MocaProcessor.tiny()
+    src = [{"name": "pq", "path": str(tmp_path / "x.parquet")}]
+    ld = StreamLoader(src, proc, token_budget=400, shuffle=False)
+    with pytest.raises(BadRecord, match=r"pq/x.parquet:13: 'content' is not valid JSON"):
+        for _ in range(20):
+            ld.next_micro_batch()
+    ld = StreamLoader(src, proc, token_budget=12, shuffle=False, skip_bad=True)
+    ids = []
+    while len(ids) < 19:
+        ids += [s.record_id for s in ld.next_micro_batch()]
+    assert ids[:19] == [f"q{i} (pq/x.parquet:{i + 1})" for i in range(20) if i != 12]
+    assert dict(ld.skipped) == {"malformed": 1}
