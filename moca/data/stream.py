@@ -40,6 +40,7 @@ import glob
 import json
 import logging
 import math
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -207,11 +208,12 @@ class Source:
         return f"{self.name}/{f.name}:{pos}"
 
 
-_RG_CACHE: Dict[str, List[int]] = {}
+_RG_CACHE: Dict[tuple, List[int]] = {}
 
 
 def _row_group_sizes(f: Path) -> List[int]:
-    key = str(f)
+    st = f.stat()
+    key = (str(f), st.st_size, st.st_mtime_ns)
     if key not in _RG_CACHE:
         try:
             import pyarrow.parquet as pq
@@ -419,8 +421,12 @@ class _WorkerStream:
         if self.states[k] is not None:
             packer.load_state_dict(self.states[k])
         while True:
-            batch = packer.next_micro_batch()
-            yield k, batch, packer.state_dict()
+            try:
+                batch = packer.next_micro_batch()
+            except BadRecord as exc:     # re-raised as BadRecord in the trainer (torch would wrap it)
+                yield k, None, None, (exc.record_id, str(exc).split(": ", 1)[-1], exc.reason)
+                return
+            yield k, batch, packer.state_dict(), None
 
 
 class StreamLoader:
@@ -458,6 +464,10 @@ class StreamLoader:
         self.skip_bad, self.max_samples = skip_bad, max_samples
         self.K = max(1, num_workers)
         self.S = world_size * self.K
+        small = [f"{c.name} ({c.max_samples})" for c in cfgs if c.max_samples is not None and c.max_samples < self.S]
+        if small:
+            raise ValueError(f"data.sources: max_samples smaller than the {self.S} readers (processes x DataLoader "
+                             f"workers): {', '.join(small)}")
         self.sources = [Source(c, self.S, chunk_bytes) for c in cfgs]
         self.names = names
         self._states: List[Optional[dict]] = [None] * self.K
@@ -532,11 +542,15 @@ class StreamLoader:
             self._states[0] = self._local.state_dict()
         else:
             if self._it is None:
+                os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")   # workers are forked: no tokenizer threads
                 ds = _IterDataset(_WorkerStream(self, list(self._states), self._next))
                 self._dl = tud.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                                           collate_fn=_identity, prefetch_factor=2)
                 self._it = iter(self._dl)
-            k, batch, st = next(self._it)
+            k, batch, st, bad = next(self._it)
+            if bad is not None:
+                self.close()
+                raise BadRecord(*bad)
             if k != self._next:   # pragma: no cover - DataLoader's round-robin order is what resume relies on
                 raise RuntimeError(f"DataLoader handed out reader {k}, expected {self._next}")
             self._states[k] = st

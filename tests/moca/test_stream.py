@@ -153,10 +153,11 @@ def test_bad_records_are_named_and_counted_once_each(tmp_path):
     p.write_text("\n".join(lines) + "\n")
     proc = MocaProcessor.tiny()
     src = [{"name": "web", "path": str(p)}]
-    with pytest.raises(BadRecord, match=r"web/s.jsonl:5.*skip_bad"):
-        ld = StreamLoader(src, proc, token_budget=400, shuffle=False)
-        for _ in range(12):
-            ld.next_micro_batch()
+    for workers in (0, 2):      # with DataLoader workers the trainer gets the BadRecord too
+        ld = StreamLoader(src, proc, token_budget=400, shuffle=False, num_workers=workers)
+        with pytest.raises(BadRecord, match=r"web/s.jsonl:5.*skip_bad"):
+            for _ in range(12):
+                ld.next_micro_batch()
     ld = StreamLoader(src, proc, token_budget=30, shuffle=False, skip_bad=True)
     seen = []
     while sum(ld.state_dict()["source_counts"].values()) < 12:       # one epoch
@@ -243,3 +244,9 @@ def test_parquet_bad_row_is_named_by_its_row_number(tmp_path):
         ids += [s.record_id for s in ld.next_micro_batch()]
     assert ids[:19] == [f"q{i} (pq/x.parquet:{i + 1})" for i in range(20) if i != 12]
     assert dict(ld.skipped) == {"malformed": 1}
+
+
+def test_a_cap_smaller_than_the_readers_is_refused(shards):
+    with pytest.raises(ValueError, match=r"max_samples smaller than the 4 readers.*tiny \(3\)"):
+        StreamLoader([{"name": "tiny", "path": str(shards), "max_samples": 3}], MocaProcessor.tiny(), 64,
+                     world_size=2, num_workers=2)
