@@ -109,14 +109,14 @@ def test_mixture_proportions_and_caps(tmp_path):
     assert full and all(v == 10 for v in full), c_epochs
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_mid_epoch_equals_the_uninterrupted_run(shards, workers):
+@pytest.mark.parametrize("workers,rank,world", [(0, 0, 2), (2, 0, 2), (2, 2, 3)])
+def test_resume_mid_epoch_equals_the_uninterrupted_run(shards, workers, rank, world):
     proc = MocaProcessor.tiny()
     src = [{"name": "j", "path": str(shards / "a-0.jsonl")}, {"name": "p", "path": str(shards / "b-*.parquet"),
                                                                "weight": 0.5}]
 
     def make():
-        return StreamLoader(src, proc, token_budget=40, rank=0, world_size=2, num_workers=workers, seed=1)
+        return StreamLoader(src, proc, token_budget=40, rank=rank, world_size=world, num_workers=workers, seed=1)
 
     full = make()
     ref = [[s.record_id for s in full.next_micro_batch()] for _ in range(14)]
@@ -250,3 +250,12 @@ def test_a_cap_smaller_than_the_readers_is_refused(shards):
     with pytest.raises(ValueError, match=r"max_samples smaller than the 4 readers.*tiny \(3\)"):
         StreamLoader([{"name": "tiny", "path": str(shards), "max_samples": 3}], MocaProcessor.tiny(), 64,
                      world_size=2, num_workers=2)
+
+
+def test_data_train_files_folders_and_globs_keep_their_order(shards):
+    from moca.data.stream import expand_paths
+
+    got = expand_paths([str(shards / "b-1.parquet"), str(shards / "sub"), str(shards / "a-*.jsonl")])
+    assert [p.name for p in got] == ["b-1.parquet", "a-2.jsonl", "a-0.jsonl", "a-1.jsonl"]
+    with pytest.raises(FileNotFoundError, match="no .jsonl / .json / .parquet files in .*zzz"):
+        expand_paths(str(shards / "zzz*.jsonl"))
