@@ -81,6 +81,7 @@ class ClDataConfig:
     packed: bool = True
     shuffle: bool = True
     skip_bad: bool = False
+    stream: bool = False                          # read the subsets' shards as streams (moca.data.stream_pairs)
 
     def __post_init__(self):
         self.subsets = [s if isinstance(s, SubsetConfig) else from_dict(SubsetConfig, s, f"data.subsets[{i}]")
@@ -357,7 +358,10 @@ def run_cl(cfg: ClConfig, dist: Optional[DistEnv] = None) -> List[dict]:
 
     model = build_contrastive_model(cfg)
     embedder = model.embedder
-    loader = PairLoader(subsets, embedder.processor, cfg.data.global_batch_size, cfg.data.hard_negatives,
+    loader_cls = PairLoader
+    if cfg.data.stream:
+        from ..data.stream_pairs import StreamPairLoader as loader_cls
+    loader = loader_cls(subsets, embedder.processor, cfg.data.global_batch_size, cfg.data.hard_negatives,
                         seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size, shuffle=cfg.data.shuffle,
                         skip_bad=cfg.data.skip_bad, add_eos=embedder.add_eos)
 
