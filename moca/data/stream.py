@@ -172,7 +172,7 @@ class Source:
                              f"(processes x DataLoader workers); give it more shards or fewer workers")
 
     def read_chunk(self, c: Chunk) -> List[Tuple[object, int]]:
-        """Raw rows of chunk ``c`` with their position: (line str, byte offset) for JSONL, (row dict, row number)."""
+        """Raw rows of chunk ``c`` with their position: (line bytes, byte offset) for JSONL, (row dict, row number)."""
         fi, rg, a, b = c
         f = self.files[fi]
         if rg >= 0:
