@@ -259,3 +259,24 @@ def test_data_train_files_folders_and_globs_keep_their_order(shards):
     assert [p.name for p in got] == ["b-1.parquet", "a-2.jsonl", "a-0.jsonl", "a-1.jsonl"]
     with pytest.raises(FileNotFoundError, match="no .jsonl / .json / .parquet files in .*zzz"):
         expand_paths(str(shards / "zzz*.jsonl"))
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_no_record_lost_or_repeated_through_dataloader_workers(shards, ranks):
+    """The same, end to end: each rank's StreamLoader with 2 DataLoader worker processes, one record per
+    micro-batch; a record belongs to the first pass while its reader's saved epoch is still 0."""
+    proc = MocaProcessor.tiny()
+    src = [{"name": "all", "path": str(shards)}]
+    every = []
+    for rank in range(ranks):
+        ld = StreamLoader(src, proc, token_budget=64, rank=rank, world_size=ranks, num_workers=2, max_samples=1, seed=7)
+        done = [False, False]
+        while not all(done):
+            k = ld._next
+            (sample,) = ld.next_micro_batch()
+            if ld._states[k]["stream"]["pos"][0][0] == 0:
+                every.append(sample.record_id.split(" ")[0])
+            else:
+                done[k] = True
+        ld.close()
+    assert len(every) == 231 and len(set(every)) == 231, (len(every), len(set(every)))
