@@ -90,6 +90,7 @@ class ClDataConfig:
     max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS   # width x height bound from the header; null = none
     pad_negatives: bool = True                    # fewer hard negatives than asked: repeat the last (official)
     max_length: Optional[int] = None              # truncate each input at this many tokens (official: 1280)
+    stream: bool = False                          # read the subsets' shards as streams (moca.data.stream_pairs)
 
     def __post_init__(self):
         check_image_settings(None, self.max_image_pixels)
@@ -97,6 +98,11 @@ class ClDataConfig:
                         for i, s in enumerate(self.subsets)]
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"data.max_length must be >= 2 or null, got {self.max_length}")
+        capped = [f"data.subsets[{i}].max_records" for i, s in enumerate(self.subsets) if s.max_records is not None]
+        if self.stream and capped:
+            raise ValueError(f"data.stream: true cannot take {', '.join(capped[:3])}{' ...' if len(capped) > 3 else ''}"
+                             ": the streaming loader has no 'first n records' of a subset; drop max_records or set "
+                             "data.stream: false")
         if self.global_batch_size < 1 or self.hard_negatives < 0:
             raise ValueError(f"data.global_batch_size must be >= 1 and data.hard_negatives >= 0, got "
                              f"{self.global_batch_size}, {self.hard_negatives}")
@@ -381,7 +387,10 @@ def _run_cl(cfg: ClConfig, dist: DistEnv, out: Path) -> List[dict]:
 
     model = build_contrastive_model(cfg)
     embedder = model.embedder
-    loader = PairLoader(subsets, embedder.processor, cfg.data.global_batch_size, cfg.data.hard_negatives,
+    loader_cls = PairLoader
+    if cfg.data.stream:
+        from ..data.stream_pairs import StreamPairLoader as loader_cls
+    loader = loader_cls(subsets, embedder.processor, cfg.data.global_batch_size, cfg.data.hard_negatives,
                         seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size, shuffle=cfg.data.shuffle,
                         skip_bad=cfg.data.skip_bad, add_eos=embedder.add_eos,
                         allow_outside_paths=cfg.data.allow_outside_paths, max_image_pixels=cfg.data.max_image_pixels,

@@ -1,9 +1,9 @@
 """Stage 1 trainer: modality-aware continual pre-training (``moca train cpt --config run.yaml``).
 
-Builds the model (a local checkpoint or the tiny default), the packing loader over JSONL/parquet records (or
-the embedded corpus), the masking collator and the :class:`~moca.stage1.CptModel`, then runs the shared
-:class:`~moca.train.core.Trainer`. The final model is exported to ``<output_dir>/final`` (a transformers
-checkpoint with moca's flags, the tokenizer, the image settings and ``mae_decoder.safetensors``), which
+Builds the model (a local checkpoint or the tiny default), the streaming loader over JSONL/parquet shards
+(:mod:`moca.data.stream`; or the embedded corpus), the masking collator and the :class:`~moca.stage1.CptModel`,
+then runs the shared :class:`~moca.train.core.Trainer`. The final model is exported to ``<output_dir>/final``
+(a transformers checkpoint with moca's flags, the tokenizer, the image settings and ``mae_decoder.safetensors``), which
 Stage 2 loads with ``MocaBackbone.from_pretrained``.
 """
 
@@ -20,10 +20,10 @@ import torch
 from ..config import dump_config, from_dict
 from ..data.batch import VisionSpec
 from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
-from ..data.loader import PackingLoader, RecordSet
 from ..data.masking import CptCollator, MaskingConfig, ModalityMasker
 from ..data.prefetch import Prefetcher
 from ..data.processor import MocaProcessor
+from ..data.stream import FORMATS, SourceConfig, StreamLoader
 from ..modeling import MocaBackbone
 from ..stage1 import CptModel, LossConfig
 from .core import DistEnv, TrainConfig, Trainer, init_distributed
@@ -64,30 +64,23 @@ class ModelConfig:
         load_dtype(self.dtype)
 
 
-@dataclass
-class SourceConfig:
-    """One Stage 1 source: its files and a cap (``max_records`` drawn at random with ``data.source_seed``, as the
-    official recipe caps each of its ten sources at 500,000 samples)."""
-
-    name: str = ""
-    files: List[str] = field(default_factory=list)
-    max_records: Optional[int] = None
-
-    def __post_init__(self):
-        if not self.name or not self.files:
-            raise ValueError(f"a data source needs a name and files, got name={self.name!r}, files={self.files!r}")
-        if self.max_records is not None and self.max_records < 1:
-            raise ValueError(f"source {self.name}: max_records must be >= 1 or null, got {self.max_records}")
+# keys of the earlier Stage 1 source schema -> the streaming one (moca.data.stream.SourceConfig)
+_OLD_SOURCE_KEYS = {"files": "path", "max_records": "max_samples"}
 
 
 @dataclass
 class DataConfig:
-    """``train``: JSONL/parquet files; ``sources``: named groups of files, each with a cap; both empty = the
-    embedded corpus written to ``embedded_dir``."""
+    """``train``: JSONL/parquet files, folders or globs (one source); ``sources``: a weighted mixture
+    (:class:`~moca.data.stream.SourceConfig`: name, path, format, weight, max_samples: records per epoch, a
+    seeded draw, as the official recipe caps each of its ten sources at 500,000 samples); both empty = the embedded
+    corpus written to ``embedded_dir``. Records stream (:mod:`moca.data.stream`); ``num_workers`` DataLoader
+    processes read them (a run resumes only with the same number). ``format`` is the format of ``train`` and of
+    every source that names none."""
 
     train: List[str] = field(default_factory=list)
     sources: List[SourceConfig] = field(default_factory=list)
-    source_seed: int = 0
+    num_workers: int = 0
+    chunk_bytes: int = 4 << 20                   # largest JSONL byte range read at once per source and reader
     embedded_dir: Optional[str] = None           # default <output_dir>/embedded_data
     embedded_docs: int = 400
     embedded_seed: int = 0
@@ -105,8 +98,20 @@ class DataConfig:
     max_length: Optional[int] = None             # truncate each sample at this many tokens (official: 1280)
 
     def __post_init__(self):
-        self.sources = [x if isinstance(x, SourceConfig) else from_dict(SourceConfig, x, f"data.sources[{i}]")
-                        for i, x in enumerate(self.sources)]
+        for i, s in enumerate(self.sources):
+            old = [k for k in _OLD_SOURCE_KEYS if isinstance(s, dict) and k in s]
+            if old:
+                raise ValueError(f"data.sources[{i}]: {', '.join(repr(k) for k in old)} is now "
+                                 f"{', '.join(repr(_OLD_SOURCE_KEYS[k]) for k in old)} (a source is "
+                                 "{name, path, format, weight, max_samples})")
+        self.sources = [s if isinstance(s, SourceConfig) else from_dict(SourceConfig, s, f"data.sources[{i}]")
+                        for i, s in enumerate(self.sources)]
+        if self.sources and self.train:
+            raise ValueError("data.train and data.sources are both set: list the train files as one source instead")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0 (0 = read in the training process), got {self.num_workers}")
+        if self.chunk_bytes < 1:
+            raise ValueError(f"data.chunk_bytes must be >= 1, got {self.chunk_bytes}")
         if self.token_budget < 2:
             raise ValueError(f"data.token_budget must be >= 2, got {self.token_budget}")
         if self.pad_to_multiple < 1:
@@ -117,8 +122,9 @@ class DataConfig:
             raise ValueError(f"data.prefetch must be >= 0 (0 = off), got {self.prefetch}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"data.max_length must be >= 2 or null, got {self.max_length}")
-        if self.format not in ("moca", "moca_pretrain"):
-            raise ValueError(f"data.format must be 'moca' or 'moca_pretrain', got {self.format!r}")
+        if self.format not in FORMATS:
+            raise ValueError(f"data.format must be one of {sorted(FORMATS)} (moca.data.stream.FORMATS), got "
+                             f"{self.format!r}")
         check_image_settings(self.image_root, self.max_image_pixels)
 
 
@@ -140,20 +146,17 @@ class CptConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/cpt"))
 
 
-def build_records(data: DataConfig, files: List[str]) -> RecordSet:
-    """The Stage 1 records: ``files`` (uncapped), then each source capped at its ``max_records`` (a random draw
-    seeded by ``data.source_seed`` and the source's position)."""
-    opts = dict(format=data.format, image_root=data.image_root, allow_outside_paths=data.allow_outside_paths,
-                max_image_pixels=data.max_image_pixels)
-    sets = [RecordSet(files, **opts)] if files else []
-    for i, src in enumerate(data.sources):
-        rs = RecordSet(src.files, **opts).limit(src.max_records, seed=data.source_seed + i)
-        log.info("stage 1 source %s: %d records", src.name, len(rs))
-        sets.append(rs)
-    records = sets[0]
-    for rs in sets[1:]:
-        records.extend(rs)
-    return records
+def build_loader(data: DataConfig, files: List[str], processor: MocaProcessor, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> StreamLoader:
+    """Stage 1's :class:`~moca.data.stream.StreamLoader`: ``data.sources`` (each with its weight and per-epoch
+    cap), or ``files`` as one source named ``train``; the image settings, ``format`` and ``max_length`` of
+    ``data``."""
+    sources = data.sources or [SourceConfig(name="train", path=list(files))]
+    return StreamLoader(sources, processor, data.token_budget, seed=seed, rank=rank, world_size=world_size,
+                        num_workers=data.num_workers, skip_bad=data.skip_bad, shuffle=data.shuffle,
+                        max_samples=data.max_samples, chunk_bytes=data.chunk_bytes, max_length=data.max_length,
+                        image_root=data.image_root, allow_outside_paths=data.allow_outside_paths,
+                        max_image_pixels=data.max_image_pixels, format=data.format)
 
 
 def build_model_and_processor(mc: ModelConfig, corruption: Optional[str]):
@@ -222,10 +225,7 @@ def _run_cpt(cfg: CptConfig, dist: DistEnv, out: Path) -> List[dict]:
 
     backbone, proc = build_model_and_processor(cfg.model, cfg.masking.image_corruption)
     model = CptModel(backbone, cfg.loss)
-    records = build_records(cfg.data, files)
-    loader = PackingLoader(records, proc, cfg.data.token_budget, seed=cfg.train.seed, rank=dist.rank,
-                           world_size=dist.world_size, skip_bad=cfg.data.skip_bad, shuffle=cfg.data.shuffle,
-                           max_samples=cfg.data.max_samples, max_length=cfg.data.max_length)
+    loader = build_loader(cfg.data, files, proc, seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size)
     masker = ModalityMasker(cfg.masking, proc.ids["mask"], proc.never_masked,
                             merge_size=proc.image_spec.merge_size)
     collator = CptCollator(masker, VisionSpec.from_config(backbone.vlm.config), proc.ids["endoftext"],
@@ -258,3 +258,7 @@ def _run_cpt(cfg: CptConfig, dist: DistEnv, out: Path) -> List[dict]:
     finally:
         if data is not loader:
             data.close()
+        if len(loader.names) > 1:
+            log.info("data source shares (rank %d, records read incl. read-ahead): %s", dist.rank,
+                     ", ".join(f"{n} {v:.3f}" for n, v in loader.shares().items()))
+        loader.close()

@@ -39,7 +39,7 @@ def test_recipe_loads(name, cls_path, tmp_path, monkeypatch):
     _materialise(d, tmp_path)
     cfg = from_dict(getattr(importlib.import_module(mod), cls), d)
     if name.startswith("cpt"):
-        assert len(cfg.data.sources) == 10 and all(s.max_records == 500000 for s in cfg.data.sources)
+        assert len(cfg.data.sources) == 10 and all(s.max_samples == 500000 for s in cfg.data.sources)
         assert cfg.train.lr == 2e-6 and cfg.masking.image_mask_mode == "bernoulli" and not cfg.loss.mae_head_norm
         assert cfg.data.max_length == 1280 and cfg.data.format == "moca_pretrain"
     elif name.startswith("cl"):

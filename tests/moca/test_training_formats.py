@@ -82,18 +82,41 @@ def test_train_both_stages_on_published_schemas_then_evaluate(tmp_path):
 
 
 def test_record_caps_per_stage1_source_and_stage2_subset(tmp_path):
-    from moca.train.cpt import DataConfig, build_records
+    """Stage 1 sources (streamed, moca.data.stream): a capped source hands out max_samples records per epoch (a
+    seeded draw, the same again with the same seed), an uncapped one all of its records; the sources take
+    data.format. The earlier source keys (files, max_records) are refused naming their new names."""
+    from moca.data.stream import ReaderStream
+    from moca.train.cpt import DataConfig, build_loader
 
     a = write_pretrain(tmp_path / "a.parquet", n=8)
     b = write_pretrain(tmp_path / "b.parquet", n=6)
     data = from_dict(DataConfig, {"format": "moca_pretrain", "sources": [
-        {"name": "a", "files": [str(a)], "max_records": 3}, {"name": "b", "files": [str(b)]}]})
-    rs = build_records(data, [])
-    assert len(rs) == 3 + 6
-    again = build_records(data, [])
-    assert [it[2] for it in rs.items] == [it[2] for it in again.items]          # the same seeded draw
-    with pytest.raises(ValueError, match=r"data.sources\[0\]|needs a name and files"):
+        {"name": "a", "path": str(a), "max_samples": 3}, {"name": "b", "path": str(b)}]})
+    loader = build_loader(data, [], MocaProcessor.tiny(56), seed=1)
+
+    def draws(seed):
+        r = ReaderStream(loader.sources, 0, 1, seed=seed)
+        out = []
+        for _ in range(40):
+            raw, loc, si = r.next()
+            out.append((si, r.pos[si][0], loc))
+        return out
+
+    got = draws(1)
+    per_epoch = {}
+    for si, ep, loc in got:
+        per_epoch.setdefault((si, ep), []).append(loc)
+    for (si, ep), locs in per_epoch.items():
+        assert len(set(locs)) == len(locs)                                    # none twice within an epoch
+        if (si, ep + 1) in per_epoch:                                          # a complete epoch
+            assert len(locs) == (3 if si == 0 else 6)
+    assert got == draws(1) and got != draws(2)                                # the same seeded draw
+    batch = loader.next_micro_batch()
+    assert batch and all(s.image_grid_thw is not None for s in batch)       # moca_pretrain rows: images as bytes
+    with pytest.raises(ValueError, match=r"data.sources\[(0|x)\]"):
         from_dict(DataConfig, {"sources": [{"name": "x"}]})
+    with pytest.raises(ValueError, match=r"data.sources\[0\]: 'files', 'max_records' is now 'path', 'max_samples'"):
+        from_dict(DataConfig, {"sources": [{"name": "x", "files": [str(a)], "max_records": 3}]})
     pairs = write_pairs(tmp_path / "p.parquet", tmp_path / "img", n=8)
     cfg = SubsetConfig(name="p", files=[str(pairs)], format="pairs", image_root=str(tmp_path / "img"), max_records=5)
     assert len(PairLoader([cfg], MocaProcessor.tiny(56), 4, hard_negatives=1).subsets[0]) == 5
