@@ -9,9 +9,10 @@
 Every command names its output folder ``--output-dir`` (config key ``output_dir``); ``--output`` and ``--out``
 are accepted as aliases.
 
-``train cl``, ``eval`` and ``demo`` live in their modules (:mod:`moca.train.contrastive`, :mod:`moca.eval`,
-:mod:`moca.demo`) and register through an ``add_cli(subparsers, train_subparsers)`` hook that sets ``func`` on
-their parser. A bad config, override, file or argument ends with ``moca: error: ...`` and exit status 2; a disk
+``train cl``, ``eval`` and ``demo`` live in their modules (:mod:`moca.train.contrastive`,
+:mod:`moca.eval.runner`, :mod:`moca.demo`), imported by :func:`build_parser`; each registers its parser with an
+``add_cli(subparsers, train_subparsers)`` function that sets ``func`` on it. A bad config, override, file or
+argument ends with ``moca: error: ...`` and exit status 2; a disk
 error (read-only or full folder, damaged checkpoint) or an output folder in use by another run with exit status 1;
 a training run stopped by SIGTERM / SIGINT (after writing a checkpoint) with one line and 128 + the signal number.
 Multi-GPU: ``torchrun --nproc_per_node N -m moca.cli train cpt|cl --config ...``.
@@ -104,33 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.inspect import add_inspect
 
     add_inspect(data_sub)
-    for hook in _EXTENSIONS:
-        hook(sub, train_sub)
+    # the other commands live in their modules, each registering its parser through add_cli(sub, train_sub)
+    from .demo import add_cli as add_demo
+    from .eval.runner import add_cli as add_eval
+    from .train.contrastive import add_cli as add_train_cl
+
+    add_train_cl(sub, train_sub)
+    add_eval(sub, train_sub)
+    add_demo(sub, train_sub)
     return parser
 
 
-# Later stages add themselves: a function (subparsers, train_subparsers) -> None appended here.
-_EXTENSIONS: List = []
-
-
 def _load_extensions() -> None:
-    """Import optional command modules (Stage 2, eval, demo) that register into ``_EXTENSIONS``."""
-    import importlib
-
-    for name in ("moca.train.contrastive", "moca.eval", "moca.demo"):
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name and name.startswith(exc.name):
-                continue
-            raise
-        hook = getattr(mod, "add_cli", None)
-        if hook is not None and hook not in _EXTENSIONS:
-            _EXTENSIONS.append(hook)
+    """Kept for older callers: every command is now registered by :func:`build_parser` (nothing to load)."""
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    _load_extensions()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

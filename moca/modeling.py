@@ -3,7 +3,8 @@
 :class:`MocaBackbone` wraps the transformers model (``Qwen2_5_VLForConditionalGeneration`` or
 ``Qwen2VLForConditionalGeneration``) and turns a collated :class:`~moca.data.batch.Batch` (packed or padded)
 into final hidden states. It is shared by both stages: Stage 1 (:class:`moca.stage1.CptModel`) adds the MLM
-loss through the LM head and the MAE decoder; Stage 2 pools the hidden states into embeddings.
+loss through the LM head and the MAE decoder; Stage 2 (:class:`moca.stage2.ContrastiveModel`) pools the hidden
+states into embeddings.
 
 Loading never touches the network: ``from_pretrained(path)`` reads a local checkpoint directory,
 ``tiny(...)`` builds the small default model (random init) used by tests and the demo.

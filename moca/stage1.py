@@ -4,6 +4,9 @@
        + mae_weight * masked_patch_loss(decoder prediction at masked image tokens, original pixel rows)``
 
 with ``mlm_weight = 1`` and ``mae_weight = 0.1`` by default. Both corruptions happen in one forward pass.
+
+The Stage 1 trainer (:mod:`moca.train.cpt`) builds the backbone with :func:`moca.build.build_model_and_processor`;
+:mod:`moca.stage2` (the Stage 2 model) is its sibling.
 """
 
 from __future__ import annotations

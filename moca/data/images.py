@@ -309,6 +309,50 @@ def _decode(im, name, spec: Optional[ImageSpec]):
                              "corrupt_image") from exc
 
 
-def load_image(path) -> "Image.Image":
-    """Open and fully decode an image (ImageError, a ValueError, for missing, too large or corrupt files)."""
-    return open_image(path)
+def _source_bound(root) -> Tuple[Optional[ImageRoot], Optional[int]]:
+    root = image_root(root)
+    return root, (root.max_pixels if root is not None else DEFAULT_MAX_IMAGE_PIXELS)
+
+
+def _is_encoded(source) -> bool:
+    from .published import EncodedImage    # published imports this module
+
+    return isinstance(source, EncodedImage)
+
+
+def load_image(source, root=None, spec: Optional[ImageSpec] = None) -> "Image.Image":
+    """The decoded RGB image ``source`` names: moca's one image loader (records of both stages, eval sides).
+
+    Args:
+        source: a path (str or PathLike) as written in a record, or bytes kept encoded
+            (:class:`~moca.data.published.EncodedImage`, decoded through :func:`open_image_bytes`).
+        root: the folder a relative path resolves against (:func:`image_root`: a folder is confined with the
+            default pixel bound; an :class:`ImageRoot` brings its own ``allow_outside`` and ``max_pixels``);
+            None = a path given directly, opened as given with the default bound.
+        spec: with it, Qwen's shape rule is checked from the header before decoding.
+
+    Raises :class:`ImageError` (a ValueError with a ``reason``) for a missing, outside, too large, badly shaped
+    or corrupt image.
+    """
+    root, max_pixels = _source_bound(root)
+    if _is_encoded(source):
+        return source.decode(max_pixels, spec)
+    return open_image(resolve_image_path(source, root), max_pixels, spec)
+
+
+def check_image_source(source, root=None, spec: Optional[ImageSpec] = None) -> None:
+    """The checks of :func:`load_image` from the header alone (nothing decoded): the same arguments and errors."""
+    root, max_pixels = _source_bound(root)
+    if _is_encoded(source):
+        check_image_bytes(source.data, source.key, spec, max_pixels)
+    else:
+        check_image(resolve_image_path(source, root), spec, max_pixels)
+
+
+def check_image_settings(image_root: Optional[str], max_image_pixels: Optional[int], key: str = "data") -> None:
+    """Config checks shared by both stages: ``image_root`` a directory, ``max_image_pixels`` >= 1 or null."""
+    if image_root is not None and not Path(image_root).is_dir():
+        raise FileNotFoundError(f"{key}.image_root: {image_root} is not a directory")
+    if max_image_pixels is not None and (isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int)
+                                         or max_image_pixels < 1):
+        raise ValueError(f"{key}.max_image_pixels must be an integer >= 1 or null (no bound), got {max_image_pixels!r}")

@@ -21,7 +21,8 @@ from typing import List, Optional, Sequence
 import torch
 
 from .batch import Sample
-from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, ImageSpec, image_root, open_image, preprocess_image, resolve_image_path
+from .images import (DEFAULT_MAX_IMAGE_PIXELS, ImageError, ImageSpec, image_root, load_image,  # noqa: F401
+                     open_image, preprocess_image, resolve_image_path)
 from .tokenizer import load_tokenizer, never_masked_ids, special_ids
 
 
@@ -115,17 +116,14 @@ def check_text(text: str, record_id: str) -> None:
 
 
 def load_record_image(path, root, spec: ImageSpec, record_id: str):
-    """The decoded RGB image a record names: the path resolved against ``root`` (and confined to it, unless
-    ``root.allow_outside``), or an image kept as bytes (:class:`~moca.data.published.EncodedImage`, decoded
-    through :func:`~moca.data.images.open_image_bytes`); in both cases the pixel bound (``root.max_pixels``) and
-    Qwen's shape rule are checked from the header first. Any problem raises :class:`BadRecord` naming the
-    record, with the :class:`~moca.data.images.ImageError`'s reason."""
-    root = image_root(root)
-    max_pixels = root.max_pixels if root is not None else DEFAULT_MAX_IMAGE_PIXELS
+    """The decoded RGB image a record names, through :func:`moca.data.images.load_image`: the path resolved
+    against ``root`` (and confined to it, unless ``root.allow_outside``), or an image kept as bytes
+    (:class:`~moca.data.published.EncodedImage`, decoded through :func:`~moca.data.images.open_image_bytes`); in
+    both cases the pixel bound (``root.max_pixels``) and Qwen's shape rule are checked from the header first.
+    Any problem raises :class:`BadRecord` naming the record, with the :class:`~moca.data.images.ImageError`'s
+    reason."""
     try:
-        if _is_encoded(path):
-            return path.decode(max_pixels, spec)
-        return open_image(resolve_image_path(path, root), max_pixels, spec)
+        return load_image(path, root, spec)
     except ImageError as exc:
         raise BadRecord(record_id, str(exc), exc.reason) from exc
 

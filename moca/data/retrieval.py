@@ -40,8 +40,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from .batch import Sample
-from .images import (DEFAULT_MAX_IMAGE_PIXELS, VISION_TOKENS, ImageError, ImageSpec, check_image, check_image_bytes,
-                     image_root, preprocess_image, resolve_image_path)
+from .images import (DEFAULT_MAX_IMAGE_PIXELS, VISION_TOKENS, ImageError, ImageSpec, check_image_source, image_root,
+                     preprocess_image, resolve_image_path)
 from .loader import WARN_FIRST, RecordSet, parse_record_line, read_lines
 from .processor import BadRecord, MocaProcessor, check_text, load_record_image, truncate_tokens
 from .published import EncodedImage
@@ -126,8 +126,8 @@ def _segment(seg, where: str) -> dict:
 
 
 def resolve_image(path, root=None) -> Path:
-    """A side's image path resolved against ``root`` (confined to it unless allowed; see
-    :func:`moca.data.images.resolve_image_path`); None = as given."""
+    """A side's image path resolved against ``root`` (confined to it unless allowed): kept for callers;
+    :func:`moca.data.images.resolve_image_path` does the work and :func:`moca.data.images.load_image` loads."""
     return resolve_image_path(path, image_root(root))
 
 
@@ -149,12 +149,8 @@ def check_side(side, where: str, root=None, spec: Optional[ImageSpec] = None) ->
                 raise BadRecord(where, f"text contains the vision placeholder token {found[0]} (only images may "
                                        "put vision tokens in a sequence)", "vision_token_in_text")
         elif isinstance(s["image"], EncodedImage) or not _is_pil(s["image"]):
-            max_pixels = root.max_pixels if root is not None else DEFAULT_MAX_IMAGE_PIXELS
-            try:
-                if isinstance(s["image"], EncodedImage):         # bytes (a BEIR corpus): the same header checks
-                    check_image_bytes(s["image"].data, s["image"].key, spec, max_pixels)
-                else:
-                    check_image(resolve_image_path(s["image"], root), spec, max_pixels)
+            try:                                                 # a path, or bytes (a BEIR corpus)
+                check_image_source(s["image"], root, spec)
             except ImageError as exc:
                 raise BadRecord(where, str(exc), exc.reason) from exc
     return segs

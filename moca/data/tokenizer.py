@@ -71,7 +71,7 @@ def add_mask_token(tokenizer) -> int:
     """Add ``<|mask|>`` as a special added token (never split, skipped when decoding) if missing; returns its id.
 
     The id is the tokenizer's next free id, which can be past the model's embedding rows: the Stage 1 trainer
-    then resizes the embeddings (:func:`moca.train.cpt.build_model_and_processor`).
+    then resizes the embeddings (:func:`moca.build.build_model_and_processor`).
     """
     if MASK_TOKEN not in tokenizer.get_vocab():
         from tokenizers import AddedToken

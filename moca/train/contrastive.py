@@ -24,7 +24,6 @@ The final model is exported to ``<output_dir>/final`` (LoRA merged), loadable by
 from __future__ import annotations
 
 import logging
-import math
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -36,18 +35,17 @@ from torch import nn
 
 import moca_kernels as mk
 
+from ..build import ModelConfig
 from ..config import dump_config, from_dict
-from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
+from ..data.images import DEFAULT_MAX_IMAGE_PIXELS, check_image_settings
 from ..data.retrieval import PairBatch, PairLoader, SubsetConfig
-from ..embedding import POOLINGS, MocaEmbedder
+from ..embedding import POOLINGS
+from ..stage2 import (LORA_TARGETS, ContrastiveModel, LoraConfig, apply_lora,  # noqa: F401 (re-exported)
+                      build_contrastive_model, merge_lora)
 from .core import DistEnv, TrainConfig, Trainer, init_distributed
 from .safety import RunLock
-from .cpt import ModelConfig, build_model_and_processor, check_image_settings
 
 log = logging.getLogger("moca.train")
-
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 # ------------------------------------------------------------------------------------------------------------
 # Config
@@ -56,7 +54,8 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass
 class ClModelConfig(ModelConfig):
-    """Stage 1's model settings plus the pooling (``path``: e.g. Stage 1's ``final``; None = tiny default).
+    """The shared model settings (:class:`moca.build.ModelConfig`) plus the pooling (``path``: e.g. Stage 1's
+    ``final``; None = tiny default).
 
     ``pooling`` None follows the attention as the official code does (mean if bidirectional, last if causal);
     ``append_eos`` ends every input with ``<|endoftext|>`` (the official inputs have none)."""
@@ -65,7 +64,7 @@ class ClModelConfig(ModelConfig):
     append_eos: bool = False
 
     def __post_init__(self):
-        super().__post_init__()   # Stage 1's checks (model.dtype)
+        super().__post_init__()   # the shared checks (model.dtype)
         if self.pooling is not None and self.pooling not in POOLINGS:
             raise ValueError(f"model.pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.path is not None and not Path(self.path).is_dir():
@@ -138,17 +137,6 @@ class GradCacheConfig:
 
 
 @dataclass
-class LoraConfig:
-    """LoRA on the language model's linear layers (needs ``peft``); everything else is frozen."""
-
-    enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: List[str] = field(default_factory=lambda: list(LORA_TARGETS))
-
-
-@dataclass
 class ClTrainConfig(TrainConfig):
     """The shared optimisation settings with Stage 2's defaults (the paper: lr 2e-5, 5% warm-up)."""
 
@@ -165,68 +153,6 @@ class ClConfig:
     grad_cache: GradCacheConfig = field(default_factory=GradCacheConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: ClTrainConfig = field(default_factory=ClTrainConfig)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Model
-# ------------------------------------------------------------------------------------------------------------
-
-
-class ContrastiveModel(nn.Module):
-    """The embedder plus the (optionally learnable) temperature; ``forward(batch)`` = embeddings [n, H] float32.
-
-    A learnable temperature is stored as ``log_temperature`` (kept at >= 1e-3 by a clamp of the exponent).
-    """
-
-    def __init__(self, embedder: MocaEmbedder, temperature: float = 0.03, learnable: bool = False):
-        super().__init__()
-        self.embedder = embedder
-        self.fixed_temperature = float(temperature)
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature))) if learnable else None
-
-    def forward(self, batch) -> torch.Tensor:
-        return self.embedder(batch)
-
-    def temperature(self):
-        """The temperature: a float, or a one-element float32 tensor with a gradient when learnable."""
-        if self.log_temperature is None:
-            return self.fixed_temperature
-        return self.log_temperature.float().clamp(min=math.log(1e-3)).exp()
-
-
-def apply_lora(embedder: MocaEmbedder, cfg: LoraConfig) -> None:
-    """Add LoRA adapters to the language model's linear layers (``peft``) and freeze every other parameter."""
-    try:
-        import peft
-    except ImportError as exc:
-        raise ImportError("lora.enabled: true needs the peft package (pip install peft); set lora.enabled: false "
-                          "for a full fine-tune") from exc
-    config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                             target_modules=list(cfg.target_modules), bias="none")
-    peft.inject_adapter_in_model(config, embedder.backbone.language_model)
-    n_train = 0
-    for name, p in embedder.named_parameters():
-        p.requires_grad_("lora_" in name)
-        n_train += p.numel() if p.requires_grad else 0
-    if n_train == 0:
-        raise ValueError(f"lora: no layer matched target_modules {cfg.target_modules}")
-    log.info("LoRA r=%d on %s: %d trainable parameters", cfg.r, cfg.target_modules, n_train)
-
-
-def merge_lora(module: nn.Module) -> int:
-    """Merge every LoRA adapter into its base layer and put the plain layer back; returns how many."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
-        return 0
-    merged = 0
-    for name, m in list(module.named_modules()):
-        if isinstance(m, LoraLayer):
-            m.merge()
-            parent_name, _, child = name.rpartition(".")
-            setattr(module.get_submodule(parent_name) if parent_name else module, child, m.get_base_layer())
-            merged += 1
-    return merged
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -349,15 +275,6 @@ def embedded_subsets(out_dir, n_pairs: int, hard_negatives: int, seed: int) -> L
         files = files_named_by_jsonl(f for c in subsets for f in c["files"])
         data = save_index(index, {"key": key, "subsets": subsets}, files)   # last: commits the data
     return [from_dict(SubsetConfig, c, f"subsets[{i}]") for i, c in enumerate(data["subsets"])]
-
-
-def build_contrastive_model(cfg: ClConfig) -> ContrastiveModel:
-    """The model named by ``cfg.model`` with pooling, LoRA and temperature applied."""
-    backbone, proc = build_model_and_processor(cfg.model, None)
-    embedder = MocaEmbedder(backbone, proc, pooling=cfg.model.pooling, append_eos=cfg.model.append_eos)
-    if cfg.lora.enabled:
-        apply_lora(embedder, cfg.lora)
-    return ContrastiveModel(embedder, cfg.loss.temperature, cfg.loss.learnable_temperature)
 
 
 def run_cl(cfg: ClConfig, dist: Optional[DistEnv] = None) -> List[dict]:

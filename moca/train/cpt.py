@@ -19,50 +19,17 @@ import torch
 
 from ..config import dump_config, from_dict
 from ..data.batch import VisionSpec
-from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
+from ..data.images import DEFAULT_MAX_IMAGE_PIXELS, check_image_settings  # noqa: F401 (re-exported)
 from ..data.masking import CptCollator, MaskingConfig, ModalityMasker
 from ..data.prefetch import Prefetcher
 from ..data.processor import MocaProcessor
 from ..data.stream import FORMATS, SourceConfig, StreamLoader
-from ..modeling import MocaBackbone
+from ..build import LOAD_DTYPES, ModelConfig, build_model_and_processor, load_dtype  # noqa: F401 (re-exported)
 from ..stage1 import CptModel, LossConfig
 from .core import DistEnv, TrainConfig, Trainer, init_distributed
 from .safety import RunLock
 
 log = logging.getLogger("moca.train")
-
-LOAD_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def load_dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    """``model.dtype`` as a torch dtype (None = as saved); one clear error for anything else."""
-    if name not in LOAD_DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(k for k in LOAD_DTYPES if k)} or null, got {name!r}")
-    return LOAD_DTYPES[name]
-
-
-@dataclass
-class ModelConfig:
-    """``path``: a local Qwen2-VL / Qwen2.5-VL checkpoint (or a moca save); None = the tiny default."""
-
-    path: Optional[str] = None
-    causal: bool = False
-    dtype: Optional[str] = None                  # load dtype of a checkpoint (float32 | bfloat16); None = as saved
-    tiny_kind: str = "qwen2_5_vl"
-    tiny_hidden: int = 64
-    tiny_layers: int = 4
-    tiny_heads: int = 4
-    tiny_kv_heads: int = 2
-    tiny_vision_hidden: int = 32
-    tiny_vision_depth: int = 2
-    tiny_seed: int = 0
-    tiny_image_size: int = 112                  # images are resized to about this many pixels squared
-    min_pixels: Optional[int] = None             # override the image pixel bounds (official: 256 .. 1024 merged
-    max_pixels: Optional[int] = None             # tokens = 256*28*28 .. 1024*28*28 pixels)
-
-    def __post_init__(self):
-        load_dtype(self.dtype)
-
 
 # keys of the earlier Stage 1 source schema -> the streaming one (moca.data.stream.SourceConfig)
 _OLD_SOURCE_KEYS = {"files": "path", "max_records": "max_samples"}
@@ -128,15 +95,6 @@ class DataConfig:
         check_image_settings(self.image_root, self.max_image_pixels)
 
 
-def check_image_settings(image_root: Optional[str], max_image_pixels: Optional[int], key: str = "data") -> None:
-    """Config checks shared by both stages: ``image_root`` a directory, ``max_image_pixels`` >= 1 or null."""
-    if image_root is not None and not Path(image_root).is_dir():
-        raise FileNotFoundError(f"{key}.image_root: {image_root} is not a directory")
-    if max_image_pixels is not None and (isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int)
-                                         or max_image_pixels < 1):
-        raise ValueError(f"{key}.max_image_pixels must be an integer >= 1 or null (no bound), got {max_image_pixels!r}")
-
-
 @dataclass
 class CptConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -157,34 +115,6 @@ def build_loader(data: DataConfig, files: List[str], processor: MocaProcessor, s
                         max_samples=data.max_samples, chunk_bytes=data.chunk_bytes, max_length=data.max_length,
                         image_root=data.image_root, allow_outside_paths=data.allow_outside_paths,
                         max_image_pixels=data.max_image_pixels, format=data.format)
-
-
-def build_model_and_processor(mc: ModelConfig, corruption: Optional[str]):
-    """(MocaBackbone, MocaProcessor) from the model config."""
-    bb, proc = _build(mc, corruption)
-    if mc.min_pixels is not None:
-        proc.image_spec.min_pixels = int(mc.min_pixels)
-    if mc.max_pixels is not None:
-        proc.image_spec.max_pixels = int(mc.max_pixels)
-    return bb, proc
-
-
-def _build(mc: ModelConfig, corruption: Optional[str]):
-    if mc.path is None:
-        proc = MocaProcessor.tiny(image_size=mc.tiny_image_size)
-        bb = MocaBackbone.tiny(proc.vocab_size, proc.ids, causal=mc.causal, image_corruption=corruption,
-                               seed=mc.tiny_seed, kind=mc.tiny_kind, hidden=mc.tiny_hidden, layers=mc.tiny_layers,
-                               heads=mc.tiny_heads, kv_heads=mc.tiny_kv_heads, vision_hidden=mc.tiny_vision_hidden,
-                               vision_depth=mc.tiny_vision_depth)
-        return bb, proc
-    dtype = load_dtype(mc.dtype)
-    proc = MocaProcessor.from_pretrained(mc.path)
-    bb = MocaBackbone.from_pretrained(mc.path, causal=mc.causal, image_corruption=corruption, dtype=dtype)
-    emb = bb.language_model.embed_tokens.weight.shape[0]
-    if proc.ids["mask"] >= emb:
-        bb.vlm.resize_token_embeddings(proc.vocab_size)
-        log.info("resized the embeddings to %d rows for <|mask|>", proc.vocab_size)
-    return bb, proc
 
 
 def micro_batch_seed(seed: int, rank: int, index: int) -> int:

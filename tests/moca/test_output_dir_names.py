@@ -4,11 +4,10 @@ rejected (only --out), eval had no output_dir and training no flag at all."""
 
 import pytest
 
-from moca.cli import _load_extensions, build_parser
+from moca.cli import build_parser
 
 
 def parse(argv):
-    _load_extensions()
     return build_parser().parse_args(argv)
 
 
