@@ -57,7 +57,7 @@ class DemoSettings:
     image_size: int = 56
     corpus_docs: int = 160                       # unlabeled documents at 1x
     unlabeled: List[int] = field(default_factory=lambda: [1, 4])   # amounts of the Stage 1 arms, x corpus_docs
-    pairs: int = 48                              # labeled pairs per Stage 2 subset (2 subsets)
+    pairs: int = 96                              # labeled pairs per Stage 2 subset (2 subsets)
     eval_queries: int = 100
     eval_candidates: int = 8
     eval_corpus: int = 120
@@ -66,11 +66,11 @@ class DemoSettings:
                                                               tiny_kv_heads=2, tiny_vision_hidden=32,
                                                               tiny_vision_depth=2))
     # Stage 1: stage1_steps per corpus_docs documents (a x the data gets a x the steps)
-    stage1_steps: int = 60
+    stage1_steps: int = 150
     stage1_lr: float = 3e-4
     stage1_token_budget: int = 512
     # Stage 2
-    stage2_steps: int = 120
+    stage2_steps: int = 300
     stage2_lr: float = 3e-4
     batch_size: int = 16
     hard_negatives: int = 1
@@ -135,7 +135,7 @@ def prepare_data(s: DemoSettings) -> dict:
 
     root = Path(s.out) / "data"
     docs = [a * s.corpus_docs for a in s.unlabeled]
-    key = dict(world=1, seed=s.seed, image_size=s.image_size, docs=docs, pairs=s.pairs, k=s.hard_negatives,
+    key = dict(world=2, seed=s.seed, image_size=s.image_size, docs=docs, pairs=s.pairs, k=s.hard_negatives,
                eval=[s.eval_queries, s.eval_candidates, s.eval_corpus])
     index = root / "index.json"
     data = load_index(index, lambda d: d.get("key") == key)   # same settings and every listed file intact
@@ -651,9 +651,9 @@ def add_cli(sub, train_sub) -> None:
                         "--model, --quick or a 1-core CPU)")
     p.add_argument("--attention", choices=ATTENTIONS, default=None, help="run only one attention variant")
     p.add_argument("--stage1-steps", type=_positive_int, default=None,
-                   help="Stage 1 steps per 1x of unlabeled data (default 60; 1 with --quick)")
+                   help="Stage 1 steps per 1x of unlabeled data (default 150; 1 with --quick)")
     p.add_argument("--stage2-steps", type=_positive_int, default=None,
-                   help="Stage 2 steps of every Stage 2 run (default 120; 2 with --quick)")
+                   help="Stage 2 steps of every Stage 2 run (default 300; 2 with --quick)")
     p.add_argument("--unlabeled", type=_amounts, default=None, metavar="A,B",
                    help="amounts of unlabeled data of the Stage 1 + Stage 2 arms, in multiples of the 1x corpus "
                         "(default 1,4; 1,2 with --quick)")

@@ -12,8 +12,9 @@ two halves (:func:`labeled_compositions`): every colour and every shape occurs i
   pairs, each with near-miss hard negatives, in which every object has a *labeled* composition.
 * **Held-out tasks** (:func:`write_world_tasks`): queries whose every object has a *held-out* composition
   (absent from all labeled pairs, positives and negatives alike): ``world_t2i`` (a caption against 8 images:
-  the scene and 7 near misses), ``world_i2t`` (an image against 8 captions) and ``world_search`` ("a purple
-  circle" against a corpus of scene images; relevant: the images that contain one).
+  the scene and 7 other scenes of the world), ``world_i2t`` (an image against 8 captions) and ``world_search``
+  ("a purple circle" against a corpus of scene images; relevant: the images that contain one). (Near-miss
+  candidates, one attribute changed, left every arm of the tiny model near chance: nothing to compare.)
 
 Three independent seed streams draw the corpus, the pairs and the tasks: no held-out query, candidate list or
 image is in the corpus or the pairs; what they share is the world (its vocabulary and how it is drawn). The
@@ -75,6 +76,17 @@ def _near_misses(scene: Scene, k: int, rng: random.Random, allowed: Optional[Fro
             raise RuntimeError(f"no near miss of {caption(scene)!r} inside the allowed compositions")
         seen.add(caption(s))
         out.append(s)
+    return out
+
+
+def _distractors(scene: Scene, k: int, rng: random.Random) -> List[Scene]:
+    """``k`` random scenes of the whole world, their captions distinct from each other and from ``scene``'s."""
+    out, seen = [], {caption(scene)}
+    while len(out) < k:
+        s = random_scene(rng)
+        if caption(s) not in seen:
+            seen.add(caption(s))
+            out.append(s)
     return out
 
 
@@ -148,7 +160,7 @@ def write_world_tasks(out_dir, n_queries: int = 100, n_candidates: int = 8, corp
     for i in range(n_queries):
         for records, side in ((t2i, "t2i"), (i2t, "i2t")):
             sc = _scene_in(rng, held_out)
-            cands = [sc] + _near_misses(sc, n_candidates - 1, rng, None)
+            cands = [sc] + _distractors(sc, n_candidates - 1, rng)
             gold = rng.randrange(n_candidates)
             cands[0], cands[gold] = cands[gold], cands[0]
             if side == "t2i":
