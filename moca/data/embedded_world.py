@@ -148,13 +148,18 @@ def write_world_pairs(out_dir, n_pairs: int = 64, hard_negatives: int = 1, seed:
 
 
 def write_world_tasks(out_dir, n_queries: int = 100, n_candidates: int = 8, corpus_size: int = 120, seed: int = 0,
-                      image_size: int = 56) -> List[dict]:
+                      image_size: int = 56, queries_in: str = "held_out") -> List[dict]:
     """Write the held-out tasks (every query's objects in held-out compositions); returns their task configs
-    (dicts for :class:`~moca.eval.EvalTask`)."""
+    (dicts for :class:`~moca.eval.EvalTask`). ``queries_in="labeled"`` writes the same tasks over the labeled
+    compositions instead (a diagnostic: how well the labeled compositions themselves are learned)."""
+    if queries_in not in ("held_out", "labeled"):
+        raise ValueError(f"queries_in must be 'held_out' or 'labeled', got {queries_in!r}")
     out = Path(out_dir)
     images = _Images(out, image_size)
     rng = random.Random(f"world-tasks/{seed}")
     held_out = frozenset((c, s) for c in COLORS for s in SHAPES) - labeled_compositions()
+    if queries_in == "labeled":
+        held_out = labeled_compositions()
     tasks = []
     t2i, i2t = [], []
     for i in range(n_queries):

@@ -108,6 +108,16 @@ def test_labeled_pairs_and_held_out_tasks_use_disjoint_compositions(tmp_path):
         assert _objects(r["query"]["text"]) <= labeled
 
 
+def test_labeled_diagnostic_tasks_query_the_labeled_half(tmp_path):
+    labeled = labeled_compositions()
+    t2i, i2t, search = write_world_tasks(tmp_path, n_queries=6, n_candidates=4, corpus_size=20, seed=3,
+                                         image_size=28, queries_in="labeled")
+    assert all(_objects(r["query"]["text"]) <= labeled for r in _records(t2i["file"]))
+    assert all(_objects(q["query"]["text"]) <= labeled for q in _records(search["queries"]))
+
+
 def test_bad_amounts_are_refused(tmp_path):
     with pytest.raises(ValueError, match="amounts"):
         write_world_corpus(tmp_path, [0, 4])
+    with pytest.raises(ValueError, match="queries_in"):
+        write_world_tasks(tmp_path, queries_in="seen")
