@@ -264,7 +264,8 @@ def run_seed(s: DemoSettings, data: dict, attention: str, seed: int, status=None
     root = Path(s.out) / attention / f"seed{seed}"
     _clear_logs(s, attention, seed)
     tag = f"{attention}, seed {seed}"
-    say = (lambda msg: status.put((attention, msg))) if status is not None else (lambda msg: log.info("%s: %s", tag, msg))
+    say = ((lambda msg: status.put((attention, msg))) if status is not None
+           else (lambda msg: log.info("%s: %s", tag, msg)))
     runs: List[dict] = []
     t0 = time.perf_counter()
 

@@ -64,7 +64,8 @@ def test_world_is_deterministic_and_seeded(tmp_path):
     _write(tmp_path / "b")
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     _write(tmp_path / "c", seed=1)
-    assert (tmp_path / "a" / "p" / "world_t2i.jsonl").read_text() != (tmp_path / "c" / "p" / "world_t2i.jsonl").read_text()
+    pairs = [(tmp_path / d / "p" / "world_t2i.jsonl").read_text() for d in ("a", "c")]
+    assert pairs[0] != pairs[1]
 
 
 def test_labeled_pairs_and_held_out_tasks_use_disjoint_compositions(tmp_path):
