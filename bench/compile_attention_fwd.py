@@ -31,7 +31,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from bench.sm90 import jit_of, ptxas_stats  # noqa: E402
+from tools.sm90 import jit_of, ptxas_stats  # noqa: E402
 from moca_kernels.attention import kernels_fwd, tiles  # noqa: E402
 
 

@@ -95,7 +95,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from moca_kernels.attention import kernels_bwd, tiles
-from bench.sm90 import jit_of, ptxas_stats
+from tools.sm90 import jit_of, ptxas_stats
 
 def build(kernel, ptrs, consts, warps, stages):
     fn = jit_of(kernel)
