@@ -72,3 +72,27 @@ def compile_for_sm90(argv, drop_env=()):
             pytest.skip(f"this triton {triton.__version__} cannot compile for sm_90 here: {err[-1] if err else ''}")
         raise AssertionError("compiling for sm_90 failed:\n" + "\n".join(err[-25:]))
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def png_bytes(w: int = 40, h: int = 28, seed: int = 0) -> bytes:
+    """A w x h RGB PNG of random pixels (seeded), as bytes."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_bomb(w: int = 10000, h: int = 10000) -> bytes:
+    """PNG bytes whose header says w x h (1 bit per pixel) with almost no pixel data: what a decompression bomb
+    looks like before decoding (too large, never decoded)."""
+    import struct
+    import zlib
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
