@@ -101,14 +101,23 @@ def test_attention_metadata_gpu(time_case, kind, peer):
 
 # ------------------------------------------------------------------------------------------------ masked_patch_loss
 
-MPL_GPU = dict(N=262144, P=1176)
+# op -> (its script's case builder (shape, dtype, device), the GPU shape); CPU calls at a tiny shape name the peers
+LOSS_GPU = {
+    "masked_patch_loss": (lambda s, dtype, dev: mpl.cases_for(s["N"], s["P"], dtype, dev, smoke=dev == "cpu"),
+                          dict(N=262144, P=1176)),
+    "masked_token_loss": (lambda s, dtype, dev: mtl.cases_for(s["N"], s["H"], s["V"], dtype, dev),
+                          dict(N=8192, H=2048, V=151936)),
+}
+TINY = dict(N=8, P=8, H=8, V=8)
 
 
-@pytest.mark.parametrize("peer", _names(mpl.cases_for(8, 8, torch.float32, "cpu", smoke=True)))
-def test_masked_patch_loss_gpu(time_case, peer):
+@pytest.mark.parametrize("op, peer", [(op, name) for op, (cases, _) in LOSS_GPU.items()
+                                      for name in _names(cases(TINY, torch.float32, "cpu"))])
+def test_loss_gpu(time_case, op, peer):
     need_cuda()
-    case = _pick(mpl.cases_for(*MPL_GPU.values(), torch.bfloat16, "cuda"), peer)
-    time_case(case, "masked_patch_loss fwd+bwd bf16 norm_pix N={N} P={P}".format(**MPL_GPU))
+    cases, shape = LOSS_GPU[op]
+    case = _pick(cases(shape, torch.bfloat16, "cuda"), peer)
+    time_case(case, f"{op} fwd+bwd bf16 " + " ".join(f"{k}={v}" for k, v in shape.items()))
 
 
 @pytest.mark.parametrize("peer", ["naive torch (fp32 math)", "moca torch"])
@@ -120,18 +129,6 @@ def test_masked_patch_loss_torch_cpu(time_case, peer):
         fn = lambda p, t, m: mk.masked_patch_loss(p, t, m, norm_pix=True, impl="torch")  # noqa: E731
     time_case(Case(peer, mpl.make_setup(fn, N, P, torch.float32, "cpu")),
               f"masked_patch_loss cpu fwd+bwd fp32 N={N} P={P}")
-
-
-# ------------------------------------------------------------------------------------------------ masked_token_loss
-
-MTL_GPU = dict(N=8192, H=2048, V=151936)
-
-
-@pytest.mark.parametrize("peer", _names(mtl.cases_for(8, 8, 8, torch.float32, "cpu")))
-def test_masked_token_loss_gpu(time_case, peer):
-    need_cuda()
-    case = _pick(mtl.cases_for(*MTL_GPU.values(), torch.bfloat16, "cuda"), peer)
-    time_case(case, "masked_token_loss fwd+bwd bf16 N={N} H={H} V={V}".format(**MTL_GPU))
 
 
 @pytest.mark.parametrize("peer", ["naive torch (logits materialised)", "moca torch"])

@@ -6,6 +6,7 @@ error of PyTorch computing the same thing in the same low precision, plus a smal
 compile kernels for the H100 on a machine without a GPU.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -96,3 +97,42 @@ def png_bomb(w: int = 10000, h: int = 10000) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+
+@contextlib.contextmanager
+def gloo_worker(rank: int, world: int, port):
+    """The body of a distributed test's worker (``spawn_workers``): one thread, a gloo process group on
+    localhost:``port``, destroyed at the end. After every check passed (a failure raised in the body reaches
+    ``mp.spawn``), the worker leaves without the interpreter's teardown: with DDP steps or interpreted Triton
+    kernels in the process, a static destructor at exit aborted ("terminate called without an active exception",
+    SIGABRT) in about one run of six to eight, after all checks."""
+    import torch.distributed as dist
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def spawn_workers(worker, world: int, *args) -> None:
+    """``worker(rank, world, port, *args)`` in ``world`` processes (torch.multiprocessing), on a free port."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(world, free_port(), *args), nprocs=world, join=True)
+
+def readme_snippet(heading: str) -> str:
+    """The first python block under ``heading`` (e.g. "### flash-attn and xformers") in README.md, up to the next
+    heading."""
+    import re
+
+    text = open(os.path.join(ROOT, "README.md")).read()
+    assert heading in text, f"README.md lost its heading {heading!r}"
+    section = re.split(r"\n##+ ", text.split(heading, 1)[1], maxsplit=1)[0]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
