@@ -27,12 +27,18 @@ def test_default_run_does_not_collect_bench():
 
 
 def test_collection_imports_no_peer():
+    # harness.peer (the scripts' "is this peer installed?" import) must not run either: where a peer is installed
+    # (the GPU machine), that call would import it
     code = ("import sys, pytest\n"
+            "import bench.harness as h\n"
+            "asked = []\n"
+            "real = h.peer\n"
+            "h.peer = lambda m: asked.append(m) or real(m)\n"
             "rc = pytest.main(['bench', '--collect-only', '-q', '-p', 'no:cacheprovider'])\n"
-            f"print('PEERS', [m for m in {PEERS!r} if m in sys.modules]); sys.exit(rc)")
+            f"print('PEERS', [m for m in {PEERS!r} if m in sys.modules], 'ASKED', asked); sys.exit(rc)")
     proc = _run(["-c", code])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert "PEERS []" in proc.stdout, proc.stdout[-500:]
+    assert "PEERS [] ASKED []" in proc.stdout, proc.stdout[-500:]
     assert "test_attention_metadata_cpu" in proc.stdout and "test_attention_gpu" in proc.stdout
 
 
