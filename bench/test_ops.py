@@ -65,14 +65,18 @@ def test_attention_gpu(time_case, kind, mode, peer):
 ATTN_CPU_DOCS = [d // 64 for d in attn.HEADLINE_DOCS]   # the CPU smoke shape of bench_attention.py
 
 
-@pytest.mark.parametrize("peer", ["moca torch (reference)", "SDPA + dense mask (math)"])
+@pytest.mark.parametrize("peer", ["moca torch (reference)", "SDPA + dense mask (math)",
+                                  "xformers memory_efficient_attention"])
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 def test_attention_torch_cpu(time_case, mode, peer):
+    """xformers' row: a time where its kernels run on CPU, else a skip that says why."""
     mask = attn.build_mask("documents", ATTN_CPU_DOCS, "cpu")
     shape = (sum(ATTN_CPU_DOCS), 4, 2, 64, torch.float32, "cpu")
     backward = mode == "fwd+bwd"
     if peer.startswith("moca"):
         setup = attn.case_moca(mask, shape, backward, impl="torch")
+    elif peer.startswith("xformers"):
+        setup = attn.case_xformers(mask, shape, backward)
     else:
         def setup():
             q, k, v, do = attn.inputs(*shape, layout="bhsd")
