@@ -73,6 +73,44 @@ def mixed_block_ids(lens, prompt=32, gap=96, tail=64) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
+def sweep_setup(args):
+    """((device, dtype, T, Hq, Hkv, D), (q, k, v, do), {"documents": mask, "mixed": mask}) of the variant sweeps
+    (sweep_attention_fwd / _bwd.py): the headline shape on a GPU (its name and versions printed), a small
+    interpreted one on CPU (``args.smoke``: T = 32; no FlexAttention, one timed call, no kernel breakdown); None on
+    a CPU without TRITON_INTERPRET=1 (said why)."""
+    shape = _sweep_shape(args)
+    if shape is None:
+        return None
+    dev, dt, docs, Hq, Hkv, D = shape
+    T = sum(docs)
+    masks = {kind: build_mask(kind, docs, dev) for kind in ("documents", "mixed")}
+    return (dev, dt, T, Hq, Hkv, D), inputs(T, Hq, Hkv, D, dt, dev), masks
+
+
+def _sweep_shape(args):
+    if torch.cuda.is_available():
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+              f"{__import__('triton').__version__}")
+        return "cuda", torch.bfloat16, HEADLINE_DOCS, 16, 2, 128
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        print("no GPU: run with TRITON_INTERPRET=1 for the interpreted smoke version")
+        return None
+    args.no_flex, args.rep, args.no_breakdown = True, 1, True
+    if args.smoke:
+        return "cpu", torch.float32, [8, 8, 16], 2, 1, 32
+    return "cpu", torch.float32, [d // 128 for d in HEADLINE_DOCS], 2, 1, 64
+
+
+def write_rows(path, bench: str, T: int, Hq: int, Hkv: int, D: int, dtype, **fields) -> None:
+    """The sweeps' ``--json`` file (bench/decide.py reads it): the shape, the device and ``fields`` (rows, ...)."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    path.write_text(json.dumps(dict(bench=bench, device=device, T=T, Hq=Hq, Hkv=Hkv, D=D, dtype=str(dtype), **fields),
+                               indent=1))
+
+
 def build_mask(kind, lens, device):
     if kind == "documents":
         return mk.AttentionMask.from_seqlens(lens, device=device)

@@ -118,6 +118,7 @@ def variant_label(variant):
 
 
 def liger_case():
+    """(loss fn, None), or (None, the reason) where Liger is not installed."""
     why = peer("liger_kernel.transformers.fused_linear_cross_entropy")
     if why:
         return None, why
@@ -128,6 +129,7 @@ def liger_case():
 
 
 def cce_case(filter_eps):
+    """(loss fn, None), or (None, the reason) where Cut Cross-Entropy is not installed."""
     why = peer("cut_cross_entropy")
     if why:
         return None, why
@@ -135,6 +137,17 @@ def cce_case(filter_eps):
 
     return (lambda hidden, weight, labels: linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE,
                                                               reduction="mean", filter_eps=filter_eps)), None
+
+
+def peer_setup(peer_case, N, H, V, dtype, device, counted):
+    """The setup of a peer's case; the peer is imported (or found missing, raising the reason) only when the case
+    runs, so building the case list imports no peer (the pytest suite builds it at collection)."""
+    def setup():
+        fn, why = peer_case()
+        if fn is None:
+            raise RuntimeError(why)
+        return make_setup(fn, N, H, V, dtype, device, counted)()
+    return setup
 
 
 def naive_bytes(N, V):
@@ -157,18 +170,15 @@ def cases_for(N, H, V, dtype, device, counted=1.0, quick=False, variants=("v1",)
         fn, settings = moca("triton", "triton", None)
         cases.append(Case("moca triton (Triton backward GEMMs)",
                           make_setup(fn, N, H, V, dtype, device, counted, settings=settings)))
-    fn, why = liger_case()
-    cases.append(Case("Liger fused linear CE", make_setup(fn, N, H, V, dtype, device, counted) if fn else missing(why)))
+    cases.append(Case("Liger fused linear CE", peer_setup(liger_case, N, H, V, dtype, device, counted)))
     # like with like: exact against exact, filtered against filtered (both pairs also under --quick)
-    fn, why = cce_case(None)
     cases.append(Case("CCE exact (filter_eps=None)",
-                      make_setup(fn, N, H, V, dtype, device, counted) if fn else missing(why)))
+                      peer_setup(lambda: cce_case(None), N, H, V, dtype, device, counted)))
     fn, settings = moca("triton", "auto", None, filter_eps="auto")
     cases.append(Case("moca triton filtered (filter_eps='auto')",
                       make_setup(fn, N, H, V, dtype, device, counted, settings=settings)))
     for eps, name in (("high", "CCE filtered (default filter_eps='high')"),):
-        fn, why = cce_case(eps)
-        cases.append(Case(name, make_setup(fn, N, H, V, dtype, device, counted) if fn else missing(why)))
+        cases.append(Case(name, peer_setup(lambda eps=eps: cce_case(eps), N, H, V, dtype, device, counted)))
     return cases
 
 

@@ -176,14 +176,36 @@ def step_flops(samples, cfg) -> float:
     return f
 
 
-def main(argv=None):
-    p = common_args(__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=8192, help="tokens per micro-batch (default 8192)")
+def slice_args(description, argv, option, **kw):
+    """The stage benchmarks' command line: the harness's options, the script's own ``option`` (its batch size,
+    ``add_argument(option, **kw)``) and the slice's size; returns (args, cuda?, device)."""
+    p = common_args(description)
+    p.add_argument(option, **kw)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vision-blocks", type=int, default=2)
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+    return args, cuda, torch.device("cuda" if cuda else "cpu")
+
+
+def print_steps(report, first_loss, T, same):
+    """The stage benchmarks' closing lines: each case's first-step loss (``same``: what the cases share, so the
+    losses should agree to bf16 precision) and its real tokens per second and peak extra memory."""
+    print(f"\nfirst-step loss per case ({same}; they should agree to bf16 precision):")
+    for k, v in first_loss.items():
+        print(f"  {k:<42s} {v:.4f}")
+    print("\ntokens/s (real tokens):")
+    for r in report.results:
+        if r.median_ms:
+            print(f"  {r.name:<42s} {T / (r.median_ms / 1e3):>12,.0f} tok/s   peak extra "
+                  f"{(r.peak_extra_gib if r.peak_extra_gib is not None else float('nan')):.2f} GiB")
+        else:
+            print(f"  {r.name:<42s} -- {r.error}")
+
+
+def main(argv=None):
+    args, cuda, device = slice_args(__doc__.splitlines()[0], argv, "--tokens", type=int, default=8192,
+                                    help="tokens per micro-batch (default 8192)")
     if not cuda:  # a smoke run: tiny shapes, fp32
         print("no GPU: CPU smoke run of a small model of the same structure, 1 layer, ~2.6k tokens (numbers mean nothing)")
         args.tokens, args.layers, args.rep, args.warmup = min(args.tokens, 2600), 1, 2, 1
@@ -221,16 +243,7 @@ def main(argv=None):
                        flops=flops, baseline=baseline if liger_why is None else "transformers sdpa + naive CE (padded)",
                        warmup=args.warmup if not args.quick else 3, rep=args.rep if not args.quick else 10,
                        out=args.out, tag=f"stage1_step_T{T}")
-    print("\nfirst-step loss per case (same weights, samples and masks; they should agree to bf16 precision):")
-    for k, v in FIRST_LOSS.items():
-        print(f"  {k:<42s} {v:.4f}")
-    print("\ntokens/s (real tokens):")
-    for r in report.results:
-        if r.median_ms:
-            print(f"  {r.name:<42s} {T / (r.median_ms / 1e3):>12,.0f} tok/s   peak extra "
-                  f"{(r.peak_extra_gib if r.peak_extra_gib is not None else float('nan')):.2f} GiB")
-        else:
-            print(f"  {r.name:<42s} -- {r.error}")
+    print_steps(report, FIRST_LOSS, T, "same weights, samples and masks")
 
 
 if __name__ == "__main__":

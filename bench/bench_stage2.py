@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from bench.bench_stage1 import ENDOFTEXT, IMAGE_PAD, VISION_END, VISION_START, slice_config
-    from bench.harness import Case, common_args, run_cases
+    from bench.bench_stage1 import ENDOFTEXT, IMAGE_PAD, VISION_END, VISION_START, print_steps, slice_args, slice_config
+    from bench.harness import Case, run_cases
 except ImportError:  # run as a script from bench/
-    from bench_stage1 import ENDOFTEXT, IMAGE_PAD, VISION_END, VISION_START, slice_config
-    from harness import Case, common_args, run_cases
+    from bench_stage1 import ENDOFTEXT, IMAGE_PAD, VISION_END, VISION_START, print_steps, slice_args, slice_config
+    from harness import Case, run_cases
 
 import moca_kernels as mk
 from moca.data.batch import Sample, VisionSpec, collate
@@ -146,13 +146,8 @@ def step_flops(samples, cfg) -> float:
 
 
 def main(argv=None):
-    p = common_args(__doc__.splitlines()[0])
-    p.add_argument("--queries", type=int, default=32, help="queries per step (default 32)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vision-blocks", type=int, default=2)
-    args = p.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+    args, cuda, device = slice_args(__doc__.splitlines()[0], argv, "--queries", type=int, default=32,
+                                    help="queries per step (default 32)")
     if not cuda:
         print("no GPU: CPU smoke run of a small model of the same structure (numbers mean nothing)")
         args.queries, args.layers, args.rep, args.warmup = 4, 1, 2, 1
@@ -172,14 +167,7 @@ def main(argv=None):
                        flops=flops, baseline="transformers sdpa, padded",
                        warmup=args.warmup if not args.quick else 2, rep=args.rep if not args.quick else 6,
                        out=args.out, tag=f"stage2_step_B{B}")
-    print("\nfirst-step loss per case (same weights and samples; they should agree to bf16 precision):")
-    for k, v in FIRST_LOSS.items():
-        print(f"  {k:<42s} {v:.4f}")
-    print("\ntokens/s (real tokens):")
-    for r in report.results:
-        if r.median_ms:
-            print(f"  {r.name:<42s} {T / (r.median_ms / 1e3):>12,.0f} tok/s   peak extra "
-                  f"{(r.peak_extra_gib if r.peak_extra_gib is not None else float('nan')):.2f} GiB")
+    print_steps(report, FIRST_LOSS, T, "same weights and samples")
 
 
 if __name__ == "__main__":

@@ -28,10 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
-from bench.sm90 import jit_of, ptxas_stats  # noqa: E402
+from tools.sm90 import compile_sm90, ptxas_stats  # noqa: E402
 from moca_kernels.attention import kernels_fwd, tiles  # noqa: E402
 
 
@@ -46,24 +44,12 @@ def compile_fwd(variant: str, cfg, head_dim: int = 128, q_tile: int = 128):
         kernel = kernels_fwd._fwd_ws_kernel
         block_m, walk, warps, stages = cfg
         extra = dict(Q_TILE=q_tile, BLOCK_M=block_m, WS=variant == "ws")
-    fn = jit_of(kernel)
     ptrs = dict(Q="*bf16", K="*bf16", V="*bf16", Out="*bf16", Lse="*fp32", Spans="*i32", QTable="*i32")
     consts = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_N=walk, DOT_PREC="tf32", **extra)
     if variant == "base":
         consts.update(EVEN_D=head_dim == bd, OFFS64=False)
-    sig = {}
-    for i, name in enumerate(fn.arg_names):
-        if name in ptrs:
-            sig[name] = ptrs[name]
-        elif fn.params[i].is_constexpr:
-            sig[name] = "constexpr"
-        else:
-            sig[name] = "fp32" if name == "qk_scale" else "i32"
-    divisible = [n for n in fn.arg_names if sig[n].startswith("*") or n.startswith("stride")]
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     t0 = time.perf_counter()
-    ck = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                        options=dict(num_warps=warps, num_stages=stages))
+    ck = compile_sm90(kernel, ptrs, consts, warps, stages, floats=("qk_scale",))
     secs = time.perf_counter() - t0
     regs, spill_st, spill_ld = ptxas_stats(ck.asm["ptx"])
     ttgir = ck.asm["ttgir"]

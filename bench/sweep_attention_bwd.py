@@ -27,7 +27,6 @@ samples, timer) for bench/decide.py.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_attention import HEADLINE_DOCS, _flex_mask_mod, build_mask, inputs  # noqa: E402
+from bench.bench_attention import _flex_mask_mod, sweep_setup, write_rows  # noqa: E402
 from bench.harness import kernel_breakdown, stats, time_call  # noqa: E402
 
 
@@ -96,22 +95,10 @@ def _main(args) -> int:
     from moca_kernels import reference, tuning
 
     t_start = time.perf_counter()
-    cuda = torch.cuda.is_available()
-    if cuda:
-        dev, dt, docs, Hq, Hkv, D = "cuda", torch.bfloat16, HEADLINE_DOCS, 16, 2, 128
-        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
-              f"{__import__('triton').__version__}")
-    else:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            print("no GPU: run with TRITON_INTERPRET=1 for the interpreted smoke version")
-            return 1
-        dev, dt, docs, Hq, Hkv, D = "cpu", torch.float32, [d // 128 for d in HEADLINE_DOCS], 2, 1, 64
-        if args.smoke:
-            docs, D = [8, 8, 16], 32
-        args.no_flex, args.rep, args.no_breakdown = True, 1, True
-    T = sum(docs)
-    q, k, v, do = inputs(T, Hq, Hkv, D, dt, dev)
-    masks = {kind: build_mask(kind, docs, dev) for kind in ("documents", "mixed")}
+    setup = sweep_setup(args)
+    if setup is None:
+        return 1
+    (dev, dt, T, Hq, Hkv, D), (q, k, v, do), masks = setup
     print(f"T={T} Hq={Hq} Hkv={Hkv} D={D} {dt}; tune={args.tune} dq={args.dq}")
 
     ref = grads(lambda a, b, c: reference.masked_attention(a.float(), b.float(), c.float(), masks["documents"]),
@@ -123,16 +110,11 @@ def _main(args) -> int:
         """--json: every row so far (after each variant, so a run cut off by its time limit keeps what it did)."""
         if not args.json:
             return
-        import json
-
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(
-            bench="attention_bwd", device=torch.cuda.get_device_name() if cuda else "cpu", T=T, Hq=Hq, Hkv=Hkv, D=D,
-            dtype=str(dt), tune=args.tune, dq=args.dq,
-            rows=[dict(variant="flex" if name == "FlexAttention" else name, errors=errs,
-                       timings={f"{kind}.{part}": res[kind][i] for kind in res
-                                for i, part in enumerate(("fwd_bwd", "bwd"))})
-                  for name, res, errs, secs in rows]), indent=1))
+        write_rows(args.json, "attention_bwd", T, Hq, Hkv, D, dt, tune=args.tune, dq=args.dq,
+                   rows=[dict(variant="flex" if name == "FlexAttention" else name, errors=errs,
+                              timings={f"{kind}.{part}": res[kind][i] for kind in res
+                                       for i, part in enumerate(("fwd_bwd", "bwd"))})
+                         for name, res, errs, secs in rows])
     def impl(variant):
         return "triton" if variant == "base" else "triton:" + variant
 

@@ -6,6 +6,7 @@ error of PyTorch computing the same thing in the same low precision, plus a smal
 compile kernels for the H100 on a machine without a GPU.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -72,3 +73,66 @@ def compile_for_sm90(argv, drop_env=()):
             pytest.skip(f"this triton {triton.__version__} cannot compile for sm_90 here: {err[-1] if err else ''}")
         raise AssertionError("compiling for sm_90 failed:\n" + "\n".join(err[-25:]))
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def png_bytes(w: int = 40, h: int = 28, seed: int = 0) -> bytes:
+    """A w x h RGB PNG of random pixels (seeded), as bytes."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_bomb(w: int = 10000, h: int = 10000) -> bytes:
+    """PNG bytes whose header says w x h (1 bit per pixel) with almost no pixel data: what a decompression bomb
+    looks like before decoding (too large, never decoded)."""
+    import struct
+    import zlib
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+
+@contextlib.contextmanager
+def gloo_worker(rank: int, world: int, port):
+    """The body of a distributed test's worker (``spawn_workers``): one thread, a gloo process group on
+    localhost:``port``, destroyed at the end. After every check passed (a failure raised in the body reaches
+    ``mp.spawn``), the worker leaves without the interpreter's teardown: with DDP steps or interpreted Triton
+    kernels in the process, a static destructor at exit aborted ("terminate called without an active exception",
+    SIGABRT) in about one run of six to eight, after all checks."""
+    import torch.distributed as dist
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def spawn_workers(worker, world: int, *args) -> None:
+    """``worker(rank, world, port, *args)`` in ``world`` processes (torch.multiprocessing), on a free port."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(world, free_port(), *args), nprocs=world, join=True)
+
+def readme_snippet(heading: str) -> str:
+    """The first python block under ``heading`` (e.g. "### flash-attn and xformers") in README.md, up to the next
+    heading."""
+    import re
+
+    text = open(os.path.join(ROOT, "README.md")).read()
+    assert heading in text, f"README.md lost its heading {heading!r}"
+    section = re.split(r"\n##+ ", text.split(heading, 1)[1], maxsplit=1)[0]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)

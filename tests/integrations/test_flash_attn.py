@@ -7,15 +7,13 @@ import inspect
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import moca_kernels as mk
 from moca_kernels.integrations.flash_attn import flash_attn_varlen_func
-
-README = Path(__file__).resolve().parents[2] / "README.md"
+from tests.helpers import readme_snippet
 
 # flash_attn.flash_attn_varlen_func (flash-attn 2.x), from its documentation: name -> default
 FLASH_ATTN_SIGNATURE = [
@@ -193,14 +191,6 @@ def test_import_moca_kernels_imports_no_integration():
 
 
 # -- README -------------------------------------------------------------------------------------------------
-
-
-def readme_snippet(heading: str) -> str:
-    """The first python block under ``heading`` in README.md (up to the next heading)."""
-    text = README.read_text()
-    assert heading in text, f"README.md lost its heading {heading!r}"
-    section = re.split(r"\n##+ ", text.split(heading, 1)[1], maxsplit=1)[0]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 def test_readme_flash_attn_and_xformers_snippet(monkeypatch):

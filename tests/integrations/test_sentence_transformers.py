@@ -31,13 +31,7 @@ except ImportError:  # sentence-transformers < 6
 import moca_kernels as mk  # noqa: E402
 from moca_kernels.integrations.sentence_transformers import CachedInfoNCELoss, InfoNCELoss  # noqa: E402
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: one thread is several times faster than two on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 B = 6

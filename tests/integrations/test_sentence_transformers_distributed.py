@@ -2,14 +2,10 @@
 processes (gloo): on each rank the loss and the gradient of every local embedding column are equal (info_nce's
 group= against sentence-transformers' all_gather_with_grad), with a hard-negative column."""
 
-import os
-import socket
-import sys
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.helpers import gloo_worker, spawn_workers
 
 pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed")
 
@@ -17,10 +13,7 @@ B, D = 4, 8
 
 
 def _worker(rank, world, port):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_worker(rank, world, port):
         try:
             from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss as MNRL
         except ImportError:  # sentence-transformers < 6
@@ -40,16 +33,8 @@ def _worker(rank, world, port):
         torch.testing.assert_close(la, lb, rtol=1e-12, atol=0)
         for a, b in zip(ga, gb):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
-    finally:
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 @pytest.mark.distributed
 def test_gather_across_devices_equals_mnrl():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port), nprocs=2, join=True)
+    spawn_workers(_worker, 2)

@@ -193,16 +193,3 @@ def test_duck_typed_bias_without_importing_xformers():
         mk.AttentionMask.from_xformers(object())
     with pytest.raises(TypeError, match="mask must be an AttentionMask"):
         mk.masked_attention(q, k, v, object(), impl="torch")
-
-
-def test_benchmark_row_says_why_xformers_does_not_run():
-    """bench/bench_attention.py keeps xformers' row: a time where its kernels run, else the reason."""
-    from bench.bench_attention import build_mask, case_xformers
-    from bench.harness import Case, Report, format_table, measure
-
-    mask = build_mask("documents", [24, 8], "cpu")
-    case = Case("xformers memory_efficient_attention", case_xformers(mask, (32, 4, 2, 16, torch.float32, "cpu"), False))
-    row = measure(case, warmup=0, rep=1, flops=None, bytes_moved=None)
-    assert row.median_ms is not None or "xformers" in row.error
-    table = format_table(Report("attention", "cpu", {}, None, None, None, results=[row]))
-    assert "xformers memory_efficient_attention" in table and (row.error or "") in table

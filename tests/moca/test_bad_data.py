@@ -5,8 +5,6 @@
 import json
 import logging
 import os
-import struct
-import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from moca.eval import EvalConfig
 from moca.train.contrastive import ClConfig, run_cl
 from moca.train.core import DistEnv
 from moca.train.cpt import CptConfig, run_cpt
+from tests.helpers import png_bomb
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model.tiny_hidden=32", "model.tiny_layers=1", "model.tiny_heads=2", "model.tiny_kv_heads=1",
@@ -42,24 +41,12 @@ KINDS = {
     "surrogate": (r"text is not valid Unicode \(surrogates not allowed", "malformed"),   # was a tokenizer TypeError
 }
 IMAGE_OF = {"bomb": "bomb.png", "truncated": "truncated.png", "not_image": "not_image.png", "thin": "thin.png"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bomb(path: Path, w: int = 20000, h: int = 20000) -> None:
     """A PNG whose header says w x h (1 bit per pixel): what a decompression bomb looks like before decoding."""
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
-                     + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b""))
+    path.write_bytes(png_bomb(w, h))
 
 
 def _images(d: Path) -> None:

@@ -14,13 +14,7 @@ import torch
 
 from moca.embedding import MocaEmbedder
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: one thread is several times faster than two on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TEXTS = ["a large red circle above a small blue square", "two green triangles", "a blue square on the left",

@@ -5,12 +5,9 @@ and merged record sets keep each file's image settings."""
 
 import io
 import json
-import struct
-import zlib
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from moca.data.images import ImageError, open_image_bytes
@@ -18,30 +15,10 @@ from moca.data.loader import PackingLoader, RecordSet
 from moca.data.processor import BadRecord, MocaProcessor
 from moca.data.published import EncodedImage, read_mmeb_task
 from moca.data.retrieval import PairLoader, SubsetConfig, check_side
+from tests.helpers import png_bomb, png_bytes
 
 PH = "<|vision_start|><|image_pad|><|vision_end|>"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _png(w: int = 40, h: int = 28, seed: int = 0) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _bomb(w: int = 10000, h: int = 10000) -> bytes:
-    """PNG bytes whose header says w x h (1 bit per pixel) with almost no pixel data: too large, never decoded."""
-    def chunk(tag, data):
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write_parquet(path, rows, **kw):
@@ -53,8 +30,8 @@ def _write_parquet(path, rows, **kw):
 
 
 def test_too_large_image_bytes_in_a_pretrain_row_are_a_named_bad_record(tmp_path):
-    rows = [{"text": f"row {i} shows {PH} a square", "images": [_png(seed=i)]} for i in range(4)]
-    rows[2]["images"] = [_bomb()]                       # row 3 (counted from 1): 10000 x 10000 in its header
+    rows = [{"text": f"row {i} shows {PH} a square", "images": [png_bytes(seed=i)]} for i in range(4)]
+    rows[2]["images"] = [png_bomb()]                       # row 3 (counted from 1): 10000 x 10000 in its header
     f = _write_parquet(tmp_path / "pt.parquet", rows, row_group_size=2)
     proc = MocaProcessor.tiny(56)
     loader = PackingLoader(RecordSet([f], format="moca_pretrain"), proc, 4096, shuffle=False, max_samples=1)
@@ -78,10 +55,10 @@ def test_too_large_image_bytes_in_a_pretrain_row_are_a_named_bad_record(tmp_path
 
 def test_image_bytes_share_the_reasons_of_image_files():
     spec = MocaProcessor.tiny(56).image_spec
-    assert open_image_bytes(_png(), "k").size == (40, 28)
-    assert EncodedImage(_png(), "k").decode().size == (40, 28)
-    cases = {b"plain text, not an image": "not_an_image", _png()[:200]: "corrupt_image",
-             _bomb(): "image_too_large"}
+    assert open_image_bytes(png_bytes(), "k").size == (40, 28)
+    assert EncodedImage(png_bytes(), "k").decode().size == (40, 28)
+    cases = {b"plain text, not an image": "not_an_image", png_bytes()[:200]: "corrupt_image",
+             png_bomb(): "image_too_large"}
     for data, reason in cases.items():
         with pytest.raises(ImageError, match=r"image t\.parquet:7 ") as e:
             EncodedImage(data, "t.parquet:7").decode()
@@ -93,15 +70,15 @@ def test_image_bytes_share_the_reasons_of_image_files():
     assert e.value.reason == "bad_image_size"
     # a side holding bytes is checked from the header up front (BEIR corpora in eval)
     with pytest.raises(BadRecord, match=r"corpus-id 3: image c\.parquet:3 is 10000 x 10000") as e:
-        check_side({"image": EncodedImage(_bomb(), "c.parquet:3")}, "corpus-id 3")
+        check_side({"image": EncodedImage(png_bomb(), "c.parquet:3")}, "corpus-id 3")
     assert e.value.reason == "image_too_large"
 
 
 def test_published_image_paths_stay_inside_the_image_root(tmp_path):
     img = tmp_path / "img"
     img.mkdir()
-    (img / "a.png").write_bytes(_png())
-    (tmp_path / "outside.png").write_bytes(_png(seed=1))
+    (img / "a.png").write_bytes(png_bytes())
+    (tmp_path / "outside.png").write_bytes(png_bytes(seed=1))
     rows = [{"qry": f"<|image_1|> query {i}", "qry_image_path": "a.png", "pos_text": f"positive {i}",
              "pos_image_path": "", "neg_text": "['n']", "neg_image_path": "['']"} for i in range(5)]
     rows[3]["qry_image_path"] = "../outside.png"

@@ -3,14 +3,10 @@
 folder or ``image_root``, ``max_length`` truncation, JSONL lines parsed by ``parse_record_line`` (bad UTF-8 / a
 byte order mark), and Stage 2 ``data.stream: true`` with ``format: pairs`` (``max_records`` refused)."""
 
-import io
 import json
-import struct
-import zlib
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from moca.config import from_dict
@@ -18,34 +14,15 @@ from moca.data.processor import BadRecord, MocaProcessor
 from moca.data.retrieval import SubsetConfig
 from moca.data.stream import StreamLoader
 from moca.data.stream_pairs import StreamPairLoader
+from tests.helpers import png_bomb, png_bytes
 
 PH = "<|vision_start|><|image_pad|><|vision_end|>"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def proc():
     return MocaProcessor.tiny(56)
-
-
-def _png(w: int = 40, h: int = 28, seed: int = 0) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _bomb(w: int = 10000, h: int = 10000) -> bytes:
-    def chunk(tag, data):
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
 def _loader(path, proc, **kw):
@@ -57,8 +34,8 @@ def test_pretrain_rows_stream_with_images_as_bytes_and_the_pixel_bound(tmp_path,
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [{"text": f"row {i} shows {PH} a square", "images": [_png(seed=i)]} for i in range(4)]
-    rows[2]["images"] = [_bomb()]                       # row 3: 10000 x 10000 in its header, never decoded
+    rows = [{"text": f"row {i} shows {PH} a square", "images": [png_bytes(seed=i)]} for i in range(4)]
+    rows[2]["images"] = [png_bomb()]                       # row 3: 10000 x 10000 in its header, never decoded
     f = tmp_path / "pt.parquet"
     pq.write_table(pa.Table.from_pylist(rows), f, row_group_size=2)
     loader = _loader(f, proc, format="moca_pretrain")
@@ -75,7 +52,7 @@ def test_pretrain_rows_stream_with_images_as_bytes_and_the_pixel_bound(tmp_path,
     small = _loader(f, proc, format="moca_pretrain", max_image_pixels=1000)      # the bound applies to bytes too
     with pytest.raises(BadRecord, match=r"images\[0\] is 40 x 28 = 1120 pixels, more than max_image_pixels \(1000\)"):
         small.next_micro_batch()
-    pq.write_table(pa.Table.from_pylist([{"text": f"two {PH}{PH}", "images": [_png()]}]), tmp_path / "b.parquet")
+    pq.write_table(pa.Table.from_pylist([{"text": f"two {PH}{PH}", "images": [png_bytes()]}]), tmp_path / "b.parquet")
     with pytest.raises(BadRecord, match=r"s/b\.parquet:1: the text has 2 image placeholder\(s\) but 1 image") as e:
         _loader(tmp_path / "b.parquet", proc, format="moca_pretrain").next_micro_batch()
     assert e.value.reason == "malformed"

@@ -72,6 +72,18 @@ def expect_clear_error(op: str, arg: str, call, bad: Bad):
     raise AssertionError(f"{op}({arg}={_short(bad.value)}) was accepted and returned {_short(result)}")
 
 
+def call_drawn(op: str, fn, kw: dict, arg, value):
+    """Set ``kw[arg]`` to the drawn ``value`` (no change when ``arg`` is None) and call ``fn(**kw)``. A ``Bad``
+    value must be refused with a clear error (``expect_clear_error``): returns (True, None) then, else
+    (False, the call's result)."""
+    if arg is not None:
+        kw[arg] = value.value if isinstance(value, Bad) else value
+    if isinstance(value, Bad):
+        expect_clear_error(op, arg, lambda: fn(**kw), value)
+        return True, None
+    return False, fn(**kw)
+
+
 def close64(ours, ref, what, rtol=1e-5, atol=1e-6):
     COUNTS["valid"] += 1
     torch.testing.assert_close(ours.double(), ref.double(), rtol=rtol, atol=atol, equal_nan=True, msg=what)
@@ -141,7 +153,9 @@ def bad_seqlens(lens):
     return st.sampled_from([
         Bad(None), Bad(5), Bad("12"), Bad(b"12"), Bad([]), Bad([1.5] + lens[1:]), Bad([float(x) for x in lens]),
         Bad([True] + lens[1:]), Bad([np.True_] + lens[1:]), Bad([None]), Bad([[1, 2]]), Bad(lens + [0]), Bad([0] + lens), Bad(cumulative),
-        Bad([-1] + lens), Bad([2 ** 31]), Bad([2 ** 30, 2 ** 30]), Bad(torch.tensor(lens, dtype=torch.float32)),
+        Bad([-1] + lens), Bad(torch.tensor(lens, dtype=torch.float32)),
+        # too many tokens in all: the shared length check names the documents' total (as from_padding_mask's)
+        Bad([2 ** 31], "seqlens", "documents"), Bad([2 ** 30, 2 ** 30], "seqlens", "documents"),
         Bad(torch.tensor([True] * len(lens))), Bad(torch.tensor([lens])), Bad(torch.tensor(T)),
         Bad([float("nan")]), Bad([float("inf")]), Bad({"a": 1}), Bad([3 + 0j]),
     ])
@@ -154,7 +168,7 @@ def test_from_seqlens_arguments(docs, data):
     T = sum(lens)
     arg = data.draw(st.sampled_from(["seqlens", "block_ids", "causal", "device", "check_blocks", None]))
     kw = dict(seqlens=lens, block_ids=blocks, causal=causal)
-    bad = None
+    value = None
     if arg == "seqlens":
         value = data.draw(st.one_of(seqlens_values(lens), bad_seqlens(lens)))
     elif arg == "block_ids":
@@ -182,17 +196,9 @@ def test_from_seqlens_arguments(docs, data):
                                            Bad(3.5), Bad([])]))
     elif arg == "check_blocks":
         value = data.draw(st.sampled_from([True, False, Bad(None), Bad("no"), Bad(1)]))
-    if arg is not None:
-        if isinstance(value, Bad):
-            bad = value
-            kw[arg] = value.value
-        else:
-            kw[arg] = value
-    call = lambda: mk.AttentionMask.from_seqlens(**kw)  # noqa: E731
-    if bad is not None:
-        expect_clear_error(OP_SEQ, arg, call, bad)
+    refused, mask = call_drawn(OP_SEQ, mk.AttentionMask.from_seqlens, kw, arg, value)
+    if refused:
         return
-    mask = call()
     b = kw["block_ids"]
     expected = dense_definition(lens, b, bool(kw["causal"]))
     COUNTS["valid"] += 1
@@ -213,7 +219,7 @@ def test_from_padding_mask_arguments(B, S, data):
         attn[0, 0] = 1
     arg = data.draw(st.sampled_from(["attention_mask", "block_ids", "causal", None]))
     kw = dict(attention_mask=attn, causal=data.draw(st.booleans()))
-    bad = None
+    value = None
     if arg == "attention_mask":
         value = data.draw(st.sampled_from([
             attn.bool(), attn.to(torch.int32), Bad(attn.float()), Bad(attn[0]), Bad(attn[None]), Bad(None),
@@ -223,16 +229,9 @@ def test_from_padding_mask_arguments(B, S, data):
                                            Bad(torch.zeros(B, S)), Bad([[-1] * S] * B), Bad(torch.full((B * S,), -1))]))
     elif arg == "causal":
         value = data.draw(st.sampled_from([True, Bad(None), Bad("yes"), Bad(1)]))
-    if arg is not None:
-        if isinstance(value, Bad):
-            bad, kw[arg] = value, value.value
-        else:
-            kw[arg] = value
-    call = lambda: mk.AttentionMask.from_padding_mask(**kw)  # noqa: E731
-    if bad is not None:
-        expect_clear_error(OP_PAD, arg, call, bad)
+    refused, mask = call_drawn(OP_PAD, mk.AttentionMask.from_padding_mask, kw, arg, value)
+    if refused:
         return
-    mask = call()
     COUNTS["valid"] += 1
     assert mask.seqlens == tuple(attn.sum(1).tolist())
     x = torch.randn(B, S, 3)
@@ -274,7 +273,7 @@ def run_attention_case(case, data, impl, dtype):
     k, v = torch.randn(T, Hkv, D, dtype=dtype), torch.randn(T, Hkv, D, dtype=dtype)
     kw = dict(q=q, k=k, v=v, mask=mask, scale=None, return_lse=False, impl=impl, deterministic=False)
     arg = data.draw(st.sampled_from(["q", "k", "v", "mask", "scale", "return_lse", "deterministic", "impl", None]))
-    bad = None
+    value = None
     if arg in ("q", "k", "v"):
         t = kw[arg]
         value = data.draw(st.sampled_from([
@@ -300,16 +299,9 @@ def run_attention_case(case, data, impl, dtype):
         value = data.draw(st.sampled_from([True, False, Bad(None), Bad("no"), Bad(1), Bad(0.0)]))
     elif arg == "impl":
         value = data.draw(st.sampled_from(["torch", Bad("tritonx"), Bad(3), Bad("TORCH"), Bad(["torch"]), Bad(True)]))
-    if arg is not None:
-        if isinstance(value, Bad):
-            bad, kw[arg] = value, value.value
-        else:
-            kw[arg] = value
-    call = lambda: mk.masked_attention(**kw)  # noqa: E731
-    if bad is not None:
-        expect_clear_error(OP_ATT, arg, call, bad)
+    refused, out = call_drawn(OP_ATT, mk.masked_attention, kw, arg, value)
+    if refused:
         return
-    out = call()
     scale = kw["scale"] if kw["scale"] is not None else D ** -0.5
     ref, lse = attention64(kw["q"], kw["k"], kw["v"], dense_definition(lens, blocks, causal), float(scale))
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
@@ -375,7 +367,7 @@ def run_token_loss_case(N, H, V, data, impl):
     kw = dict(hidden=hidden, weight=weight, labels=labels, bias=bias, ignore_index=ignore,
               reduction=data.draw(st.sampled_from(["mean", "sum", "none"])), impl=impl)
     arg = data.draw(st.sampled_from(["hidden", "weight", "labels", "bias", "ignore_index", "reduction", "impl", None]))
-    bad = None
+    value = None
     if arg == "ignore_index":
         value = data.draw(st.sampled_from([
             -100, Bad(None), Bad(1.5), Bad(-100.0), Bad(True), Bad("-100"), Bad(2 ** 70), Bad(float("nan")),
@@ -406,16 +398,9 @@ def run_token_loss_case(N, H, V, data, impl):
                                            Bad(torch.arange(V)), Bad([0.0] * V), Bad(0.5)]))
     elif arg == "impl":
         value = data.draw(st.sampled_from([Bad("fast"), Bad(0), Bad(False)]))
-    if arg is not None:
-        if isinstance(value, Bad):
-            bad, kw[arg] = value, value.value
-        else:
-            kw[arg] = value
-    call = lambda: mk.masked_token_loss(**kw)  # noqa: E731
-    if bad is not None:
-        expect_clear_error(OP_MTL, arg, call, bad)
+    refused, out = call_drawn(OP_MTL, mk.masked_token_loss, kw, arg, value)
+    if refused:
         return
-    out = call()
     b = kw["bias"]
     ref = reference.masked_token_loss(kw["hidden"].double(), kw["weight"].double(), kw["labels"].long(),
                                       bias=b.double() if b is not None else None, ignore_index=int(kw["ignore_index"]),
@@ -466,7 +451,7 @@ def run_patch_loss_case(N, P, data, impl):
     kw = dict(pred=pred, target=target, mask=mask, norm_pix=data.draw(st.booleans()),
               eps=data.draw(st.sampled_from([1e-6, 0.0, 0, 1e-2, np.float32(1e-3)])), impl=impl)
     arg = data.draw(st.sampled_from(["pred", "target", "mask", "norm_pix", "eps", "impl", None]))
-    bad = None
+    value = None
     if arg == "eps":
         value = data.draw(st.sampled_from([
             1e-5, Bad(None), Bad(True), Bad("1e-6"), Bad(-1e-6), Bad(float("inf")), Bad(float("nan")), Bad([1e-6]),
@@ -487,16 +472,9 @@ def run_patch_loss_case(N, P, data, impl):
             Bad(target.long()), Bad(target[:, :-1], "target"), Bad(None), Bad(target.tolist()), target.half()]))
     elif arg == "impl":
         value = data.draw(st.sampled_from([Bad("gpu"), Bad(1)]))
-    if arg is not None:
-        if isinstance(value, Bad):
-            bad, kw[arg] = value, value.value
-        else:
-            kw[arg] = value
-    call = lambda: mk.masked_patch_loss(**kw)  # noqa: E731
-    if bad is not None:
-        expect_clear_error(OP_MPL, arg, call, bad)
+    refused, out = call_drawn(OP_MPL, mk.masked_patch_loss, kw, arg, value)
+    if refused:
         return
-    out = call()
     ref = patch_loss64(kw["pred"], kw["target"], kw["mask"], kw["norm_pix"], float(kw["eps"]))
     close64(out, ref, f"masked_patch_loss {arg}")
 
@@ -532,7 +510,7 @@ def run_nce_case(case, data, impl):
               doc_ids=None)
     arg = data.draw(st.sampled_from(["temperature", "positive_index", "hard_negatives", "hard_negative_scope",
                                      "symmetric", "doc_ids", "query", "doc", "impl", None]))
-    bad = None
+    value = None
     if arg == "temperature":
         value = data.draw(st.one_of(st.floats(0.01, 5.0), st.sampled_from([
             torch.tensor(0.07), torch.tensor([0.07]), Bad(None), Bad(True), Bad("0.1"), Bad(float("inf")),
@@ -565,16 +543,9 @@ def run_nce_case(case, data, impl):
                                            Bad(doc[:0], "doc", "empty"), Bad(doc.tolist())]))
     elif arg == "impl":
         value = data.draw(st.sampled_from([Bad("cuda_fast"), Bad(2)]))
-    if arg is not None:
-        if isinstance(value, Bad):
-            bad, kw[arg] = value, value.value
-        else:
-            kw[arg] = value
-    call = lambda: mk.info_nce(**kw)  # noqa: E731
-    if bad is not None:
-        expect_clear_error(OP_NCE, arg, call, bad)
+    refused, out = call_drawn(OP_NCE, mk.info_nce, kw, arg, value)
+    if refused:
         return
-    out = call()
     t = kw["temperature"]
     t64 = t.double() if torch.is_tensor(t) else float(t)
     ref = reference.info_nce(kw["query"].double(), kw["doc"].double(), t64, kw["positive_index"],
@@ -615,7 +586,7 @@ def test_grad_cache_arguments(B, Dq, data):
 
     kw = dict(encoders=enc, loss_fn=loss_fn, chunk_sizes=data.draw(st.integers(1, 4)))
     arg = data.draw(st.sampled_from(["chunk_sizes", "encoders", "loss_fn", "split_fn", "scaler", "sync_modules", None]))
-    bad = None
+    value = None
     if arg == "chunk_sizes":
         value = data.draw(st.sampled_from([
             2, (1, 3), [4, 2], np.int64(2), (np.int32(1), 2), Bad(None), Bad(1.5), Bad("4"), Bad(0), Bad(-1), Bad(True),
@@ -631,15 +602,9 @@ def test_grad_cache_arguments(B, Dq, data):
         value = data.draw(st.sampled_from([None, Bad("amp"), Bad(2.0)]))
     elif arg == "sync_modules":
         value = data.draw(st.sampled_from([(), [], Bad(None), Bad(enc), Bad(3), Bad("ddp")]))
-    if arg is not None:
-        if isinstance(value, Bad):
-            bad, kw[arg] = value, value.value
-        else:
-            kw[arg] = value
-    if bad is not None:
-        expect_clear_error(OP_GC, arg, lambda: mk.GradCache(**kw).step(queries, docs), bad)
+    refused, _ = call_drawn(OP_GC, lambda **kw: mk.GradCache(**kw).step(queries, docs), kw, arg, value)
+    if refused:
         return
-    mk.GradCache(**kw).step(queries, docs)
     ours = [p.grad.clone() for p in enc.parameters()]
     enc.zero_grad()
     ref_loss = reference.info_nce(enc(queries), enc(docs), 0.5)

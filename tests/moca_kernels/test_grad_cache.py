@@ -3,18 +3,16 @@ dropout masks), with module and function encoders, dict / tuple chunks, AMP auto
 (gloo, 2 processes: no all-reduce before the last chunk, for a DDP encoder and for one named in sync_modules)."""
 
 import contextlib
-import os
-import socket
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
 import moca_kernels as mk
+
+from tests.helpers import gloo_worker, spawn_workers
 
 B, K, IN, OUT = 10, 2, 12, 16   # 10 queries, 2 hard negatives each; docs = 10 positives + 20 negatives
 
@@ -191,10 +189,7 @@ def test_batch_that_cannot_be_split_along_dim0_asks_for_split_fn():
 
 
 def _ddp_worker(rank, world, port):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_worker(rank, world, port):
         torch.manual_seed(0)
         net = tower(0.0)
         plain = tower(0.0)
@@ -229,19 +224,8 @@ def _ddp_worker(rank, world, port):
         assert len(calls) == 1, f"sync_modules: expected one all-reduce (last chunk only), got {len(calls)}"
         for p, r in zip(ddp.module.parameters(), plain.parameters()):
             torch.testing.assert_close(p.grad, r.grad, rtol=1e-4, atol=1e-6)
-    finally:
-        dist.destroy_process_group()
-    # Every check passed (a failure raised above and reached mp.spawn). Leave without the interpreter's teardown:
-    # with two DDP steps in the process, a destructor at exit aborted ("terminate called without an active
-    # exception", SIGABRT) in about one run of six, after all checks (as in test_info_nce_distributed.py).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 @pytest.mark.distributed
 def test_ddp_step_syncs_once_and_equals_one_process_on_the_global_batch():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port), nprocs=2, join=True)
+    spawn_workers(_ddp_worker, 2)

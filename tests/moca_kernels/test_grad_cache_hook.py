@@ -11,13 +11,7 @@ import moca_kernels as mk
 from tests.moca_kernels.test_grad_cache import contrastive, full_batch_step, grads_of, make_batch, tower
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: one thread is several times faster than two on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_backward_of_the_scaled_loss_gives_scaled_full_batch_gradients():

@@ -92,25 +92,11 @@ SCRIPT = r"""
 import json, os, re, subprocess, tempfile
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from moca_kernels.attention import kernels_bwd, tiles
-from bench.sm90 import jit_of, ptxas_stats
+from tools.sm90 import compile_sm90, ptxas_stats
 
 def build(kernel, ptrs, consts, warps, stages):
-    fn = jit_of(kernel)
-    sig = {}
-    for i, n in enumerate(fn.arg_names):
-        if n in ptrs:
-            sig[n] = ptrs[n]
-        elif fn.params[i].is_constexpr:
-            sig[n] = "constexpr"
-        else:
-            sig[n] = "fp32" if n in ("qk_scale", "sm_scale") else "i32"
-    divisible = [n for n in fn.arg_names if sig[n].startswith("*") or n.startswith("stride")]
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
-    ck = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                        options=dict(num_warps=warps, num_stages=stages))
+    ck = compile_sm90(kernel, ptrs, consts, warps, stages)
     regs, spill_st, spill_ld = ptxas_stats(ck.asm["ptx"])
     spilled = spill_st + spill_ld
     return {"regs": regs, "spilled_bytes": spilled, "shared": ck.metadata.shared,

@@ -18,7 +18,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from moca_kernels.losses import info_nce_triton as K
-from bench.sm90 import jit_of
+from tools.sm90 import jit_of
 
 def build(kernel, types, consts, divisible, num_warps, num_stages):
     fn = jit_of(kernel)

@@ -2,17 +2,16 @@
 holding the whole (global) batch, for uneven per-rank batches and every option, on both backends."""
 
 import os
-import socket
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import moca_kernels as mk
 from moca_kernels import reference
+
+from tests.helpers import gloo_worker, spawn_workers
 
 D = 12
 
@@ -103,26 +102,9 @@ def _check_case(rank, world, case):
 
 
 def _worker(rank, world, port, cases):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_worker(rank, world, port):
         for case in cases:
             _check_case(rank, world, case)
-    finally:
-        dist.destroy_process_group()
-    # Every check passed (a failure raised above and reached mp.spawn). Leave without the interpreter's
-    # teardown: with interpreted Triton kernels in the process, a static destructor at exit aborted
-    # ("terminate called without an active exception", SIGABRT) in about one run of eight, after all checks.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.distributed
@@ -130,4 +112,4 @@ def _free_port() -> int:
 def test_distributed_loss_and_gradients_equal_one_process_on_the_global_batch(world):
     # gloo runs on CPU tensors: the triton case needs the interpreter (set by conftest when there is no GPU)
     cases = [c for c in CASES if c.get("impl") != "triton" or os.environ.get("TRITON_INTERPRET") == "1"]
-    mp.spawn(_worker, args=(world, _free_port(), cases), nprocs=world, join=True)
+    spawn_workers(_worker, world, cases)

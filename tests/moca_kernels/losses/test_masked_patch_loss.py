@@ -397,9 +397,12 @@ CUDA_VARIANTS = ["v1", "v2", "v2p"]
 ALL_VARIANTS = [("cuda", v) for v in CUDA_VARIANTS] + [("triton", "v1"), ("triton", "v2")]
 
 
-def _need_ext(impl):
+def _need_ext(impl, variant=None):
+    """Fail (not skip) on a GPU machine where the CUDA extension did not build; the backend spelling
+    ``impl:variant`` (``impl`` without a variant)."""
     if impl == "cuda" and not _ext.available():
         pytest.fail(f"moca_kernels._C did not build: {_ext.unavailable_reason()}")
+    return impl if variant is None else f"{impl}:{variant}"
 
 
 @pytest.mark.gpu
@@ -448,8 +451,7 @@ def test_gpu_triton_v2_every_candidate_matches_float64():
 @pytest.mark.parametrize("impl,variant", ALL_VARIANTS)
 @pytest.mark.parametrize("row_stride", [1184, 1177])  # 16-byte aligned rows (register path) or not (looped)
 def test_gpu_variants_on_strided_rows(impl, variant, row_stride):
-    _need_ext(impl)
-    impl = f"{impl}:{variant}"
+    impl = _need_ext(impl, variant)
     big = rand(301, row_stride, dtype=torch.bfloat16, device="cuda")
     pred = big[:, :1176]
     target = rand(301, 1176, dtype=torch.bfloat16, device="cuda", scale=2.0) + 0.5
@@ -474,8 +476,7 @@ def test_gpu_variants_loop_over_rows_many_times(impl, variant):
     """More rows than (SMs x resident warps) of the persistent cuda grid (<= 32 warps per SM) and the
     persistent triton grid (<= 4 programs of <= 8 rows per SM): each warp / program takes several rows / blocks.
     Every gradient element is written (poisoned buffers), uncounted rows get zeros."""
-    _need_ext(impl)
-    impl = f"{impl}:{variant}"
+    impl = _need_ext(impl, variant)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     N = 4 * sms * 32 + 37
     pred, target, mask = make_inputs(N, 1176, torch.bfloat16, "cuda", "random")
@@ -490,8 +491,7 @@ def test_gpu_variants_loop_over_rows_many_times(impl, variant):
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl,variant", ALL_VARIANTS)
 def test_gpu_variants_forward_without_grad_matches(impl, variant):
-    _need_ext(impl)
-    impl = f"{impl}:{variant}"
+    impl = _need_ext(impl, variant)
     pred, target, mask = make_inputs(1001, 1176, torch.bfloat16, "cuda", "random")
     with torch.no_grad():
         ours = mk.masked_patch_loss(pred, target, mask, norm_pix=True, impl=impl)
@@ -503,8 +503,7 @@ def test_gpu_variants_forward_without_grad_matches(impl, variant):
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl,variant", ALL_VARIANTS)
 def test_gpu_variants_with_no_row_or_every_row_counted(impl, variant):
-    _need_ext(impl)
-    impl = f"{impl}:{variant}"
+    impl = _need_ext(impl, variant)
     pred, target, _ = make_inputs(777, 1176, torch.bfloat16, "cuda", "none")
     for counted in (False, True):
         mask = torch.full((777,), counted, device="cuda")
@@ -521,8 +520,7 @@ def test_gpu_variants_with_no_row_or_every_row_counted(impl, variant):
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl,variant", ALL_VARIANTS)
 def test_gpu_variants_constant_rows_with_norm_pix_give_no_nan(impl, variant):
-    _need_ext(impl)
-    impl = f"{impl}:{variant}"
+    impl = _need_ext(impl, variant)
     pred = rand(40, 1176, dtype=torch.bfloat16, device="cuda").requires_grad_()
     target = torch.full((40, 1176), 0.7, dtype=torch.bfloat16, device="cuda")
     loss = mk.masked_patch_loss(pred, target, norm_pix=True, impl=impl)

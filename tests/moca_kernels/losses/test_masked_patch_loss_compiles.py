@@ -20,7 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from moca_kernels.losses import masked_patch_loss_triton as K
-from bench.sm90 import jit_of
+from tools.sm90 import jit_of
 
 def build(kernel, dtype, consts, num_warps):
     fn = jit_of(kernel)

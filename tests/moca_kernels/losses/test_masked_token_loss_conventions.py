@@ -2,17 +2,14 @@
 [...], ``shift``), torch (``F.linear_cross_entropy``) and Liger (a loss module swapped into a model):
 against float64 torch, against cut-cross-entropy's torch path and Liger's module where they run on CPU."""
 
-import re
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import moca_kernels as mk
 from moca_kernels.losses import MaskedTokenLoss
+from tests.helpers import readme_snippet
 
-README = Path(__file__).resolve().parents[3] / "README.md"
 V, H = 37, 12
 
 
@@ -169,13 +166,6 @@ def test_refusals_name_the_culprit():
         mk.masked_token_loss(hidden, weight, labels, shift=5)
     with pytest.raises(TypeError, match="labels must be an integer tensor"):
         mk.masked_token_loss(hidden, weight, labels.float(), shift=True)
-
-
-def readme_snippet(heading: str) -> str:
-    text = README.read_text()
-    assert heading in text, f"README.md lost its heading {heading!r}"
-    section = re.split(r"\n##+ ", text.split(heading, 1)[1], maxsplit=1)[0]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 def test_readme_linear_cross_entropy_snippet(monkeypatch):

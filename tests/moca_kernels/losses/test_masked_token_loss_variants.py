@@ -151,7 +151,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from moca_kernels.losses import masked_token_loss_triton as K
-from bench.sm90 import jit_of, ptxas_stats
+from tools.sm90 import jit_of, ptxas_stats
 
 FLOATS = {"lse_ptr", "gscale_ptr", "inv_scale_ptr", "dbias_ptr", "part_lse_ptr", "target_ptr"}
 DIV16 = ("n", "V", "H", "stride_hn", "stride_wv", "v_begin", "v_count")   # multiples of 16 at the headline

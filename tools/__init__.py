@@ -1,0 +1,1 @@
+"""Developer tools shared by bench/ and tests/ (not part of the installed packages)."""
