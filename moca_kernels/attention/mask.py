@@ -136,17 +136,18 @@ class AttentionMask:
                         "seqlens are the document lengths: use AttentionMask.from_cu_seqlens(cu_seqlens), or pass "
                         f"the differences {_short(diffs)}")
             raise ValueError(why)
-        return cls._from_lengths(lens, block_ids, causal, device, check_blocks, _OP)
+        return cls._from_lengths(lens, block_ids, causal, device, check_blocks, _OP, what="seqlens")
 
     @classmethod
     def _from_lengths(cls, lens: list, block_ids: Optional[torch.Tensor], causal: bool,
-                      device: Optional[torch.device], check_blocks: bool, op: str) -> "AttentionMask":
+                      device: Optional[torch.device], check_blocks: bool, op: str,
+                      what: str = "the documents") -> "AttentionMask":
         """The mask of checked host lengths ``lens`` (documents of length 0 allowed: the empty rows of a padded
-        batch); checks ``block_ids`` and the total length."""
+        batch); checks ``block_ids`` and the total length (``what`` names the lengths' argument in the error)."""
         total = sum(lens)
         if total > _MAX_TOKENS:
-            raise ValueError(f"{op}: the documents hold {total} tokens; at most 2**31 - 1 = {_MAX_TOKENS} fit the "
-                             "int32 offsets the kernels use")
+            raise ValueError(f"{op}: {what} hold{'' if what == 'the documents' else 's'} {total} tokens in all; at "
+                             f"most 2**31 - 1 = {_MAX_TOKENS} fit the int32 offsets the kernels use")
         if block_ids is not None:
             if not isinstance(block_ids, torch.Tensor) or block_ids.is_floating_point() or block_ids.is_complex() \
                     or block_ids.dtype == torch.bool:

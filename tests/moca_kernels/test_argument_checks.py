@@ -110,7 +110,7 @@ def test_seqlens_none_names_the_argument():
 
 def test_more_tokens_than_int32_offsets_hold_is_named():
     """Was: RuntimeError 'value cannot be converted to type int32 without overflow', naming no op."""
-    with pytest.raises(ValueError, match=r"AttentionMask.from_seqlens: the documents hold 2147483648 tokens; at most "
+    with pytest.raises(ValueError, match=r"AttentionMask.from_seqlens: seqlens holds 2147483648 tokens in all; at most "
                                          r"2\*\*31 - 1"):
         mk.AttentionMask.from_seqlens([2 ** 31])
     with pytest.raises(ValueError, match=r"2\*\*31 - 1"):

@@ -154,8 +154,7 @@ def bad_seqlens(lens):
         Bad(None), Bad(5), Bad("12"), Bad(b"12"), Bad([]), Bad([1.5] + lens[1:]), Bad([float(x) for x in lens]),
         Bad([True] + lens[1:]), Bad([np.True_] + lens[1:]), Bad([None]), Bad([[1, 2]]), Bad(lens + [0]), Bad([0] + lens), Bad(cumulative),
         Bad([-1] + lens), Bad(torch.tensor(lens, dtype=torch.float32)),
-        # too many tokens in all: the shared length check names the documents' total (as from_padding_mask's)
-        Bad([2 ** 31], "seqlens", "documents"), Bad([2 ** 30, 2 ** 30], "seqlens", "documents"),
+        Bad([2 ** 31], "seqlens"), Bad([2 ** 30, 2 ** 30], "seqlens"),   # too many tokens in all
         Bad(torch.tensor([True] * len(lens))), Bad(torch.tensor([lens])), Bad(torch.tensor(T)),
         Bad([float("nan")]), Bad([float("inf")]), Bad({"a": 1}), Bad([3 + 0j]),
     ])
