@@ -36,14 +36,13 @@ from torch import nn
 import moca_kernels as mk
 
 from ..build import ModelConfig
-from ..config import dump_config, from_dict
+from ..config import from_dict
 from ..data.images import DEFAULT_MAX_IMAGE_PIXELS, check_image_settings
 from ..data.retrieval import PairBatch, PairLoader, SubsetConfig
 from ..embedding import POOLINGS
 from ..stage2 import (LORA_TARGETS, ContrastiveModel, LoraConfig, apply_lora,  # noqa: F401 (re-exported)
                       build_contrastive_model, merge_lora)
-from .core import DistEnv, TrainConfig, Trainer, init_distributed
-from .safety import RunLock
+from .core import DistEnv, TrainConfig, Trainer, init_distributed, run_stage
 
 log = logging.getLogger("moca.train")
 
@@ -279,21 +278,10 @@ def embedded_subsets(out_dir, n_pairs: int, hard_negatives: int, seed: int) -> L
 
 def run_cl(cfg: ClConfig, dist: Optional[DistEnv] = None) -> List[dict]:
     """Run Stage 2 with ``cfg``; returns the logged metrics (rank 0's view)."""
-    dist = dist or init_distributed()
-    out = Path(cfg.train.output_dir)
-    lock = RunLock(out).acquire() if dist.is_main else None   # one run per output folder (also held by fit)
-    try:
-        return _run_cl(cfg, dist, out)
-    finally:
-        if lock is not None:
-            lock.release()
+    return run_stage(cfg, dist, _run_cl)
 
 
 def _run_cl(cfg: ClConfig, dist: DistEnv, out: Path) -> List[dict]:
-    torch.manual_seed(cfg.train.seed)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out / "config.yaml")
     subsets = list(cfg.data.subsets)
     if not subsets:
         edir = Path(cfg.data.embedded_dir or out / "embedded_data")

@@ -36,6 +36,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from ..config import dump_config
 from ..fsutil import build_manifest, fsync_dir
 from .safety import CheckpointError, ExportError, GracefulStop, RunLock, TrainingInterrupted, fault
 # the checkpoint helpers are looked up here at call time (tests patch core._save_torch); find_checkpoint and
@@ -168,6 +169,24 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
         frac = (step - warm) / max(total - warm, 1)
         return max(cfg.min_lr_ratio, 1.0 - (1.0 - cfg.min_lr_ratio) * min(frac, 1.0))
     return f
+
+
+def run_stage(cfg, dist: Optional["DistEnv"], body: Callable) -> List[dict]:
+    """A stage's run around ``body(cfg, dist, out)``, the same for Stage 1 and Stage 2: the distributed set-up
+    (``dist`` None: from the environment), the output folder's :class:`~moca.train.safety.RunLock` on rank 0
+    (one run per folder; :meth:`Trainer.fit` holds it too), the seed, and ``config.yaml`` written first."""
+    dist = dist or init_distributed()
+    out = Path(cfg.train.output_dir)
+    lock = RunLock(out).acquire() if dist.is_main else None
+    try:
+        torch.manual_seed(cfg.train.seed)
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, out / "config.yaml")
+        return body(cfg, dist, out)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-import torch
 
-from ..config import dump_config, from_dict
+from ..config import from_dict
 from ..data.batch import VisionSpec
 from ..data.images import DEFAULT_MAX_IMAGE_PIXELS, check_image_settings  # noqa: F401 (re-exported)
 from ..data.masking import CptCollator, MaskingConfig, ModalityMasker
@@ -26,8 +25,7 @@ from ..data.processor import MocaProcessor
 from ..data.stream import FORMATS, SourceConfig, StreamLoader
 from ..build import LOAD_DTYPES, ModelConfig, build_model_and_processor, load_dtype  # noqa: F401 (re-exported)
 from ..stage1 import CptModel, LossConfig
-from .core import DistEnv, TrainConfig, Trainer, init_distributed
-from .safety import RunLock
+from .core import DistEnv, TrainConfig, Trainer, init_distributed, run_stage
 
 log = logging.getLogger("moca.train")
 
@@ -128,21 +126,10 @@ def cpt_loss(model, batch):
 
 def run_cpt(cfg: CptConfig, dist: Optional[DistEnv] = None) -> List[dict]:
     """Run Stage 1 with ``cfg``; returns the logged metrics (rank 0's view)."""
-    dist = dist or init_distributed()
-    out = Path(cfg.train.output_dir)
-    lock = RunLock(out).acquire() if dist.is_main else None   # one run per output folder (also held by fit)
-    try:
-        return _run_cpt(cfg, dist, out)
-    finally:
-        if lock is not None:
-            lock.release()
+    return run_stage(cfg, dist, _run_cpt)
 
 
 def _run_cpt(cfg: CptConfig, dist: DistEnv, out: Path) -> List[dict]:
-    torch.manual_seed(cfg.train.seed)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out / "config.yaml")
     files = list(cfg.data.train)
     if not files and not cfg.data.sources:
         from ..data.embedded import ensure_cpt_corpus

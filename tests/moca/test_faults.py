@@ -369,7 +369,7 @@ def test_a_full_disk_while_saving_removes_the_temporary_and_names_path_and_cause
 
 def test_a_read_only_or_missing_output_folder_is_one_error_line(world, tmp_path, monkeypatch, capsys):
     from moca.cli import main
-    from moca.train import cpt
+    from moca.train import core
 
     (tmp_path / "file").write_text("x")
     bad = tmp_path / "file" / "run"              # a folder under a regular file
@@ -380,7 +380,7 @@ def test_a_read_only_or_missing_output_folder_is_one_error_line(world, tmp_path,
     def read_only(obj, path):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
 
-    monkeypatch.setattr(cpt, "dump_config", read_only)
+    monkeypatch.setattr(core, "dump_config", read_only)
     run = tmp_path / "ro"
     rc = main(["train", "cpt", "--config", str(_write_yaml(tmp_path / "b.yaml", _raw(run, world["corpus"])))])
     err = capsys.readouterr().err.strip()
