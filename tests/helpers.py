@@ -136,3 +136,18 @@ def readme_snippet(heading: str) -> str:
     assert heading in text, f"README.md lost its heading {heading!r}"
     section = re.split(r"\n##+ ", text.split(heading, 1)[1], maxsplit=1)[0]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def tree_digest(root) -> str:
+    """SHA-256 over a folder's file names and contents, with the folder's own path replaced (two runs that
+    write the same files into different folders give the same digest)."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(root)
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(root).as_posix().encode())
+            h.update(p.read_bytes().replace(str(root).encode(), b"ROOT"))
+    return h.hexdigest()

@@ -1,7 +1,6 @@
 """``moca demo --quick`` end to end (every arm and amount, both attentions, seeds, summary, table, JSON, PNGs) and
 deterministic embedded data."""
 
-import hashlib
 import json
 import math
 import statistics
@@ -12,23 +11,13 @@ import pytest
 import torch
 
 from moca.data.embedded_retrieval import write_eval_tasks, write_train_subsets
+from tests.helpers import tree_digest
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            h.update(p.relative_to(root).as_posix().encode())
-            h.update(p.read_bytes().replace(str(root).encode(), b"ROOT"))
-    return h.hexdigest()
+_digest = tree_digest
 
 
 def test_embedded_retrieval_data_is_deterministic(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 from moca.data.embedded import COLORS, SHAPES
 from moca.data.embedded_world import (labeled_compositions, write_world_corpus, write_world_pairs,
                                       write_world_tasks)
+from tests.helpers import tree_digest
 
 OBJECT = re.compile(r"\b(?:(?:small|large) )?(" + "|".join(COLORS) + r") (" + "|".join(SHAPES) + r")\b")
 
@@ -40,13 +41,7 @@ def _write(root: Path, seed: int = 0):
     return corpus, pairs, tasks
 
 
-def _digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            h.update(p.relative_to(root).as_posix().encode())
-            h.update(p.read_bytes().replace(str(root).encode(), b"ROOT"))
-    return h.hexdigest()
+_digest = tree_digest
 
 
 def test_compositions_split_every_colour_and_shape_into_both_halves():
