@@ -8,7 +8,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
 from moca.data.embedded_retrieval import write_eval_tasks, write_train_subsets
 from tests.helpers import tree_digest
