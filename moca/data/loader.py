@@ -266,7 +266,54 @@ WARN_FIRST = 20
 ``moca.data``), all are counted."""
 
 
-class PackingLoader:
+def refuse_bad(exc: BadRecord, skip_bad: bool) -> None:
+    """Re-raise a bad record, with the setting that skips such records, unless ``skip_bad``."""
+    if not skip_bad:
+        raise BadRecord(exc.record_id, str(exc).split(": ", 1)[-1] +
+                        " (set data.skip_bad: true to count and skip such records)", exc.reason) from exc
+
+
+def count_skipped(skipped: Counter, exc: BadRecord) -> None:
+    """Count a skipped bad record by reason; the first :data:`WARN_FIRST` are named in a warning each."""
+    skipped[exc.reason] += 1
+    n = sum(skipped.values())
+    if n <= WARN_FIRST:
+        log.warning("skipping %s%s", exc, "" if n < WARN_FIRST else
+                    f" (the first {WARN_FIRST} bad records are named; later ones are counted, and logged "
+                    "at DEBUG level by logger moca.data)")
+    else:
+        log.debug("skipping %s", exc)
+
+
+class MicroBatchPacker:
+    """Greedy packing under a token budget, shared by :class:`PackingLoader` and the streaming loader.
+
+    The class using it provides ``_next_sample()`` (a tuple whose last element is the next usable
+    :class:`Sample`), ``_pending`` (that tuple read ahead, or None), ``token_budget``, ``max_samples`` and
+    ``micro_batches``."""
+
+    def next_micro_batch(self) -> List[Sample]:
+        """The next micro-batch: consecutive samples whose lengths sum to at most the token budget.
+
+        The sample that did not fit is kept for the next call; the saved position points at it.
+        """
+        batch: List[Sample] = []
+        used = 0
+        while True:
+            if self._pending is None:
+                self._pending = self._next_sample()
+            sample = self._pending[-1]
+            full = self.max_samples is not None and len(batch) >= self.max_samples
+            if batch and (used + len(sample) > self.token_budget or full):
+                break
+            batch.append(sample)
+            used += len(sample)
+            self._pending = None
+        self.micro_batches += 1
+        return batch
+
+
+class PackingLoader(MicroBatchPacker):
     """Endless, resumable stream of micro-batches (lists of :class:`Sample`) under a token budget.
 
     Args:
@@ -362,41 +409,12 @@ class PackingLoader:
                 err.__cause__ = exc
             except BadRecord as exc:
                 err = exc
-            if not self.skip_bad:
-                raise BadRecord(err.record_id, str(err).split(": ", 1)[-1] +
-                                " (set data.skip_bad: true to count and skip such records)", err.reason) from err
+            refuse_bad(err, self.skip_bad)
             self.bad[i] = err.reason
-            self.skipped[err.reason] += 1
-            n = sum(self.skipped.values())
-            if n <= WARN_FIRST:
-                log.warning("skipping %s%s", err, "" if n < WARN_FIRST else
-                            f" (the first {WARN_FIRST} bad records are named; later ones are counted, and logged "
-                            "at DEBUG level by logger moca.data)")
-            else:
-                log.debug("skipping %s", err)
+            count_skipped(self.skipped, err)
             bad_in_a_row += 1
             if bad_in_a_row > len(self.records):
                 raise RuntimeError(f"every record is bad (skipped: {dict(self.skipped)})") from err
-
-    def next_micro_batch(self) -> List[Sample]:
-        """The next micro-batch: consecutive samples whose lengths sum to at most the token budget.
-
-        The sample that did not fit is kept for the next call; the saved position points at it.
-        """
-        batch: List[Sample] = []
-        used = 0
-        while True:
-            if self._pending is None:
-                self._pending = self._next_sample()
-            ep, cur, sample = self._pending
-            full = self.max_samples is not None and len(batch) >= self.max_samples
-            if batch and (used + len(sample) > self.token_budget or full):
-                break
-            batch.append(sample)
-            used += len(sample)
-            self._pending = None
-        self.micro_batches += 1
-        return batch
 
     def __iter__(self) -> Iterator[List[Sample]]:
         while True:

@@ -58,7 +58,7 @@ import torch.utils.data as tud
 
 from .batch import Sample
 from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageRoot
-from .loader import MAX_NESTING, WARN_FIRST, _too_deep, parse_record_line
+from .loader import MAX_NESTING, MicroBatchPacker, _too_deep, count_skipped, parse_record_line, refuse_bad
 from .processor import BadRecord, MocaProcessor, truncate_sample
 
 log = logging.getLogger("moca.data")
@@ -381,7 +381,7 @@ class ReaderStream:
 # ------------------------------------------------------------------------------------------------------------
 
 
-class ReaderPacker:
+class ReaderPacker(MicroBatchPacker):
     """Micro-batches of one reader under the token budget; its state points at the first sample not yet handed out."""
 
     def __init__(self, stream: ReaderStream, processor: MocaProcessor, token_budget: int, skip_bad: bool = False,
@@ -426,37 +426,13 @@ class ReaderPacker:
                 exact = self.stream.name(raw, loc, si)
                 if exact != exc.record_id:
                     exc = BadRecord(exact, str(exc).split(": ", 1)[-1], exc.reason)
-                if not self.skip_bad:
-                    raise BadRecord(exc.record_id, str(exc).split(": ", 1)[-1] +
-                                    " (set data.skip_bad: true to count and skip such records)", exc.reason) from exc
+                refuse_bad(exc, self.skip_bad)
                 if self.stream.pos[si][0] == 0:      # counted on the source's first pass only: once each
-                    self.skipped[exc.reason] += 1
-                    n = sum(self.skipped.values())
-                    if n <= WARN_FIRST:
-                        log.warning("skipping %s%s", exc, "" if n < WARN_FIRST else
-                                    f" (the first {WARN_FIRST} bad records are named; later ones are counted, and "
-                                    "logged at DEBUG level by logger moca.data)")
-                    else:
-                        log.debug("skipping %s", exc)
+                    count_skipped(self.skipped, exc)
                 bad_in_a_row += 1
                 if bad_in_a_row > 10000:
                     raise RuntimeError(f"10000 bad records in a row (skipped: {dict(self.skipped)})") from exc
 
-    def next_micro_batch(self) -> List[Sample]:
-        batch: List[Sample] = []
-        used = 0
-        while True:
-            if self._pending is None:
-                self._pending = self._next_sample()
-            sample = self._pending[1]
-            full = self.max_samples is not None and len(batch) >= self.max_samples
-            if batch and (used + len(sample) > self.token_budget or full):
-                break
-            batch.append(sample)
-            used += len(sample)
-            self._pending = None
-        self.micro_batches += 1
-        return batch
 
 
 # ------------------------------------------------------------------------------------------------------------
